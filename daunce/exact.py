@@ -1,0 +1,188 @@
+"""Exact influence functions for small models (torch.func): the ground truth for the theory.
+
+Everything here forms per-example gradients ``(n, d)`` and ``d x d`` curvature matrices, so it is
+meant for models with at most a few tens of thousands of trainable parameters.
+
+Conventions (``IF[i, q]``, positive = training example i helped query q):
+
+* Hessian form  ``IF = grad_l_q^T (H + lambda I)^{-1} grad_l_i``,  H = mean Hessian of the loss;
+* Fisher form   ``IF = grad_l_q^T (G + lambda I)^{-1} grad_l_i``,  G = mean of grad_l grad_l^T.
+
+``daunce_limit`` gives the exact K -> infinity limit of the Daunce covariance in the linearised
+regime, for a given configuration; ``matched_damping`` says which damped influence function that
+limit is proportional to when the isotropic noise term is on.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch.func import functional_call, hessian, jacrev
+from torch.utils.data import DataLoader
+
+from .config import DaunceConfig
+from .task import task_method
+
+
+class _Flat:
+    """The model's trainable parameters as one flat vector (float64)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.dtypes = [p.dtype for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.theta0 = torch.cat([p.detach().reshape(-1).double() for _, p in named])
+
+    @property
+    def d(self) -> int:
+        return self.theta0.numel()
+
+    def unflatten(self, v: torch.Tensor) -> dict:
+        out, s = {}, 0
+        for n, shape, dt, k in zip(self.names, self.shapes, self.dtypes, self.numels):
+            out[n] = v[s : s + k].reshape(shape).to(dt)
+            s += k
+        return out
+
+
+class _Functional:
+    """Calls ``model`` with the given parameters; a stand-in for the model inside ``task.outputs``."""
+
+    def __init__(self, model, params):
+        self._model, self._params = model, params
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self._model, self._params, args, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _losses_fn(flat: _Flat, task, fn_name: str = "loss"):
+    outputs_fn = task_method(task, "outputs")
+    fn = task_method(task, fn_name)
+
+    def losses(theta, batch):
+        model = _Functional(flat.model, flat.unflatten(theta))
+        return fn(outputs_fn(model, batch), batch).double()
+
+    return losses
+
+
+def _loader(task, dataset, batch_size):
+    if len(dataset) == 0:
+        raise ValueError("empty dataset")
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task_method(task, "collate"))
+
+
+def per_example_grads(model, task, dataset, *, batch_size: int = 128, fn: str = "loss") -> torch.Tensor:
+    """Gradients of the per-example ``task.loss`` (or another per-example function) at the model's
+    parameters: ``(n, d)`` float64."""
+    flat = _Flat(model)
+    losses = _losses_fn(flat, task, fn)
+    rows = [jacrev(losses)(flat.theta0, batch) for batch in _loader(task, dataset, batch_size)]
+    return torch.cat(rows).detach()
+
+
+def loss_hessian(model, task, dataset, *, batch_size: int = 256) -> torch.Tensor:
+    """Mean Hessian of the per-example loss over ``dataset``: ``(d, d)`` float64."""
+    flat = _Flat(model)
+    losses = _losses_fn(flat, task)
+    H = torch.zeros(flat.d, flat.d, dtype=torch.float64)
+    n = 0
+    for batch in _loader(task, dataset, batch_size):
+        H += hessian(lambda t: losses(t, batch).sum())(flat.theta0).detach()
+        n += len(losses(flat.theta0, batch))
+    return H / n
+
+
+def _solve(M: torch.Tensor, damping: float, rhs: torch.Tensor) -> torch.Tensor:
+    A = M + damping * torch.eye(M.shape[0], dtype=M.dtype)
+    return torch.linalg.solve(A, rhs)
+
+
+def influence(model, task, train, query, *, form: str = "hessian", damping: float = 0.0,
+              train_grads=None, query_grads=None, curvature=None) -> torch.Tensor:
+    """Exact influence function ``(n_train, n_query)``, positive = helpful.
+
+    Args:
+        form: ``"hessian"`` (H, the mean loss Hessian) or ``"fisher"`` (G, the mean outer product of
+            per-example loss gradients, the empirical Fisher).
+        damping: lambda added to the curvature's diagonal.
+        train_grads, query_grads, curvature: precomputed ``(n, d)``, ``(m, d)``, ``(d, d)`` to reuse.
+    """
+    if form not in ("hessian", "fisher"):
+        raise ValueError(f"form must be 'hessian' or 'fisher', got {form!r}")
+    Gi = per_example_grads(model, task, train) if train_grads is None else train_grads
+    Gq = per_example_grads(model, task, query) if query_grads is None else query_grads
+    if curvature is None:
+        curvature = loss_hessian(model, task, train) if form == "hessian" else Gi.T @ Gi / Gi.shape[0]
+    return Gi @ _solve(curvature, damping, Gq.T)
+
+
+def matched_damping(config: DaunceConfig) -> float:
+    """The damping of the influence function that Daunce with ``isotropic_noise`` converges to:
+    ``lambda / (2 gamma)`` for the Fisher forms ("efim", "trak"), ``lambda / gamma`` for "if"."""
+    c = 1.0 if config.variant == "if" else 2.0
+    return config.damping / (c * config.gamma)
+
+
+def daunce_limit(model, task, train, query, config: DaunceConfig, *,
+                 train_grads=None, query_grads=None, hessian_matrix=None) -> torch.Tensor:
+    """The K -> infinity limit of the Daunce covariance, linearised around theta0: ``(n, m)``.
+
+    With ``b = (1/m) sum_i eps_i grad_l_i`` (``Cov(b) = sigma^2/m G``) and ``Delta = A^{-1} (b + eta)``:
+
+    * ``"efim"``: A = 2 gamma G + lambda I;   ``"trak"``: A = 2 gamma G_f + lambda I (G_f from the
+      output function);  ``"if"``: A = gamma H + lambda I (H: the mean loss Hessian);
+    * Cov(eta) = sigma^2 lambda / (c gamma m) I with isotropic noise (c = 2 for Fisher forms, 1 for "if");
+    * limit = ``grad_l_i^T A^{-1} (Cov(b) + Cov(eta)) A^{-1} grad_l_q``.
+
+    With the noise term on, "efim" gives exactly ``sigma^2/(4 gamma^2 m)`` times the Fisher-form IF
+    damped by ``matched_damping(config)``; "if" gives ``sigma^2/(gamma^2 m)`` times the Hessian-form IF
+    wherever G = H.
+    """
+    if config.variant == "bootstrap":
+        raise ValueError("the bootstrap variant has no closed-form linear limit")
+    Gi = per_example_grads(model, task, train) if train_grads is None else train_grads
+    Gq = per_example_grads(model, task, query) if query_grads is None else query_grads
+    n, d = Gi.shape
+    m = max(1, round(config.subset_ratio * n))
+    s2, lam, gam = config.sigma2, config.damping, config.gamma
+    G = Gi.T @ Gi / n
+    eye = torch.eye(d, dtype=G.dtype)
+    if config.variant == "efim":
+        A, c = 2 * gam * G + lam * eye, 2.0
+    elif config.variant == "trak":
+        Gf = per_example_grads(model, task, train, fn="output_function")
+        A, c = 2 * gam * (Gf.T @ Gf / n) + lam * eye, 2.0
+    else:
+        H = loss_hessian(model, task, train) if hessian_matrix is None else hessian_matrix
+        A, c = gam * H + lam * eye, 1.0
+    C = s2 / m * G
+    if config.isotropic_noise:
+        C = C + s2 * lam / (c * gam * m) * eye
+    X = torch.linalg.solve(A, Gi.T)  # A^{-1} g_i, (d, n)
+    Y = torch.linalg.solve(A, Gq.T)
+    return X.T @ C @ Y
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two score matrices, flattened."""
+    a = a.reshape(-1).double()
+    b = b.reshape(-1).double()
+    a = a - a.mean()
+    b = b - b.mean()
+    return float((a @ b) / math.sqrt(float((a @ a) * (b @ b)) + 1e-300))
+
+
+def per_query_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation between two ``(n, m)`` score matrices, per query column: ``(m,)``."""
+    a = a.double() - a.double().mean(0)
+    b = b.double() - b.double().mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-300)

@@ -1,0 +1,423 @@
+"""``Daunce``: train K perturbed copies of a model, record per-example signals, score by covariance.
+
+Usage::
+
+    d = Daunce(model, ClassificationTask(), DaunceConfig(n_models=64), workdir="runs/lr")
+    d.fit(train_set)
+    scores = d.attribute(train_set, query_set)      # (n_train, n_query), positive = helpful
+
+The model passed in is never modified: the copies are trained one after the other in a single
+working copy whose trainable parameters are reset to theta0 before each copy. Each copy's random
+draws (its subset, perturbations, noise direction and minibatch order) come from a generator seeded
+by ``(config.seed, k)``, so copy k is the same whatever K is, and a rerun gives the same scores.
+
+With a ``workdir``, every finished copy (its trainable weights and its training signals) is written
+atomically to ``workdir/copies/copy_XXXX.pt``; a rerun after a crash loads finished copies instead of
+training them again, and growing ``n_models`` later trains only the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+from tqdm.auto import tqdm
+
+from . import scores as _scores
+from .config import DaunceConfig
+from .objectives import perturbed_objective, proximal_term
+from .task import task_method
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def to_device(batch: Any, device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def fetch(dataset: Dataset, idx: torch.Tensor, collate) -> Any:
+    """The batch of ``dataset`` at indices ``idx`` (fast path for a ``TensorDataset``)."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[idx] for t in dataset.tensors)
+    return collate([dataset[int(i)] for i in idx])
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A content hash of a dataset, used to name cached signals."""
+    h = hashlib.sha1()
+    h.update(str(len(dataset)).encode())
+    if isinstance(dataset, TensorDataset):
+        for t in dataset.tensors:
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        for i in range(len(dataset)):
+            item = dataset[i]
+            buf = io.BytesIO()
+            if torch.is_tensor(item) or isinstance(item, (tuple, list, dict)):
+                torch.save(item, buf)
+            else:
+                pickle.dump(item, buf)
+            h.update(buf.getvalue())
+    return h.hexdigest()[:16]
+
+
+def copy_seed(seed: int, k: int) -> int:
+    return (seed * 1_000_003 + k * 7_919 + 12_345) % (2**63 - 1)
+
+
+@dataclass
+class CopyPlan:
+    """Every random draw of copy k: decided before training, shared by all trainers."""
+
+    k: int
+    subset: torch.Tensor  # (m,) indices into the training set
+    eps: torch.Tensor  # (n,) perturbation of every training example (only the subset's are used)
+    batches: list  # list of (B,) index tensors, in training order
+    eta: Optional[list] = field(default=None)  # one tensor per trainable parameter, or None
+
+
+# ------------------------------------------------------------------------------------------ Daunce
+class Daunce:
+    """Data attribution through uncertainty estimation.
+
+    Args:
+        model: the trained target model theta0 (never modified). Its parameters with
+            ``requires_grad=True`` are the ones the copies fine-tune (e.g. only LoRA adapters).
+        task: a ``daunce.Task`` (outputs, per-example loss and signal).
+        config: a ``DaunceConfig``.
+        workdir: folder for resumable artefacts; ``None`` keeps everything in memory.
+        eval_batch_size: batch size of the passes that cache base outputs and record signals.
+        progress: show tqdm progress bars.
+    """
+
+    def __init__(self, model: torch.nn.Module, task, config: Optional[DaunceConfig] = None,
+                 workdir: Optional[str | os.PathLike] = None, *, eval_batch_size: int = 256,
+                 progress: bool = True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.task = task
+        self.config = config or DaunceConfig()
+        self.workdir = Path(workdir) if workdir is not None else None
+        self.eval_batch_size = eval_batch_size
+        self.progress = progress
+        self._outputs = task_method(task, "outputs")
+        self._loss = task_method(task, "loss")
+        self._signal = task_method(task, "signal")
+        self._ofn = task_method(task, "output_function")
+        self._collate = task_method(task, "collate")
+        self._work: Optional[torch.nn.Module] = None
+        self._states: dict[int, list] = {}  # k -> trainable tensors, when there is no workdir
+        self._signal_cache: dict[tuple, torch.Tensor] = {}  # (dataset fingerprint, k) -> signals (n,)
+        self.train_fingerprint: Optional[str] = None
+        self.n_train: Optional[int] = None
+        self.seconds: dict[int, float] = {}
+        self.trained_copies: list[int] = []  # copies trained (not loaded) by this object
+
+    # ---------------------------------------------------------------------------- working model
+    def _working_model(self) -> torch.nn.Module:
+        if self._work is None:
+            import copy
+
+            self._work = copy.deepcopy(self.model)
+            self._names = [n for n, p in self._work.named_parameters() if p.requires_grad]
+            if not self._names:
+                raise ValueError("the model has no trainable parameters (requires_grad=True)")
+            self._params = [p for n, p in self._work.named_parameters() if p.requires_grad]
+            self._theta0 = [p.detach().clone() for p in self._params]
+        return self._work
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _load_state(self, state: list) -> None:
+        self._working_model()
+        with torch.no_grad():
+            for p, s in zip(self._params, state):
+                p.copy_(s.to(p.device, p.dtype))
+
+    # ------------------------------------------------------------------------------- validation
+    def _check_dataset(self, dataset, what: str):
+        try:
+            n = len(dataset)
+        except TypeError as e:
+            raise TypeError(f"{what} must be a map-style dataset with len(), got {type(dataset).__name__}") from e
+        if n == 0:
+            raise ValueError(f"{what} is empty: Daunce needs at least one example")
+        return n
+
+    def _per_example(self, value: torch.Tensor, batch_len: int, what: str) -> torch.Tensor:
+        if not torch.is_tensor(value) or value.ndim != 1 or value.shape[0] != batch_len:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(
+                f"task.{what} must return one value per example, shape ({batch_len},), got {shape}; "
+                "use reduction='none' in the loss")
+        return value
+
+    # ------------------------------------------------------------------------------- base cache
+    def _batches(self, n: int):
+        bs = self.eval_batch_size
+        for s in range(0, n, bs):
+            yield torch.arange(s, min(n, s + bs))
+
+    def _base_cache(self, train: Dataset) -> dict:
+        """Outputs, dl/doutputs, loss (and output function) of theta0 on every training example."""
+        model = self._working_model()
+        self._load_state(self._theta0)
+        model.train(self.config.train_mode)
+        n = len(train)
+        cache: dict[str, torch.Tensor] = {}
+        for idx in self._batches(n):
+            batch = to_device(fetch(train, idx, self._collate), self.device)
+            with torch.enable_grad():
+                out = self._outputs(model, batch).detach().requires_grad_(True)
+                loss = self._per_example(self._loss(out, batch), len(idx), "loss")
+                (grad,) = torch.autograd.grad(loss.sum(), out)
+            vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
+            if self.config.variant == "trak":
+                with torch.no_grad():
+                    vals["f"] = self._per_example(self._ofn(out.detach(), batch), len(idx), "output_function")
+            for key, v in vals.items():
+                if key not in cache:
+                    cache[key] = v.new_empty((n,) + tuple(v.shape[1:]))
+                cache[key][idx.to(v.device)] = v
+        return cache
+
+    # ------------------------------------------------------------------------------------ plans
+    def plan(self, k: int, n: int) -> CopyPlan:
+        """Copy k's subset, perturbations, noise term and minibatch order (deterministic in (seed, k))."""
+        cfg = self.config
+        g = torch.Generator().manual_seed(copy_seed(cfg.seed, k))
+        m = max(1, round(cfg.subset_ratio * n))
+        subset = torch.randperm(n, generator=g)[:m]
+        bs = cfg.batch_size or m
+        batches = []
+        n_steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(m / bs)
+        while len(batches) < n_steps:
+            order = subset[torch.randperm(m, generator=g)]
+            batches.extend(order[s : s + bs] for s in range(0, m, bs))
+        batches = batches[:n_steps]
+        use_eta = cfg.isotropic_noise and cfg.variant != "bootstrap" and cfg.damping > 0
+        d = self._n_params() if use_eta else 0
+        eta_std = 0.0
+        if use_eta:
+            c = 1.0 if cfg.variant == "if" else 2.0
+            eta_std = math.sqrt(cfg.sigma2 * cfg.damping / (c * cfg.gamma * m))
+        if cfg.perturbation == "orthogonal":
+            z = self._orthogonal_row(k, n + d)
+            eps, eta_flat = math.sqrt(cfg.sigma2) * z[:n], eta_std * z[n:]
+        else:
+            eps = cfg.rho * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
+            eta_flat = torch.randn(d, generator=g, dtype=torch.float64) * eta_std
+        return CopyPlan(k, subset, eps, batches, self._unflatten(eta_flat) if use_eta else None)
+
+    def _n_params(self) -> int:
+        self._working_model()
+        return sum(p.numel() for p in self._params)
+
+    def _unflatten(self, flat: torch.Tensor) -> list:
+        out, s = [], 0
+        for p in self._params:
+            out.append(flat[s : s + p.numel()].reshape(p.shape).to(p.device, p.dtype))
+            s += p.numel()
+        return out
+
+    _ORTHO_MAX_ENTRIES = 5e7
+
+    def _orthogonal_row(self, k: int, D: int) -> torch.Tensor:
+        """Row ``k % B`` of a random block of B mutually orthogonal vectors in R^D, each of norm sqrt(D)
+        (so entries have unit variance, like a standard Gaussian vector). B = min(D, 5e7 / D)."""
+        B = int(min(D, self._ORTHO_MAX_ENTRIES // D))
+        if B < 2:
+            raise ValueError(f"perturbation='orthogonal' is too large for {D} perturbed values; use 'iid'")
+        block = k // B
+        cache = getattr(self, "_ortho_cache", None)
+        if cache is None or cache[0] != (block, D):
+            g = torch.Generator().manual_seed(copy_seed(self.config.seed, 10**9 + block))
+            Z = torch.randn(D, B, generator=g, dtype=torch.float64)
+            Q, R = torch.linalg.qr(Z)
+            Q = Q * torch.sign(torch.diagonal(R))
+            cache = ((block, D), (Q.T * math.sqrt(D)).contiguous())
+            self._ortho_cache = cache
+        return cache[1][k % B]
+
+    # --------------------------------------------------------------------------------- training
+    def _optimizer(self, params):
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(params, lr=cfg.lr)
+        return torch.optim.SGD(params, lr=cfg.lr)
+
+    def train_copy(self, plan: CopyPlan, train: Dataset, cache: Optional[dict]) -> list:
+        """Fine-tune one copy from theta0 with its perturbed objective; returns its trainable tensors."""
+        cfg = self.config
+        model = self._working_model()
+        self._load_state(self._theta0)
+        model.train(cfg.train_mode)
+        opt = self._optimizer(self._params)
+        eps_all = plan.eps
+        for step, idx in enumerate(plan.batches):
+            batch = to_device(fetch(train, idx, self._collate), self.device)
+            out = self._outputs(model, batch)
+            loss = self._per_example(self._loss(out, batch), len(idx), "loss")
+            kw = {}
+            if cfg.variant != "bootstrap":
+                dev_idx = idx.to(cache["loss"].device)
+                kw = dict(loss0=cache["loss"][dev_idx], outputs=out, outputs0=cache["outputs"][dev_idx],
+                          grad0=cache["grad"][dev_idx], eps=eps_all[idx].to(loss.device, loss.dtype))
+                if cfg.variant == "trak":
+                    kw["f"] = self._ofn(out, batch)
+                    kw["f0"] = cache["f"][dev_idx]
+            obj = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).mean()
+            obj = obj + proximal_term(self._params, self._theta0, cfg.damping, plan.eta)
+            if not torch.isfinite(obj):
+                raise FloatingPointError(
+                    f"Daunce copy {plan.k}, step {step}: the objective is not finite ({obj.item()}); "
+                    f"lower lr (now {cfg.lr}) or rho (now {cfg.rho})")
+            opt.zero_grad(set_to_none=True)
+            obj.backward()
+            opt.step()
+        return [p.detach().clone().cpu() for p in self._params]
+
+    @torch.no_grad()
+    def _signals_now(self, dataset: Dataset) -> torch.Tensor:
+        """Signals ``(n,)`` of the working model as it is now."""
+        model = self._working_model()
+        model.train(False)
+        n = len(dataset)
+        out = torch.empty(n, dtype=torch.float64)
+        for idx in self._batches(n):
+            batch = to_device(fetch(dataset, idx, self._collate), self.device)
+            s = self._per_example(self._signal(self._outputs(model, batch), batch), len(idx), "signal")
+            out[idx] = s.double().cpu()
+        return out
+
+    # ------------------------------------------------------------------------------- workdir io
+    def _copy_path(self, k: int) -> Path:
+        return self.workdir / "copies" / f"copy_{k:04d}.pt"
+
+    def _check_manifest(self, n: int, fp: str) -> None:
+        manifest = {"config": json.loads(self.config.training_key()), "n_train": n, "train_fingerprint": fp}
+        path = self.workdir / "manifest.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != manifest:
+                raise ValueError(
+                    f"workdir {self.workdir} holds copies of another run (configuration or training set "
+                    "differ); use a new workdir or delete it")
+        else:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+
+    def _finished(self, k: int) -> bool:
+        if self.workdir is None:
+            return k in self._states
+        return self._copy_path(k).exists()
+
+    def _state(self, k: int) -> list:
+        if self.workdir is None:
+            return self._states[k]
+        return torch.load(self._copy_path(k), map_location="cpu", weights_only=True)["state"]
+
+    # ---------------------------------------------------------------------------------- public
+    def fit(self, train_dataset: Dataset, query_dataset: Optional[Dataset] = None) -> "Daunce":
+        """Train the K perturbed copies on ``train_dataset`` (skipping finished ones in the workdir)
+        and record every copy's training signals (and the query signals, if given)."""
+        n = self._check_dataset(train_dataset, "train_dataset")
+        if query_dataset is not None:
+            self._check_dataset(query_dataset, "query_dataset")
+        self.n_train = n
+        self.train_fingerprint = fingerprint(train_dataset)
+        qfp = fingerprint(query_dataset) if query_dataset is not None else None
+        if self.workdir is not None:
+            self._check_manifest(n, self.train_fingerprint)
+        todo = [k for k in range(self.config.n_models) if not self._finished(k)]
+        cache = None
+        if todo and self.config.variant != "bootstrap":
+            cache = self._base_cache(train_dataset)
+        bar = tqdm(todo, desc=f"daunce-{self.config.variant} copies", disable=not self.progress or not todo)
+        for k in bar:
+            t0 = time.perf_counter()
+            plan = self.plan(k, n)
+            state = self.train_copy(plan, train_dataset, cache)
+            record = {"k": k, "state": state, "signals": {self.train_fingerprint: self._signals_now(train_dataset)}}
+            if qfp is not None:
+                record["signals"][qfp] = self._signals_now(query_dataset)
+            record["seconds"] = time.perf_counter() - t0
+            self.seconds[k] = record["seconds"]
+            self.trained_copies.append(k)
+            if self.workdir is not None:
+                atomic_save(record, self._copy_path(k))
+            else:
+                self._states[k] = state
+            for fp, s in record["signals"].items():
+                self._signal_cache[(fp, k)] = s
+        return self
+
+    def signals(self, dataset: Dataset) -> torch.Tensor:
+        """Signal matrix ``(K, n)``: each copy's per-example signal on ``dataset`` (higher = worse).
+
+        Recorded signals are reused; missing ones are computed from the stored copies' weights."""
+        self._check_dataset(dataset, "dataset")
+        K = self.config.n_models
+        missing = [k for k in range(K) if not self._finished(k)]
+        if missing:
+            raise RuntimeError(f"copies {missing[:5]}{'...' if len(missing) > 5 else ''} are not trained: call fit() first")
+        fp = fingerprint(dataset)
+        rows = [None] * K
+        for k in range(K):
+            if (fp, k) in self._signal_cache:
+                rows[k] = self._signal_cache[(fp, k)]
+            elif self.workdir is not None:
+                rec = torch.load(self._copy_path(k), map_location="cpu", weights_only=True)
+                if fp in rec["signals"]:
+                    rows[k] = self._signal_cache[(fp, k)] = rec["signals"][fp]
+        todo = [k for k in range(K) if rows[k] is None]
+        extra_path = self.workdir / "signals" / f"{fp}.pt" if self.workdir is not None else None
+        stored = torch.load(extra_path, weights_only=True) if extra_path is not None and extra_path.exists() else {}
+        for k in tqdm(todo, desc="signals", disable=not self.progress or not todo):
+            if k not in stored:
+                self._load_state(self._state(k))
+                stored[k] = self._signals_now(dataset)
+                if extra_path is not None:
+                    atomic_save(stored, extra_path)
+            rows[k] = self._signal_cache[(fp, k)] = stored[k]
+        return torch.stack(rows)
+
+    def attribute(self, train_dataset: Dataset, query_dataset: Dataset) -> torch.Tensor:
+        """Scores ``(n_train, n_query)`` (float32): covariance (or correlation) of training and query
+        signals across the K copies. Positive = the training example helped the query."""
+        self._check_dataset(train_dataset, "train_dataset")
+        self._check_dataset(query_dataset, "query_dataset")
+        A = self.signals(train_dataset)
+        B = self.signals(query_dataset)
+        return _scores.score(A, B, self.config.score).float()

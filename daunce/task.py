@@ -1,0 +1,94 @@
+"""What Daunce needs to know about a model: how to run it on a batch and score each example.
+
+A task separates the model's *outputs* (the tensor at which the perturbed objectives linearise the
+loss; logits for a classifier, last hidden states for a language model) from the per-example
+*loss* computed from them. Daunce caches the base model's outputs and the loss gradient with
+respect to them once, so the linear term of the perturbed objective,
+``grad_l(theta0)^T (theta - theta0)``, is taken through the chain rule at the outputs,
+``dl/df(f0)^T (f(theta) - f0)``, without any per-example parameter gradient.
+
+Sign convention: ``loss`` and ``signal`` are "badness" (higher = worse on that example), so a
+positive covariance between a training example's and a query's signals means the training example
+*helped* the query.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The protocol. Subclass it to inherit the defaults for ``signal``, ``output_function``, ``collate``."""
+
+    def outputs(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Model outputs of shape ``(B, ...)``; the loss and signal are functions of them."""
+        ...
+
+    def loss(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Per-example training loss, shape ``(B,)``."""
+        ...
+
+    def signal(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """Per-example signal recorded for every copy, shape ``(B,)``, higher = worse. Default: the loss."""
+        return self.loss(outputs, batch)
+
+    def output_function(self, outputs: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The function the ``"trak"`` variant squares instead of the loss, shape ``(B,)``. Default: the loss."""
+        return self.loss(outputs, batch)
+
+    def collate(self, items: list) -> Any:
+        """Turn a list of dataset items into a batch. Default: torch's ``default_collate``."""
+        return default_collate(items)
+
+
+def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """TRAK's margin ``logit_y - logsumexp_{c != y} logit_c``, shape ``(B,)``; higher = more confident."""
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return correct - torch.logsumexp(others, dim=1)
+
+
+class ClassificationTask(Task):
+    """Classification on ``(x, y)`` batches: outputs = ``model(x)`` logits, loss = cross-entropy.
+
+    Args:
+        signal: ``"loss"`` records the cross-entropy of each example; ``"margin"`` records the
+            negative margin (so that, as for the loss, higher = worse and positive covariance = helpful).
+    """
+
+    def __init__(self, signal: str = "loss"):
+        if signal not in ("loss", "margin"):
+            raise ValueError(f"ClassificationTask: signal must be 'loss' or 'margin', got {signal!r}")
+        self.signal_kind = signal
+
+    def outputs(self, model, batch):
+        x, _ = batch[0], batch[1]
+        return model(x)
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs, batch[1], reduction="none")
+
+    def signal(self, outputs, batch):
+        if self.signal_kind == "margin":
+            return -margin(outputs, batch[1])
+        return self.loss(outputs, batch)
+
+    def output_function(self, outputs, batch):
+        return -margin(outputs, batch[1])
+
+    def __repr__(self):
+        return f"ClassificationTask(signal={self.signal_kind!r})"
+
+
+def task_method(task: Any, name: str):
+    """The task's method ``name``, or the protocol's default when a structural task lacks it."""
+    fn = getattr(task, name, None)
+    if fn is not None:
+        return fn
+    default = getattr(Task, name)
+    return lambda *args: default(task, *args)
