@@ -101,6 +101,29 @@ def loss_hessian(model, task, dataset, *, batch_size: int = 256) -> torch.Tensor
     return H / n
 
 
+def gauss_newton(model, task, dataset, *, batch_size: int = 128) -> torch.Tensor:
+    """Mean generalised Gauss-Newton matrix ``J^T (d2 l / d out2) J`` over ``dataset``: ``(d, d)``.
+
+    It is the curvature of the "if" objective when its linear term is taken through the outputs
+    (the outputs' own curvature cancels); for a model linear in its parameters it equals the Hessian."""
+    flat = _Flat(model)
+    outputs_fn, loss_fn = task_method(task, "outputs"), task_method(task, "loss")
+    M = torch.zeros(flat.d, flat.d, dtype=torch.float64)
+    n = 0
+    for batch in _loader(task, dataset, batch_size):
+        def out_of(theta):
+            return outputs_fn(_Functional(flat.model, flat.unflatten(theta)), batch).double()
+
+        out = out_of(flat.theta0).detach()
+        J = jacrev(out_of)(flat.theta0).detach().reshape(out.shape[0], -1, flat.d)  # (B, P, d)
+        o = out.reshape(out.shape[0], -1)
+        Hf = hessian(lambda v: loss_fn(v.reshape(out.shape).to(out.dtype), batch).double().sum())(o).detach()
+        Hf = torch.diagonal(Hf, dim1=0, dim2=2).permute(2, 0, 1)  # per-example (B, P, P) blocks
+        M += torch.einsum("bpd,bpq,bqe->de", J, Hf, J)
+        n += out.shape[0]
+    return M / n
+
+
 def _solve(M: torch.Tensor, damping: float, rhs: torch.Tensor) -> torch.Tensor:
     A = M + damping * torch.eye(M.shape[0], dtype=M.dtype)
     return torch.linalg.solve(A, rhs)
@@ -133,13 +156,15 @@ def matched_damping(config: DaunceConfig) -> float:
 
 
 def daunce_limit(model, task, train, query, config: DaunceConfig, *,
-                 train_grads=None, query_grads=None, hessian_matrix=None) -> torch.Tensor:
+                 train_grads=None, query_grads=None, curvature=None) -> torch.Tensor:
     """The K -> infinity limit of the Daunce covariance, linearised around theta0: ``(n, m)``.
 
     With ``b = (1/m) sum_i eps_i grad_l_i`` (``Cov(b) = sigma^2/m G``) and ``Delta = A^{-1} (b + eta)``:
 
     * ``"efim"``: A = 2 gamma G + lambda I;   ``"trak"``: A = 2 gamma G_f + lambda I (G_f from the
-      output function);  ``"if"``: A = gamma H + lambda I (H: the mean loss Hessian);
+      output function);  ``"if"``: A = GGN + (gamma - 1) H + lambda I (the linear term taken through
+      the outputs cancels the outputs' curvature: with gamma = 1 only the Gauss-Newton part is left;
+      for a linear model GGN = H). ``curvature`` may pass that matrix (without lambda) precomputed;
     * Cov(eta) = sigma^2 lambda / (c gamma m) I with isotropic noise (c = 2 for Fisher forms, 1 for "if");
     * limit = ``grad_l_i^T A^{-1} (Cov(b) + Cov(eta)) A^{-1} grad_l_q``.
 
@@ -162,8 +187,11 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *,
         Gf = per_example_grads(model, task, train, fn="output_function")
         A, c = 2 * gam * (Gf.T @ Gf / n) + lam * eye, 2.0
     else:
-        H = loss_hessian(model, task, train) if hessian_matrix is None else hessian_matrix
-        A, c = gam * H + lam * eye, 1.0
+        if curvature is None:
+            curvature = gauss_newton(model, task, train)
+            if gam != 1.0:
+                curvature = curvature + (gam - 1.0) * loss_hessian(model, task, train)
+        A, c = curvature + lam * eye, 1.0
     C = s2 / m * G
     if config.isotropic_noise:
         C = C + s2 * lam / (c * gam * m) * eye

@@ -32,3 +32,28 @@ def work_dir(name: str) -> Path:
     d = repo_root() / "runs" / name
     d.mkdir(parents=True, exist_ok=True)
     return d
+
+
+def output_dirs(out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """``(figures, runs)``: the repository's folders, or both inside ``out_dir`` when it is given
+    (smoke runs in the tests write there and leave the repository's results alone)."""
+    if out_dir is None:
+        return figures_dir(), runs_dir()
+    base = Path(out_dir)
+    figs, runs = base / "figures", base / "papermill_runs"
+    figs.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    return figs, runs
+
+
+def notebook_work_dir(name: str, profile: str, out_dir=None, work_dir=None) -> Path:
+    """Where a notebook keeps its resumable artefacts: ``work_dir`` if given, else ``out_dir/work``,
+    else ``runs/<name>/<profile>``."""
+    if work_dir is not None:
+        d = Path(work_dir)
+    elif out_dir is not None:
+        d = Path(out_dir) / "work"
+    else:
+        d = repo_root() / "runs" / name / profile
+    d.mkdir(parents=True, exist_ok=True)
+    return d

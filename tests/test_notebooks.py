@@ -1,0 +1,59 @@
+"""Headless smoke runs of every numbered notebook (papermill, profile="smoke").
+
+Each run writes its figures and metrics JSON under a temporary folder, never into the repository's
+figures/ or papermill_runs/. The metrics file must exist and hold finite numbers."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+
+
+def _finite_numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _finite_numbers(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _finite_numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.mark.notebook
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_smoke_run(notebook, tmp_path):
+    papermill = pytest.importorskip("papermill")
+    out = tmp_path / "out"
+    papermill.execute_notebook(
+        str(notebook), str(tmp_path / notebook.name), kernel_name="python3", cwd=str(ROOT),
+        parameters={"profile": "smoke", "out_dir": str(out)}, progress_bar=False)
+    metrics = sorted((out / "papermill_runs").glob("*.json"))
+    assert metrics, "the notebook wrote no metrics JSON under out_dir"
+    data = json.loads(metrics[0].read_text())
+    numbers = list(_finite_numbers(data))
+    assert numbers, "the metrics JSON holds no numbers"
+    assert all(math.isfinite(x) or math.isnan(x) for x in numbers)
+    assert list((out / "figures").glob("*.png")), "the notebook saved no figure under out_dir"
+
+
+def test_every_notebook_has_a_parameters_cell():
+    import nbformat
+
+    assert NOTEBOOKS, "no notebooks found"
+    for nb_path in NOTEBOOKS:
+        nb = nbformat.read(nb_path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, f"{nb_path.name}: exactly one cell must be tagged 'parameters'"
+        for name in ("profile", "out_dir", "work_dir"):
+            assert name in tagged[0].source, f"{nb_path.name}: parameters cell lacks {name}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
