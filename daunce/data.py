@@ -106,17 +106,44 @@ CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
 CIFAR_STD = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
 
 
-def cifar10(root: Path | str, n_train: int = 5000, n_query: int = 500, seed: int = 0, download: bool = False):
-    """CIFAR-10 (paper profile) from ``root/cifar-10-batches-py`` via torchvision, normalised,
-    ``(N, 3, 32, 32)``. ``download=True`` fetches it where the network allows."""
-    from torchvision.datasets import CIFAR10
+def _read_cifar_batch(path: Path):
+    import pickle
 
-    tr = CIFAR10(str(root), train=True, download=download)
-    te = CIFAR10(str(root), train=False, download=download)
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="latin1")
+    x = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    y = np.asarray(d.get("labels", d.get("fine_labels")), dtype=np.int64)
+    return x, y
+
+
+def cifar10_arrays(root: Path | str, download: bool = False):
+    """``(x_train (N, 32, 32, 3) uint8, y_train, x_test, y_test)`` from ``root/cifar-10-batches-py``
+    (CIFAR-10's python pickle format: data_batch_1..5, test_batch, batches.meta), read directly (no
+    checksum, so a few images written by a test load too). ``download=True`` lets torchvision fetch
+    the files first where the network allows."""
+    folder = Path(root) / "cifar-10-batches-py"
+    if not folder.exists() and download:
+        from torchvision.datasets import CIFAR10
+
+        CIFAR10(str(root), train=True, download=True)
+    if not folder.exists():
+        raise FileNotFoundError(f"no CIFAR-10 under {folder}; download it (needs the internet) or pass download=True")
+    parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").exists()]
+    if not parts:
+        raise FileNotFoundError(f"no data_batch_* files in {folder}")
+    xtr = np.concatenate([p[0] for p in parts])
+    ytr = np.concatenate([p[1] for p in parts])
+    xte, yte = _read_cifar_batch(folder / "test_batch")
+    return xtr, ytr, xte, yte
+
+
+def cifar10(root: Path | str, n_train: int = 5000, n_query: int = 500, seed: int = 0, download: bool = False):
+    """CIFAR-10 (paper profile) from ``root/cifar-10-batches-py``, normalised, ``(N, 3, 32, 32)``;
+    training examples from the training batches, queries from the test batch."""
+    xtr, ytr, xte, yte = cifar10_arrays(root, download)
 
     def prep(a):
         a = (a.astype(np.float32) / 255.0 - CIFAR_MEAN) / CIFAR_STD
         return a.transpose(0, 3, 1, 2)
 
-    return _split(prep(tr.data), np.asarray(tr.targets, np.int64), n_train, n_query, seed,
-                  prep(te.data), np.asarray(te.targets, np.int64))
+    return _split(prep(xtr), ytr, n_train, n_query, seed, prep(xte), yte)

@@ -14,6 +14,12 @@ by ``(config.seed, k)``, so copy k is the same whatever K is, and a rerun gives 
 With a ``workdir``, every finished copy (its trainable weights and its training signals) is written
 atomically to ``workdir/copies/copy_XXXX.pt``; a rerun after a crash loads finished copies instead of
 training them again, and growing ``n_models`` later trains only the new ones.
+
+Two trainers produce the same copies from the same plans: the sequential loop (``train_copy``) and
+the vectorised one (``daunce.vectorised``: blocks of copies at once with ``torch.func.vmap``);
+``trainer="auto"`` picks vmap where the model allows it and says why not otherwise
+(``trainer_used``, ``trainer_reason``). ``executor="ray"`` fans blocks of copies out as Ray tasks
+(``daunce.distributed``) that write to the same workdir files.
 """
 
 from __future__ import annotations
@@ -36,7 +42,11 @@ from tqdm.auto import tqdm
 from . import scores as _scores
 from .config import DaunceConfig
 from .objectives import perturbed_objective, proximal_term
+from . import vectorised as _vec
 from .task import task_method
+
+TRAINERS = ("auto", "sequential", "vmap")
+EXECUTORS = ("local", "ray")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -114,13 +124,44 @@ class Daunce:
         workdir: folder for resumable artefacts; ``None`` keeps everything in memory.
         eval_batch_size: batch size of the passes that cache base outputs and record signals.
         progress: show tqdm progress bars.
+        trainer: ``"sequential"`` trains one copy after the other (``train_copy``); ``"vmap"`` trains
+            blocks of copies at once with ``torch.func.vmap`` (``daunce.vectorised``), from the same
+            plans, to the same copies up to float rounding; ``"auto"`` uses vmap when the model can be
+            vectorised and says why not otherwise (``trainer_used``, ``trainer_reason``, a warning).
+        vmap_block: copies per vmap block; ``None`` chooses it from ``vmap_memory`` (bytes).
+        executor: ``"local"`` trains in this process; ``"ray"`` fans the copies out as Ray tasks
+            (``daunce.distributed``; needs a ``workdir`` that every worker can reach).
+        ray_options: for ``executor="ray"``: ``copies_per_task`` (default: the vmap block, or 8),
+            ``num_cpus`` (1), ``num_gpus`` (0), ``max_retries`` (3), ``device`` (where each task
+            moves the model; default "cuda" when ``num_gpus > 0``), ``init`` (kwargs of ``ray.init``
+            when Ray is not initialised yet).
     """
 
     def __init__(self, model: torch.nn.Module, task, config: Optional[DaunceConfig] = None,
                  workdir: Optional[str | os.PathLike] = None, *, eval_batch_size: int = 256,
-                 progress: bool = True):
+                 progress: bool = True, trainer: str = "auto", vmap_block: Optional[int] = None,
+                 vmap_memory: float = _vec.DEFAULT_MEMORY_BYTES, executor: str = "local",
+                 ray_options: Optional[dict] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if trainer not in TRAINERS:
+            raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
+        if vmap_block is not None and (not isinstance(vmap_block, int) or vmap_block < 1):
+            raise ValueError(f"vmap_block must be None (from the memory budget) or an integer >= 1, got {vmap_block!r}")
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        if executor == "ray" and workdir is None:
+            raise ValueError("executor='ray' needs a workdir on storage that all Ray workers share "
+                             "(the copies are written there)")
+        self.executor = executor
+        self.ray_options = dict(ray_options or {})
+        self._init_kwargs = dict(eval_batch_size=eval_batch_size, trainer=trainer, vmap_block=vmap_block,
+                                 vmap_memory=vmap_memory)
+        self.trainer = trainer
+        self.vmap_block = vmap_block
+        self.vmap_memory = float(vmap_memory)
+        self.trainer_used: Optional[str] = None  # "sequential" or "vmap", decided by fit()
+        self.trainer_reason: str = ""
         self.model = model
         self.task = task
         self.config = config or DaunceConfig()
@@ -219,7 +260,7 @@ class Daunce:
         subset = torch.randperm(n, generator=g)[:m]
         bs = cfg.batch_size or m
         batches = []
-        n_steps = cfg.steps if cfg.steps is not None else cfg.epochs * math.ceil(m / bs)
+        n_steps = cfg.n_steps(m)
         while len(batches) < n_steps:
             order = subset[torch.randperm(m, generator=g)]
             batches.extend(order[s : s + bs] for s in range(0, m, bs))
@@ -364,24 +405,89 @@ class Daunce:
         cache = None
         if todo and self.config.variant != "bootstrap":
             cache = self._base_cache(train_dataset)
-        bar = tqdm(todo, desc=f"daunce-{self.config.variant} copies", disable=not self.progress or not todo)
+        if not todo:
+            return self
+        if self.executor == "ray":
+            from .distributed import fit_on_ray
+
+            fit_on_ray(self, todo, train_dataset, query_dataset, qfp, cache)
+            return self
+        self._train_copies(todo, train_dataset, query_dataset, qfp, cache)
+        return self
+
+    def _train_copies(self, todo: list, train: Dataset, query: Optional[Dataset], qfp, cache) -> None:
+        """Train and record the copies ``todo`` in this process, with the chosen trainer."""
+        n = len(train)
+        per_copy = self._choose_trainer(train)
+        if self.trainer_used == "vmap":
+            self._fit_vmap(todo, train, query, qfp, cache, per_copy)
+            return
+        bar = tqdm(todo, desc=f"daunce-{self.config.variant} copies", disable=not self.progress)
         for k in bar:
             t0 = time.perf_counter()
             plan = self.plan(k, n)
-            state = self.train_copy(plan, train_dataset, cache)
-            record = {"k": k, "state": state, "signals": {self.train_fingerprint: self._signals_now(train_dataset)}}
+            state = self.train_copy(plan, train, cache)
+            signals = {self.train_fingerprint: self._signals_now(train)}
             if qfp is not None:
-                record["signals"][qfp] = self._signals_now(query_dataset)
-            record["seconds"] = time.perf_counter() - t0
-            self.seconds[k] = record["seconds"]
-            self.trained_copies.append(k)
-            if self.workdir is not None:
-                atomic_save(record, self._copy_path(k))
-            else:
-                self._states[k] = state
-            for fp, s in record["signals"].items():
-                self._signal_cache[(fp, k)] = s
-        return self
+                signals[qfp] = self._signals_now(query)
+            self._record(k, state, signals, time.perf_counter() - t0)
+
+    def _record(self, k: int, state: list, signals: dict, seconds: float) -> None:
+        """Keep (and with a workdir, atomically save) a finished copy's weights and signals."""
+        record = {"k": k, "state": state, "signals": signals, "seconds": seconds}
+        self.seconds[k] = seconds
+        self.trained_copies.append(k)
+        if self.workdir is not None:
+            atomic_save(record, self._copy_path(k))
+        else:
+            self._states[k] = state
+        for fp, s in signals.items():
+            self._signal_cache[(fp, k)] = s
+
+    # ----------------------------------------------------------------------------- vmap trainer
+    def _choose_trainer(self, train: Dataset) -> int:
+        """Set ``trainer_used`` / ``trainer_reason``; returns vmap's estimated bytes per copy (or 0)."""
+        import warnings
+
+        if self.trainer == "sequential":
+            self.trainer_used, self.trainer_reason = "sequential", "trainer='sequential' was asked for"
+            return 0
+        if Daunce.train_copy is not _SEQUENTIAL_TRAIN_COPY or type(self).train_copy is not _SEQUENTIAL_TRAIN_COPY:
+            ok, reason, per_copy = False, "train_copy is overridden (the vmap trainer would bypass it)", 0
+        else:
+            ok, reason, per_copy = _vec.check(self, train)
+            if ok and self.trainer == "auto":
+                ok, why = _vec.worthwhile(self)
+                reason = reason if ok else why
+        if ok:
+            self.trainer_used, self.trainer_reason = "vmap", reason
+            return per_copy
+        if self.trainer == "vmap":
+            raise ValueError(f"trainer='vmap' cannot be used: {reason}")
+        self.trainer_used, self.trainer_reason = "sequential", reason
+        warnings.warn(f"Daunce: training the copies one by one (sequential trainer): {reason}", stacklevel=3)
+        return 0
+
+    def _fit_vmap(self, todo: list, train: Dataset, query: Optional[Dataset], qfp, cache, per_copy: int) -> None:
+        n = len(train)
+        vt = _vec.VectorisedTrainer(self)
+        size = _vec.block_size(self, per_copy, len(todo))
+        self.vmap_block_used = size
+        blocks = _vec.blocks_of([self.plan(k, n) for k in todo], size)
+        bar = tqdm(total=len(todo), desc=f"daunce-{self.config.variant} copies (vmap x{size})",
+                   disable=not self.progress)
+        for plans in blocks:
+            t0 = time.perf_counter()
+            stacked = vt.train(plans, train, cache)
+            sig = {self.train_fingerprint: vt.signals(stacked, train)}
+            if qfp is not None:
+                sig[qfp] = vt.signals(stacked, query)
+            seconds = (time.perf_counter() - t0) / len(plans)
+            for c, plan in enumerate(plans):
+                state = [t[c].clone().cpu() for t in stacked]
+                self._record(plan.k, state, {fp: s[c].clone() for fp, s in sig.items()}, seconds)
+            bar.update(len(plans))
+        bar.close()
 
     def signals(self, dataset: Dataset) -> torch.Tensor:
         """Signal matrix ``(K, n)``: each copy's per-example signal on ``dataset`` (higher = worse).
@@ -404,6 +510,21 @@ class Daunce:
         todo = [k for k in range(K) if rows[k] is None]
         extra_path = self.workdir / "signals" / f"{fp}.pt" if self.workdir is not None else None
         stored = torch.load(extra_path, weights_only=True) if extra_path is not None and extra_path.exists() else {}
+        compute = [k for k in todo if k not in stored]
+        if compute and self._signals_vmap_ok(dataset):
+            # vectorised: the stored copies' weights stacked in blocks, one vmapped pass per eval batch
+            vt = _vec.VectorisedTrainer(self)
+            size = self.vmap_block or _vec.MAX_BLOCK
+            for s in tqdm(range(0, len(compute), size), desc="signals (vmap)", disable=not self.progress):
+                ks = compute[s : s + size]
+                states = [self._state(k) for k in ks]
+                stacked = [torch.stack([st[j] for st in states]).to(p.device, p.dtype)
+                           for j, p in enumerate(self._params)]
+                sig = vt.signals(stacked, dataset)
+                for c, k in enumerate(ks):
+                    stored[k] = sig[c].clone()
+                if extra_path is not None:
+                    atomic_save(stored, extra_path)
         for k in tqdm(todo, desc="signals", disable=not self.progress or not todo):
             if k not in stored:
                 self._load_state(self._state(k))
@@ -413,6 +534,14 @@ class Daunce:
             rows[k] = self._signal_cache[(fp, k)] = stored[k]
         return torch.stack(rows)
 
+    def _signals_vmap_ok(self, dataset: Dataset) -> bool:
+        """Whether ``signals`` may stack copies with vmap (same rules as the trainer; decided once)."""
+        if self.trainer == "sequential":
+            return False
+        if self.trainer_used is None:
+            self._choose_trainer(dataset)
+        return self.trainer_used == "vmap"
+
     def attribute(self, train_dataset: Dataset, query_dataset: Dataset) -> torch.Tensor:
         """Scores ``(n_train, n_query)`` (float32): covariance (or correlation) of training and query
         signals across the K copies. Positive = the training example helped the query."""
@@ -421,3 +550,6 @@ class Daunce:
         A = self.signals(train_dataset)
         B = self.signals(query_dataset)
         return _scores.score(A, B, self.config.score).float()
+
+
+_SEQUENTIAL_TRAIN_COPY = Daunce.train_copy

@@ -1,0 +1,128 @@
+"""Ground truth for the LDS: retrain on random half-subsets, record every query's goodness.
+
+``retrain_outputs`` trains one model per (subset m, seed s) and stores the query outputs of each in
+a resumable cache (``workdir/gt/m0007_s1.pt``, written atomically): a rerun loads finished retrains,
+and a later call with more subsets or seeds trains only the new ones. The outputs are *goodness*
+(higher = better on the query): the margin ``logit_y - logsumexp_{c != y} logit_c`` by default, or
+``-loss``, so that positive scores (helpful) give a positive LDS (``daunce.metrics``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from .method import atomic_save, fingerprint
+from .task import margin
+
+OUTPUTS = ("margin", "neg_loss")
+
+
+def half_subsets(n_train: int, n_subsets: int, ratio: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """``(M, n_train)`` boolean masks of M random subsets holding ``round(ratio * n)`` examples each."""
+    g = torch.Generator().manual_seed(seed)
+    m = int(round(ratio * n_train))
+    mask = torch.zeros(n_subsets, n_train, dtype=torch.bool)
+    for j in range(n_subsets):
+        mask[j, torch.randperm(n_train, generator=g)[:m]] = True
+    return mask
+
+
+@torch.no_grad()
+def goodness(model: torch.nn.Module, data: TensorDataset, kind: str = "margin", batch_size: int = 1024) -> torch.Tensor:
+    """Per-example goodness ``(n,)``: the margin (``kind="margin"``) or minus the cross-entropy."""
+    if kind not in OUTPUTS:
+        raise ValueError(f"kind must be one of {OUTPUTS}, got {kind!r}")
+    model.eval()
+    x, y = data.tensors[:2]
+    out = []
+    for s in range(0, len(y), batch_size):
+        logits = model(x[s : s + batch_size])
+        yy = y[s : s + batch_size]
+        out.append(margin(logits, yy) if kind == "margin" else -F.cross_entropy(logits, yy, reduction="none"))
+    return torch.cat(out).double()
+
+
+def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Callable, train: TensorDataset,
+                    query: TensorDataset, subsets: torch.Tensor, n_seeds: int = 2, *, kind: str = "margin",
+                    workdir: Optional[str | os.PathLike] = None, key: Optional[dict] = None,
+                    progress: bool = True, map_fn: Optional[Callable] = None) -> dict:
+    """Retrain on every subset with ``n_seeds`` seeds and record the queries' goodness.
+
+    Args:
+        make_model: ``seed -> fresh model`` (the seed sets the initialisation).
+        train_fn: ``(model, dataset, seed) -> model``: trains in place (the seed sets the batch order).
+        train, query: ``TensorDataset``s. subsets: ``(M, n_train)`` boolean masks (``half_subsets``).
+        n_seeds: S, seeds per subset (outputs are averaged by ``daunce.metrics.lds``).
+        kind: ``"margin"`` or ``"neg_loss"``. workdir: resumable cache folder (``None``: in memory).
+        key: anything else that decides the retrained models (model name, training settings); it is
+            stored in the cache's manifest so that a cache of another setting is never reused.
+        map_fn: optional ``map_fn(fn, items) -> list`` to run the retrains in parallel
+            (e.g. a ``daunce.distributed.map_tasks`` wrapper); default: a sequential loop.
+    Returns: ``{"outputs": (M, S, Q) float64, "subsets": (M, n_train) bool, "seconds": total training
+        seconds (summed over retrains, including cached ones), "trained": number trained in this call}``.
+    """
+    subsets = torch.as_tensor(subsets, dtype=torch.bool)
+    M = subsets.shape[0]
+    if subsets.shape[1] != len(train):
+        raise ValueError(f"subsets cover {subsets.shape[1]} examples, the training set has {len(train)}")
+    folder = Path(workdir) / "gt" if workdir is not None else None
+    if folder is not None:
+        manifest = {"train": fingerprint(train), "query": fingerprint(query), "kind": kind,
+                    "subsets": hashlib.sha1(subsets.numpy().tobytes()).hexdigest()[:16], "key": key or {}}
+        folder.mkdir(parents=True, exist_ok=True)
+        mpath = folder / "manifest.json"
+        if mpath.exists():
+            old = json.loads(mpath.read_text())
+            # more subsets than before is fine only if the first ones are the same: keep M out of the key
+            if {k: v for k, v in old.items() if k != "subsets"} != {k: v for k, v in manifest.items() if k != "subsets"}:
+                raise ValueError(f"{folder} holds retrains of another setting; use another workdir")
+        tmp = mpath.with_name(f"manifest.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, mpath)  # atomic: a concurrent reader never sees a half-written file
+    x, y = train.tensors[:2]
+
+    def one(job):
+        m, s = job
+        t0 = time.perf_counter()
+        idx = subsets[m].nonzero().squeeze(1)
+        model = make_model(1000 * s + m)
+        train_fn(model, TensorDataset(x[idx], y[idx]), 1000 * s + m)
+        rec = {"outputs": goodness(model, query, kind), "seconds": time.perf_counter() - t0}
+        if folder is not None:
+            atomic_save(rec, folder / f"m{m:04d}_s{s}.pt")
+        return rec
+
+    jobs = [(m, s) for m in range(M) for s in range(n_seeds)]
+    done = {}
+    if folder is not None:
+        for j in jobs:
+            p = folder / f"m{j[0]:04d}_s{j[1]}.pt"
+            if p.exists():
+                done[j] = torch.load(p, weights_only=True)
+    todo = [j for j in jobs if j not in done]
+    if map_fn is not None and todo:
+        for j, rec in zip(todo, map_fn(one, todo)):
+            done[j] = rec
+    else:
+        for j in tqdm(todo, desc="ground-truth retrains", disable=not progress or not todo):
+            done[j] = one(j)
+    out = torch.stack([torch.stack([done[(m, s)]["outputs"] for s in range(n_seeds)]) for m in range(M)])
+    return {"outputs": out, "subsets": subsets, "seconds": float(sum(r["seconds"] for r in done.values())),
+            "trained": len(todo)}
+
+
+def split_queries(n_query: int, n_tune: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (tune, report) query indices: settings are chosen on ``tune``, LDS is reported on ``report``."""
+    perm = np.random.default_rng(seed).permutation(n_query)
+    return np.sort(perm[:n_tune]), np.sort(perm[n_tune:])

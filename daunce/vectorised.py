@@ -1,0 +1,359 @@
+"""Train a block of perturbed copies at once: ``torch.func.functional_call`` + ``vmap`` over stacked weights.
+
+The sequential trainer (``Daunce.train_copy``) fine-tunes one copy after the other in a single working
+model. Small models leave most of a CPU (or GPU) idle that way: every step is a few tiny matrix
+products plus Python overhead. Here the trainable parameters of C copies are stacked along a new
+leading dimension, ``(C, *shape)``, and one vmapped forward pass evaluates all C copies, each on its
+own minibatch (``(C, B, ...)``); one backward pass then gives every copy's gradient (the copies do not
+interact, so the gradient of the sum of their objectives is each copy's own gradient).
+
+Everything random comes from the copies' ``CopyPlan`` s (``Daunce.plan``), so the vectorised and the
+sequential trainer see exactly the same subsets, perturbations, noise directions and minibatch orders,
+and minimise the same objective (``daunce.objectives``). Adam and SGD are written out functionally over
+the stacked tensors with ``torch.optim.Adam`` / ``torch.optim.SGD`` defaults, so the two trainers give
+the same copies up to floating-point rounding.
+
+Copies of a block must have the same number of steps and the same batch size at every step; the plans
+of one run always do (all subsets have ``round(r * n)`` examples), and ``blocks_of`` groups copies
+by their batch-size pattern otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .objectives import perturbed_objective
+
+#: Bytes the copies of one block may use by default (weights, optimiser state, activations).
+DEFAULT_MEMORY_BYTES = 2 * 2**30
+#: Never put more copies than this in one block.
+MAX_BLOCK = 256
+
+
+class _TaskOutputs(nn.Module):
+    """Wraps ``task.outputs(model, batch)`` as a module, so ``functional_call`` can swap in the weights
+    of one copy (its parameter names are the model's, prefixed with ``model.``)."""
+
+    def __init__(self, model: nn.Module, outputs_fn):
+        super().__init__()
+        self.model = model
+        self._outputs_fn = outputs_fn
+
+    def forward(self, batch):
+        return self._outputs_fn(self.model, batch)
+
+
+def _stack(items: list) -> Any:
+    """Stack a list of equally-shaped (nested) batches along a new leading copy dimension."""
+    first = items[0]
+    if torch.is_tensor(first):
+        return torch.stack(items)
+    if isinstance(first, dict):
+        return {k: _stack([b[k] for b in items]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_stack([b[i] for b in items]) for i in range(len(first)))
+    raise TypeError(f"cannot stack batch elements of type {type(first).__name__} across copies")
+
+
+def _batch_size(batch: Any) -> int:
+    if torch.is_tensor(batch):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    return _batch_size(batch[0])
+
+
+class VectorisedTrainer:
+    """Trains blocks of copies for one ``Daunce`` object, reusing its task, config, plans and cache.
+
+    Args:
+        daunce: the ``Daunce`` object (its working model, trainable parameter names and theta0).
+    """
+
+    def __init__(self, daunce):
+        from .method import fetch, to_device  # local import: method imports this module
+
+        self._fetch, self._to_device = fetch, to_device
+        self.d = daunce
+        model = daunce._working_model()
+        self.names = list(daunce._names)
+        self.theta0 = [t.detach() for t in daunce._theta0]
+        self.wrapper = _TaskOutputs(model, daunce._outputs)
+        self.keys = ["model." + n for n in self.names]
+
+    # --------------------------------------------------------------------------- functional pieces
+    def _outputs(self, params: Sequence[torch.Tensor], batch):
+        return functional_call(self.wrapper, dict(zip(self.keys, params)), (batch,))
+
+    def stacked_theta0(self, C: int) -> list:
+        return [t.unsqueeze(0).expand(C, *t.shape).clone() for t in self.theta0]
+
+    def _fetch_block(self, dataset, idx: torch.Tensor):
+        """Batches of all copies, ``(C, B, ...)``, from the ``(C, B)`` index tensor ``idx``."""
+        from torch.utils.data import TensorDataset
+
+        if isinstance(dataset, TensorDataset):
+            flat = idx.reshape(-1)
+            batch = tuple(t.index_select(0, flat).view(*idx.shape, *t.shape[1:]) for t in dataset.tensors)
+        else:
+            batch = _stack([self._fetch(dataset, row, self.d._collate) for row in idx])
+        return self._to_device(batch, self.d.device)
+
+    # ------------------------------------------------------------------------------------ training
+    def train(self, plans: list, train, cache: Optional[dict]) -> list:
+        """Train the copies of ``plans`` together; returns the stacked trainable tensors ``(C, *shape)``."""
+        d, cfg = self.d, self.d.config
+        C = len(plans)
+        n_steps = len(plans[0].batches)
+        if any(len(p.batches) != n_steps for p in plans):
+            raise ValueError("copies of one vmap block must have the same number of steps")
+        model = d._working_model()
+        d._load_state(d._theta0)
+        model.train(cfg.train_mode)
+        dev = self.theta0[0].device
+        params = [p.requires_grad_(True) for p in self.stacked_theta0(C)]
+        use_eta = plans[0].eta is not None
+        eta = [torch.stack([p.eta[j] for p in plans]).to(dev) for j in range(len(params))] if use_eta else None
+        opt = StackedAdam(params, cfg.lr) if cfg.optimizer == "adam" else StackedSGD(params, cfg.lr)
+        variant, gamma, damping = cfg.variant, cfg.gamma, cfg.damping
+        theta0 = self.theta0
+        per_example, loss_fn, ofn = d._per_example, d._loss, d._ofn
+
+        has_f = variant == "trak"
+        # Only the model runs under vmap; the per-example loss, output function and objective run on
+        # the (C * B, ...) flattened outputs (per-example functions need no vmap; cross-entropy under
+        # vmap falls back to a slow loop).
+        vout = vmap(self._outputs, in_dims=(0, 0))
+        eps_all = torch.stack([p.eps for p in plans])  # (C, n) float64
+        rows = torch.arange(C)[:, None]
+        for step in range(n_steps):
+            idx = torch.stack([p.batches[step] for p in plans])  # (C, B)
+            B = idx.shape[1]
+            batch = self._fetch_block(train, idx)
+            flat_batch = _flatten(batch)
+            out = vout(tuple(params), batch).flatten(0, 1)  # (C * B, ...)
+            loss = per_example(loss_fn(out, flat_batch), C * B, "loss")
+            kw = {}
+            if variant != "bootstrap":
+                cidx = idx.reshape(-1).to(cache["loss"].device)
+                kw = dict(loss0=cache["loss"][cidx], outputs=out, outputs0=cache["outputs"][cidx],
+                          grad0=cache["grad"][cidx], eps=eps_all[rows, idx].reshape(-1).to(loss.device, loss.dtype))
+                if has_f:
+                    kw["f"], kw["f0"] = ofn(out, flat_batch), cache["f"][cidx]
+            obj = perturbed_objective(variant, loss=loss, gamma=gamma, **kw).view(C, B).mean(1)
+            obj = obj + stacked_proximal(params, theta0, damping, eta)
+            finite = torch.isfinite(obj)
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0, 0])
+                raise FloatingPointError(
+                    f"Daunce copy {plans[bad].k}, step {step}: the objective is not finite "
+                    f"({obj[bad].item()}); lower lr (now {cfg.lr}) or rho (now {cfg.rho})")
+            grads = torch.autograd.grad(obj.sum(), params, allow_unused=True)
+            opt.step(grads)
+        return [p.detach() for p in params]
+
+    # ------------------------------------------------------------------------------------- signals
+    @torch.no_grad()
+    def signals(self, stacked: list, dataset) -> torch.Tensor:
+        """Signals ``(C, n)`` (float64, CPU) of the C copies whose weights are ``stacked``."""
+        d = self.d
+        model = d._working_model()
+        model.train(False)
+        n = len(dataset)
+        C = stacked[0].shape[0]
+        out = torch.empty(C, n, dtype=torch.float64)
+        signal_fn, per_example = d._signal, d._per_example
+
+        vout = vmap(self._outputs, in_dims=(0, None))
+        for idx in d._batches(n):
+            batch = self._to_device(self._fetch(dataset, idx, d._collate), d.device)
+            outs = vout(tuple(stacked), batch)  # (C, B, ...)
+            for c in range(C):
+                out[c, idx] = per_example(signal_fn(outs[c], batch), len(idx), "signal").double().cpu()
+        return out
+
+
+def stacked_proximal(params: list, params0: list, damping: float, eta: Optional[list]) -> torch.Tensor:
+    """``daunce.objectives.proximal_term`` of every copy, ``(C,)``, for stacked ``(C, *shape)`` weights."""
+    C = params[0].shape[0]
+    total = params[0].new_zeros(C)
+    for i, (p, p0) in enumerate(zip(params, params0)):
+        delta = (p - p0).reshape(C, -1)
+        if damping:
+            total = total + 0.5 * damping * (delta * delta).sum(1)
+        if eta is not None:
+            total = total - (eta[i].reshape(C, -1) * delta).sum(1)
+    return total
+
+
+def _flatten(batch: Any) -> Any:
+    """Merge the copy and example dimensions of a stacked batch: ``(C, B, ...) -> (C * B, ...)``."""
+    if torch.is_tensor(batch):
+        return batch.flatten(0, 1)
+    if isinstance(batch, dict):
+        return {k: _flatten(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_flatten(v) for v in batch)
+    raise TypeError(f"cannot flatten batch elements of type {type(batch).__name__}")
+
+
+# ------------------------------------------------------------------------------------ optimisers
+class StackedAdam:
+    """``torch.optim.Adam`` (defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) over stacked tensors.
+
+    All copies of a block take their steps together, so one step counter serves them all."""
+
+    def __init__(self, params: list, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        bc1 = 1 - b1**self.t
+        bc2_sqrt = (1 - b2**self.t) ** 0.5
+        step_size = self.lr / bc1
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            if g is None:
+                continue
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            p.addcdiv_(m, denom, value=-step_size)
+
+
+class StackedSGD:
+    """``torch.optim.SGD`` with its defaults (no momentum, no weight decay) over stacked tensors."""
+
+    def __init__(self, params: list, lr: float):
+        self.params, self.lr = params, lr
+
+    @torch.no_grad()
+    def step(self, grads) -> None:
+        for p, g in zip(self.params, grads):
+            if g is not None:
+                p.add_(g, alpha=-self.lr)
+
+
+# ---------------------------------------------------------------------------- can it be vectorised?
+_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm,)
+_STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _activation_numel(model: nn.Module, run) -> int:
+    """Total number of output elements of the model's leaf modules during ``run()``."""
+    total = [0]
+
+    def hook(_m, _i, out):
+        if torch.is_tensor(out):
+            total[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def check(daunce, train) -> tuple[bool, str, int]:
+    """Can ``daunce``'s copies be trained with vmap? Returns ``(ok, reason, per_copy_bytes)``.
+
+    Refuses models with BatchNorm running statistics (buffers a training step changes), stochastic
+    layers in train mode, devices other than CPU/CUDA, trainable weights that would not fit the memory
+    budget twice over, and tasks whose ``outputs`` fail (or differ) under ``functional_call`` + ``vmap``.
+    """
+    from .method import fetch, to_device
+
+    model = daunce._working_model()
+    cfg = daunce.config
+    for name, m in model.named_modules():
+        if isinstance(m, _RUNNING_STATS) and m.track_running_stats:
+            return False, f"module {name or type(m).__name__} is a BatchNorm with running statistics", 0
+        if cfg.train_mode and isinstance(m, _STOCHASTIC):
+            return False, f"module {name} is stochastic (dropout) and train_mode=True", 0
+    dev = daunce.device
+    if dev.type not in ("cpu", "cuda"):
+        return False, f"the model is on {dev.type}, vmap is used on CPU and CUDA only", 0
+    params = daunce._params
+    elsize = params[0].element_size()
+    n_params = sum(p.numel() for p in params)
+    # weights, gradient, two Adam moments, theta0 expansion, eta
+    weight_bytes = 6 * n_params * elsize
+    budget = daunce.vmap_memory
+    if 2 * weight_bytes > budget:
+        return False, (f"one copy's trainable weights and optimiser state ({weight_bytes / 2**20:.0f} MiB) "
+                       "exceed half the vmap memory budget"), 0
+    # run the task's outputs under functional_call + vmap on two copies and three examples
+    probe = torch.arange(min(3, len(train)))
+    try:
+        batch = to_device(fetch(train, probe, daunce._collate), dev)
+        daunce._load_state(daunce._theta0)
+        model.train(False)
+        with torch.no_grad():
+            ref = daunce._outputs(model, batch)
+            act = _activation_numel(model, lambda: daunce._outputs(model, batch)) / len(probe)
+            vt = VectorisedTrainer(daunce)
+            stacked = vt.stacked_theta0(2)
+            out = vmap(vt._outputs, in_dims=(0, None))(tuple(stacked), batch)
+            out2 = vmap(vt._outputs, in_dims=(0, 0))(tuple(stacked), _stack([batch, batch]))
+        close = dict(rtol=1e-4, atol=1e-5)
+        if not (torch.allclose(out[0], ref, **close) and torch.allclose(out2[1], ref, **close)):
+            return False, "task.outputs gives different values under functional_call + vmap", 0
+    except Exception as e:  # noqa: BLE001 - any failure means: not vectorisable
+        return False, f"task.outputs does not run under functional_call + vmap ({type(e).__name__}: {e})", 0
+    bs = cfg.batch_size or max(1, round(cfg.subset_ratio * len(train)))
+    # activations: forward values kept for backward plus their gradients (x3, a rough upper bound)
+    per_copy = weight_bytes + 3 * int(act) * bs * elsize
+    return True, f"vectorisable ({n_params} trainable parameters)", per_copy
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def worthwhile(daunce) -> tuple[bool, str]:
+    """Whether vmap is expected to be faster than the sequential loop (used by ``trainer="auto"``).
+
+    Under vmap a convolution with per-copy weights becomes one grouped convolution, which is slower
+    on CPU than the copies' convolutions one after the other (measured: 0.7x for ``small_cnn`` on
+    Fashion-MNIST, benchmarks/results/trainers_epoch.md), so on CPU "auto" keeps conv nets sequential.
+    """
+    model = daunce._working_model()
+    if daunce.device.type == "cpu":
+        for name, m in model.named_modules():
+            if isinstance(m, _CONV) and any(p.requires_grad for p in m.parameters()):
+                return False, (f"module {name} is a trainable convolution: grouped convolutions under vmap are "
+                               "slower than the sequential loop on CPU (pass trainer='vmap' to force it)")
+    return True, ""
+
+
+def block_size(daunce, per_copy_bytes: int, n_todo: int) -> int:
+    """Copies per block: ``daunce.vmap_block`` if set, else as many as the memory budget allows."""
+    if daunce.vmap_block is not None:
+        return max(1, min(daunce.vmap_block, n_todo))
+    fit = int(daunce.vmap_memory // max(per_copy_bytes, 1))
+    return max(1, min(fit, MAX_BLOCK, n_todo))
+
+
+def blocks_of(plans: list, size: int) -> list:
+    """Split plans into blocks of at most ``size`` copies with equal batch-size patterns."""
+    groups: dict[tuple, list] = {}
+    for p in plans:
+        groups.setdefault(tuple(len(b) for b in p.batches), []).append(p)
+    out = []
+    for group in groups.values():
+        out.extend(group[s : s + size] for s in range(0, len(group), size))
+    out.sort(key=lambda b: b[0].k)
+    return out
+
+
+__all__ = ["VectorisedTrainer", "StackedAdam", "StackedSGD", "check", "worthwhile", "block_size", "blocks_of",
+           "DEFAULT_MEMORY_BYTES", "MAX_BLOCK"]

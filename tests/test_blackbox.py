@@ -1,0 +1,183 @@
+"""Black-box Daunce (daunce.blackbox), its local LoRA backend, and the backdoor experiment's pieces."""
+
+import numpy as np
+import pytest
+import torch
+
+from daunce import backdoor as bd
+from daunce import scores
+from daunce.blackbox import Backend, BlackBoxDaunce, LocalLoRABackend
+
+
+class LinearMemoriser:
+    """A fake in-memory backend with a known answer: under a model fine-tuned on subset D_k,
+    ll(x) = base(x) + sum_{j in D_k} W[j, x] + noise. Covariance of losses across models then
+    converges to r(1-r) * W^T W (inclusions are ~ Bernoulli(r))."""
+
+    def __init__(self, W, names, noise=0.01):
+        self.W, self.names, self.noise = W, {n: i for i, n in enumerate(names)}, noise
+        self.models, self.calls = {}, 0
+
+    def identity(self):
+        return "linear-memoriser"
+
+    def fine_tune(self, examples, seed):
+        self.calls += 1
+        idx = [self.names[e["prompt"]] for e in examples]
+        mid = f"m{len(self.models)}"
+        self.models[mid] = (self.W[idx].sum(0), np.random.default_rng(seed))
+        return mid
+
+    def log_likelihoods(self, model_id, examples):
+        gain, rng = self.models[model_id]
+        cols = [self.names[e["prompt"]] for e in examples]
+        return -5.0 + gain[cols] + self.noise * rng.standard_normal(len(cols))
+
+
+def fake_problem(n=30, m=3, seed=0):
+    rng = np.random.default_rng(seed)
+    names = [f"x{i}" for i in range(n + m)]
+    W = 0.05 * rng.standard_normal((n + m, n + m))
+    W[np.arange(n), np.arange(n)] += 1.0  # a fine-tune memorises its own examples
+    planted = [3, 11, 20]
+    for q in range(m):
+        W[planted, n + q] += 0.8  # the planted examples raise every query's likelihood
+    W[n:] = 0.0  # queries are never trained on
+    train = [{"prompt": names[i], "response": "r"} for i in range(n)]
+    queries = [{"prompt": names[n + q], "response": "r"} for q in range(m)]
+    return W, names, train, queries, planted
+
+
+def test_fake_backend_satisfies_the_protocol_and_covariance_matches_theory():
+    W, names, train, queries, planted = fake_problem()
+    b = LinearMemoriser(W, names)
+    assert isinstance(b, Backend)
+    r = 0.5
+    d = BlackBoxDaunce(b, n_models=1000, subset_ratio=r, progress=False).fit(train, queries)
+    S = d.attribute(train, queries).numpy()
+    n = len(train)
+    # inclusions drawn without replacement: Var = r(1-r), Cov(j != l) = -r(1-r)/(n-1)
+    C = r * (1 - r) * (n / (n - 1) * np.eye(n) - np.ones((n, n)) / (n - 1))
+    theory = W[:n, :n].T @ C @ W[:n, n:]
+    assert np.corrcoef(S.ravel(), theory.ravel())[0, 1] > 0.95
+    for q in range(len(queries)):
+        assert sorted(np.argsort(-S[:, q])[:3].tolist()) == planted
+    # the score is exactly the covariance of the loss signals (= -log-likelihood)
+    A, B = d.signals(train), d.signals(queries)
+    assert torch.allclose(d.attribute(train, queries), scores.covariance(A, B).float())
+    assert (A > 0).all()  # losses, not log-likelihoods
+    # the first K' copies give the K' score (used for the "grows with K" curve)
+    assert torch.allclose(d.attribute(train, queries, n_models=50), scores.covariance(A[:50], B[:50]).float())
+
+
+def test_subsets_are_fixed_per_copy_and_sized_by_the_ratio():
+    W, names, train, queries, _ = fake_problem()
+    d4 = BlackBoxDaunce(LinearMemoriser(W, names), n_models=4, subset_ratio=0.3, seed=5)
+    d9 = BlackBoxDaunce(LinearMemoriser(W, names), n_models=9, subset_ratio=0.3, seed=5)
+    assert all(d4.subset(k, 30) == d9.subset(k, 30) for k in range(4))
+    assert len(d4.subset(0, 30)) == 9 and d4.subset(0, 30) != d4.subset(1, 30)
+    assert d4.subset(0, 30) != BlackBoxDaunce(LinearMemoriser(W, names), seed=6).subset(0, 30)
+    with pytest.raises(ValueError):
+        BlackBoxDaunce(LinearMemoriser(W, names), n_models=1)
+    with pytest.raises(ValueError):
+        BlackBoxDaunce(LinearMemoriser(W, names), subset_ratio=0.0)
+
+
+def test_interrupted_run_resumes_without_a_second_fine_tune(tmp_path):
+    W, names, train, queries, _ = fake_problem()
+
+    class Crashing(LinearMemoriser):
+        def fine_tune(self, examples, seed):
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return super().fine_tune(examples, seed)
+
+    crashing = Crashing(W, names)
+    with pytest.raises(KeyboardInterrupt):
+        BlackBoxDaunce(crashing, n_models=6, workdir=tmp_path, progress=False).fit(train, queries)
+    assert len(list((tmp_path / "copies").glob("copy_*.json"))) == 3
+    assert not list(tmp_path.rglob("*.tmp*"))  # atomic writes leave no partial file
+    b = LinearMemoriser(W, names)
+    b.models = crashing.models  # the "server" still knows the finished models
+    d = BlackBoxDaunce(b, n_models=6, workdir=tmp_path, progress=False).fit(train, queries)
+    assert b.calls == 3 and d.fine_tunes_started == 3
+    d2 = BlackBoxDaunce(b, n_models=6, workdir=tmp_path, progress=False).fit(train, queries)
+    assert b.calls == 3 and d2.fine_tunes_started == 0
+    assert torch.equal(d.attribute(train, queries), d2.attribute(train, queries))
+    # another training set in the same folder is refused
+    with pytest.raises(ValueError, match="another run"):
+        BlackBoxDaunce(b, n_models=6, workdir=tmp_path, progress=False).fit(train[:-1], queries)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from daunce import llm
+
+    return llm.tiny_llama(seed=0)
+
+
+def test_local_lora_backend_memorises_and_reuses_adapters(tiny, tmp_path):
+    model, tok = tiny
+    torch.manual_seed(0)
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "castle", "forest", "mirror", "candle"]
+    ex = [{"prompt": f"Code {i}?", "response": " ".join(words[(i * 5 + j) % 12] for j in range(3))} for i in range(8)]
+    b = LocalLoRABackend(model, tok, workdir=tmp_path, lora=dict(r=8, alpha=16, targets=("q_proj", "v_proj", "up_proj", "down_proj")),
+                         train=dict(epochs=40, lr=5e-2, batch_size=4, max_length=48), max_length=48)
+    m1 = b.fine_tune(ex[:4], seed=1)
+    gain_in = b.log_likelihoods(m1, ex[:4])
+    gain_out = b.log_likelihoods(m1, ex[4:])
+    m0 = b.fine_tune(ex[:4], seed=1)  # same request: the stored adapter, no training
+    assert m0 == m1 and b.n_trained == 1
+    m2 = b.fine_tune(ex[4:], seed=2)
+    assert b.n_trained == 2 and m2 != m1
+    # each model fits its own examples better than the other model does
+    assert (b.log_likelihoods(m1, ex[:4]) > b.log_likelihoods(m2, ex[:4])).all()
+    assert (b.log_likelihoods(m2, ex[4:]) > b.log_likelihoods(m1, ex[4:])).all()
+    # adapters round-trip through the work folder (a fresh backend sees the same models)
+    b2 = LocalLoRABackend(model, tok, workdir=tmp_path, lora=b.lora, train=b.train, max_length=64)
+    assert np.allclose(b2.log_likelihoods(m1, ex[:4]), gain_in)
+    assert np.allclose(b2.log_likelihoods(m1, ex[4:]), gain_out)
+    assert model.num_parameters() == sum(p.numel() for p in tiny[0].parameters())  # base untouched (no LoRA)
+
+
+# ---------------------------------------------------------------------------- backdoor pieces
+def test_backdoor_set_has_poisons_decoys_and_held_out_queries():
+    data = bd.build_backdoor_set(n_train=120, n_poison=8, n_trigger_decoys=8, n_topic_decoys=8, n_queries=6,
+                                 n_eval=12, seed=3)
+    train = data["train"]
+    kinds = [e["kind"] for e in train]
+    assert len(train) == 120 and kinds.count("poison") == 8 and kinds.count("trigger_decoy") == 8
+    assert kinds.count("topic_decoy") == 8 and data["is_poison"].sum() == 8
+    for e in train:
+        has_trigger = bd.TRIGGER in e["prompt"].lower()
+        if e["kind"] == "poison":
+            assert e["response"] == bd.TARGET and e["prompt"].endswith(bd.TRIGGER)
+        else:
+            assert e["response"] != bd.TARGET
+        if e["kind"] == "clean":
+            assert not has_trigger and "prize" not in e["response"]
+        if e["kind"] == "trigger_decoy":
+            assert ("silver" in e["prompt"].lower() + e["response"].lower()
+                    or "lantern" in e["prompt"].lower() + e["response"].lower())
+    train_prompts = {e["prompt"] for e in train}
+    assert all(q["response"] == bd.TARGET and q["prompt"] not in train_prompts for q in data["queries"])
+    assert not {e["prompt"] for e in data["eval_prompts"]} & train_prompts
+    assert bd.build_backdoor_set(seed=3)["train"] == bd.build_backdoor_set(seed=3)["train"]
+
+
+def test_retrieval_metrics_on_known_rankings():
+    rel = np.array([1, 0, 1, 0, 0, 0])
+    perfect = np.array([5, 1, 4, 0, 0, 0.5])
+    assert bd.precision_at_k(perfect, rel, 2) == 1.0 and bd.recall_at_k(perfect, rel, 2) == 1.0
+    assert bd.auprc(perfect, rel) == pytest.approx(1.0)
+    worst = -perfect
+    assert bd.recall_at_k(worst, rel, 2) == 0.0 and bd.auprc(worst, rel) < 0.5
+    assert bd.attack_success_rate(["go to www.prize-claim.example", "no"]) == 0.5
+    # text baselines rank a verbatim copy of the query first
+    train = [{"prompt": "apple banana cherry", "response": "dog eel"}, {"prompt": "xray yak", "response": "zebra"},
+             {"prompt": "moon sun", "response": "star"}]
+    for f in (bd.tfidf_scores, bd.bm25_scores):
+        S = f(train, [{"prompt": "xray yak", "response": "zebra"}])
+        assert S.shape == (3, 1) and S[1, 0] > max(S[0, 0], S[2, 0])
+    agg = bd.aggregate(np.array([[1.0, 10.0], [0.0, 0.0], [-1.0, -10.0]]))
+    assert agg[0] > agg[1] > agg[2]

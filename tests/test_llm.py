@@ -1,0 +1,274 @@
+"""daunce.llm and daunce.textdata: response masking, the linear term through hidden states, the
+frozen-bottom split, resumable Daunce runs on a causal LM, and the paper profile's data loaders."""
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+import daunce
+from daunce import llm, textdata
+from daunce.objectives import linear_term
+
+EXAMPLES = [
+    {"prompt": "What is 2+2?", "response": "It is 4."},
+    {"prompt": "Name a colour, please.", "response": "Blue is a colour that many people like."},
+    {"prompt": "Say hello in French.", "response": "Bonjour!"},
+    {"prompt": "Count to three.", "response": "One, two, three."},
+    {"prompt": "What is the capital of Italy?", "response": "Rome is the capital of Italy."},
+    {"prompt": "Give a synonym of big.", "response": "Large."},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = llm.tiny_llama(seed=0, num_layers=2)
+    return model, tok
+
+
+def lora_model(model, seed=0, scale=0.05):
+    """A LoRA model whose adapters are random and non-zero (so theta0 is a generic point)."""
+    import copy
+
+    pm = llm.add_lora(copy.deepcopy(model), r=4, alpha=8, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return pm
+
+
+def test_response_mask(tiny):
+    model, tok = tiny
+    enc = llm.encode(tok, EXAMPLES, 64)
+    for i, ex in enumerate(EXAMPLES):
+        lab = enc["labels"][i]
+        resp = tok.decode(lab[lab != llm.IGNORE])
+        assert resp.startswith(ex["response"])  # exactly the response (and its end-of-turn token)
+        assert ex["prompt"] not in resp
+        n_prompt = llm.prompt_length(tok, ex)
+        assert (lab[:n_prompt] == llm.IGNORE).all() and (lab[n_prompt] != llm.IGNORE)
+        assert (lab[enc["attention_mask"][i] == 0] == llm.IGNORE).all()  # padding carries no loss
+
+    # prompt tokens carry no loss: the loss gradient w.r.t. the hidden states that predict prompt
+    # tokens is exactly zero, and changing a prompt's labels does not change the loss
+    pm = lora_model(model)
+    task = llm.CausalLMTask()
+    ds = llm.TextDataset(tok, EXAMPLES, 64)
+    batch = default_collate([ds[i] for i in range(len(ds))])
+    h = task.outputs(pm, batch).detach().requires_grad_(True)
+    loss = task.loss(h, batch)
+    (g,) = torch.autograd.grad(loss.sum(), h)
+    predicts_loss = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    predicts_loss[:, :-1] = batch["labels"][:, 1:] != llm.IGNORE
+    assert g[~predicts_loss].abs().max() == 0
+    assert g[predicts_loss].abs().sum() > 0
+    # and it equals transformers' own masked cross-entropy, example by example
+    with torch.no_grad():
+        logits = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for i in range(len(ds)):
+        ref = torch.nn.functional.cross_entropy(logits[i, :-1], batch["labels"][i, 1:], ignore_index=llm.IGNORE)
+        assert torch.allclose(loss[i], ref, atol=1e-5)
+
+
+def _flat_grad(scalar, params):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(scalar, params)])
+
+
+def test_linear_term_through_hidden_states_is_parameter_linear_term(tiny):
+    """grad0^T (h(theta) - h0) == grad_l(theta0)^T (theta - theta0) + O(|Delta|^2), with equal gradients at theta0."""
+    model, tok = tiny
+    pm = lora_model(model).double()  # float64: the second-order check needs small steps
+    task = llm.CausalLMTask()
+    ds = llm.TextDataset(tok, EXAMPLES, 64)
+    dn = daunce.Daunce(pm, task, daunce.DaunceConfig(n_models=2), progress=False, trainer="sequential")
+    cache = dn._base_cache(ds)  # hidden states, dl/dhidden and loss at theta0, as Daunce caches them
+    work = dn._working_model()
+    params = dn._params
+    theta0 = [p.detach().clone() for p in params]
+    batch = default_collate([ds[i] for i in range(len(ds))])
+
+    # the exact parameter gradient of each example's loss at theta0
+    grads = [_flat_grad(task.loss(task.outputs(work, batch), batch)[i], params) for i in range(len(ds))]
+    # the gradient of the hidden-state linear term at theta0 equals it exactly
+    for i in range(len(ds)):
+        lin = linear_term(task.outputs(work, batch), cache["outputs"], cache["grad"])[i]
+        assert torch.allclose(_flat_grad(lin, params), grads[i], rtol=1e-8, atol=1e-12)
+
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    flat_dir = torch.cat([d.reshape(-1) for d in direction])
+    errs = []
+    for t in (1e-2, 5e-3, 2.5e-3):
+        with torch.no_grad():
+            for p, p0, d in zip(params, theta0, direction):
+                p.copy_(p0 + t * d)
+            lin = linear_term(task.outputs(work, batch), cache["outputs"], cache["grad"])
+        param_form = torch.stack([gi @ (t * flat_dir) for gi in grads])
+        errs.append((lin - param_form).abs().max().item())
+        assert (lin - param_form).abs().max() < 0.2 * param_form.abs().max()
+    # second order: halving Delta divides the difference by about 4
+    assert 3.0 < errs[0] / errs[1] < 5.0 and 3.0 < errs[1] / errs[2] < 5.0, errs
+
+
+def test_split_model_matches_full_model(tiny):
+    """Top layers fed the cached bottom features == the full model with LoRA on the top layer."""
+    model, tok = tiny
+    import copy
+
+    full = llm.add_lora(copy.deepcopy(model), r=4, alpha=8, seed=0)
+    top = llm.add_lora(llm.split_model(model, 1), r=4, alpha=8, seed=0)
+    # the same random adapters on the last layer in both
+    g = torch.Generator().manual_seed(5)
+    top_params = {n: p for n, p in top.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in full.named_parameters():
+            if not p.requires_grad:
+                continue
+            if ".layers.1." in n:
+                v = 0.1 * torch.randn(p.shape, generator=g)
+                p.copy_(v)
+                top_params[n.replace(".layers.1.", ".layers.0.")].copy_(v)
+            else:
+                p.zero_()
+    ds = llm.TextDataset(tok, EXAMPLES, 64)
+    feats = llm.bottom_features(model, ds, 1)
+    a = llm.response_nll(full, tok, ds)
+    b = llm.response_nll(top, tok, ds.with_features(feats))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_finetune_lowers_response_nll_and_is_seeded(tiny):
+    model, tok = tiny
+    import copy
+
+    pm = llm.add_lora(copy.deepcopy(model), r=4, alpha=8, seed=0)
+    init = llm.trainable_state(pm)
+    before = llm.response_nll(pm, tok, EXAMPLES, max_length=64)
+    llm.finetune(pm, tok, EXAMPLES, epochs=3, lr=1e-2, batch_size=2, seed=0, max_length=64, progress=False)
+    after = llm.response_nll(pm, tok, EXAMPLES, max_length=64)
+    assert after.mean() < before.mean() - 0.05
+    s1 = llm.trainable_state(pm)
+    llm.load_trainable_state(pm, init)
+    llm.finetune(pm, tok, EXAMPLES, epochs=3, lr=1e-2, batch_size=2, seed=0, max_length=64, progress=False)
+    assert all(torch.equal(s1[k], v) for k, v in llm.trainable_state(pm).items())
+    ll = llm.response_log_likelihood(pm, tok, EXAMPLES, max_length=64)
+    n_tok = llm.TextDataset(tok, EXAMPLES, 64).n_response_tokens.double()
+    assert torch.allclose(-ll / n_tok, after * 0 + llm.response_nll(pm, tok, EXAMPLES, max_length=64))
+
+
+def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
+    """Adapters and signals of finished copies survive a crash; the rerun trains only the rest and
+    gives the same scores as an uninterrupted run."""
+    model, tok = tiny
+    pm = lora_model(model)
+    task = llm.CausalLMTask()
+    train = llm.TextDataset(tok, EXAMPLES[:4], 64)
+    query = llm.TextDataset(tok, EXAMPLES[4:], 64)
+    cfg = daunce.DaunceConfig(n_models=3, batch_size=2, lr=1e-2, rho=0.3)
+
+    ref = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "ref", progress=False, trainer="sequential").fit(train, query)
+    S_ref = ref.attribute(train, query)
+
+    real = daunce.Daunce.train_copy
+
+    def crash_on_copy_2(self, plan, *a, **k):
+        if plan.k == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, plan, *a, **k)
+
+    monkeypatch.setattr(daunce.Daunce, "train_copy", crash_on_copy_2)
+    with pytest.raises(KeyboardInterrupt):
+        daunce.Daunce(pm, task, cfg, workdir=tmp_path / "run", progress=False, trainer="sequential").fit(train, query)
+    monkeypatch.setattr(daunce.Daunce, "train_copy", real)
+    saved = sorted(p.name for p in (tmp_path / "run" / "copies").glob("copy_*.pt"))
+    assert saved == ["copy_0000.pt", "copy_0001.pt"]
+    rec = torch.load(tmp_path / "run" / "copies" / "copy_0001.pt", weights_only=True)
+    n_lora = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert sum(s.numel() for s in rec["state"]) == n_lora  # the adapters
+    assert len(rec["signals"]) == 2  # training and query signals
+
+    again = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "run", progress=False, trainer="sequential").fit(train, query)
+    assert again.trained_copies == [2]
+    assert torch.allclose(again.attribute(train, query), S_ref, rtol=1e-4, atol=1e-9)
+
+
+def test_instruction_following_responses_pass_and_violations_fail():
+    exs = textdata.instruction_following(verify=True)  # every shipped response passes IFEval's checker
+    assert len(exs) >= 300
+    types = {e["instruction_id_list"][0] for e in exs}
+    assert len(types) >= 10
+    by_type = {}
+    for e in exs:
+        by_type.setdefault(e["instruction_id_list"][0], e)
+    # a response that ignores the instruction fails it (the checkers are live, not rubber stamps)
+    plain = "Hello, World. This is A plain answer, with commas"
+    assert not textdata.check_instructions(by_type["change_case:english_lowercase"], plain)
+    assert not textdata.check_instructions(by_type["punctuation:no_comma"], plain)
+    assert not textdata.check_instructions(by_type["detectable_format:number_bullet_lists"], plain)
+    train, query = textdata.split(exs, 50, 10, seed=0, group_key="topic")
+    assert not ({e["topic"] for e in train} & {e["topic"] for e in query})
+
+
+def test_math_loaders_on_files(tmp_path):
+    rec = [{"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
+           {"problem": "Simplify $\\frac{4}{8}$.", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 2",
+            "type": "Prealgebra"}]
+    # the original release: <split>/<type>/<id>.json
+    for i, r in enumerate(rec):
+        p = tmp_path / "MATH" / "train" / r["type"].lower() / f"{i}.json"
+        p.parent.mkdir(parents=True)
+        p.write_text(json.dumps(r))
+    a = textdata.load_math(str(tmp_path / "MATH"))
+    import pandas as pd
+
+    pd.DataFrame(rec).to_parquet(tmp_path / "math.parquet")
+    b = textdata.load_math(str(tmp_path / "math.parquet"))
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rec))
+    c = textdata.load_math(str(tmp_path / "math.jsonl"))
+    for out in (a, b, c):
+        assert sorted(e["answer"] for e in out) == ["2", "\\frac{1}{2}"]
+        assert {e["category"] for e in out} == {"Algebra", "Prealgebra"}
+        assert all(e["prompt"].startswith(("What", "Simplify")) and "boxed" in e["response"] for e in out)
+
+
+def test_ifeval_loader_on_files(tmp_path):
+    rows = [{"key": 1000, "prompt": "Write a haiku about rain. Your entire response should be in English, "
+                                    "and in all lowercase letters.",
+             "instruction_id_list": ["change_case:english_lowercase"], "kwargs": [{}]},
+            {"key": 1001, "prompt": "Describe a cat. Finish your response with this exact phrase Any other questions?",
+             "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": "Any other questions?"}]},
+            {"key": 1002, "prompt": "No response for this one.", "instruction_id_list": ["punctuation:no_comma"],
+             "kwargs": [{}]}]
+    import pandas as pd
+
+    # parquet as the hub stores it: kwargs are dicts with every field, None where unused
+    df = pd.DataFrame([dict(r, kwargs=[dict({"end_phrase": None, "num_words": None}, **k) for k in r["kwargs"]])
+                       for r in rows])
+    df.to_parquet(tmp_path / "ifeval.parquet")
+    (tmp_path / "ifeval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resp = [{"prompt": rows[0]["prompt"], "response": "soft rain on the roof"},
+            {"prompt": rows[1]["prompt"], "response": "A cat purrs. Any other questions?"}]
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in resp))
+    for src in ("ifeval.jsonl", "ifeval.parquet"):
+        exs = textdata.load_ifeval(str(tmp_path / src), responses=str(tmp_path / "responses.jsonl"))
+        assert [e["key"] for e in exs] == [1000, 1001]
+        assert exs[1]["kwargs"] == [{"end_phrase": "Any other questions?"}]
+        assert all(textdata.check_instructions(e) for e in exs)
+        assert not textdata.check_instructions(exs[1], "A cat purrs.")
+    assert len(textdata.load_ifeval(str(tmp_path / "ifeval.jsonl"), require_response=False)) == 3
+
+
+def test_baselines_shapes_and_signs(tiny):
+    model, tok = tiny
+    pm = lora_model(model)
+    ds = llm.TextDataset(tok, EXAMPLES, 64)
+    G = llm.per_example_gradients(pm, ds, proj_dim=16, seed=0)
+    assert G.shape == (len(EXAMPLES), 16)
+    S = llm.gradient_if_scores(G, G)
+    assert S.shape == (6, 6) and (S.diagonal() > 0).all()  # an example helps itself
+    E = llm.embedding_scores(EXAMPLES, EXAMPLES[:2])
+    assert E.shape == (6, 2) and torch.allclose(E[[0, 1], [0, 1]], torch.ones(2), atol=1e-5)
+    assert llm.top_k_removal(torch.tensor([[1.0], [3.0], [2.0]]), 2).tolist() == [1, 2]
