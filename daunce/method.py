@@ -489,6 +489,17 @@ class Daunce:
             bar.update(len(plans))
         bar.close()
 
+    def training_seconds(self, n_models: Optional[int] = None) -> float:
+        """Seconds the first ``n_models`` copies (default: K) took to train and record their signals,
+        as measured when they were trained (read back from the workdir for copies of an earlier run;
+        copies trained together in a vmap block share the block's time equally)."""
+        total = 0.0
+        for k in range(self.config.n_models if n_models is None else n_models):
+            if k not in self.seconds and self.workdir is not None and self._copy_path(k).exists():
+                self.seconds[k] = float(torch.load(self._copy_path(k), weights_only=True).get("seconds", 0.0))
+            total += self.seconds.get(k, 0.0)
+        return total
+
     def signals(self, dataset: Dataset) -> torch.Tensor:
         """Signal matrix ``(K, n)``: each copy's per-example signal on ``dataset`` (higher = worse).
 

@@ -225,13 +225,8 @@ def ridge_scores(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.
 
 
 def prefix_seconds(daunce, K: int) -> float:
-    """Training seconds of the first K copies (vmap blocks share their time equally among copies)."""
-    total = 0.0
-    for k in range(K):
-        if k not in daunce.seconds and daunce.workdir is not None:
-            daunce.seconds[k] = float(torch.load(daunce._copy_path(k), weights_only=True).get("seconds", 0.0))
-        total += daunce.seconds.get(k, 0.0)
-    return total
+    """Training seconds of the first K copies (``Daunce.training_seconds``)."""
+    return daunce.training_seconds(K)
 
 
 def make_daunce(model, config, workdir=None, *, signal: str = "loss", ortho_block: Optional[int] = None,
