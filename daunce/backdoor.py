@@ -338,25 +338,10 @@ def truncate_layers(model, n_layers: int):
     return model
 
 
-@torch.no_grad()
 def generate_responses(model, tokenizer, examples: Sequence[dict], max_new_tokens: int = 24,
                        batch_size: int = 16) -> list[str]:
     """Greedy completions of examples' prompts with the same chat rendering as training (an example's
-    optional ``"system"`` turn included; ``daunce.llm.generate`` takes bare prompts)."""
-    from .llm import prompt_messages
+    optional ``"system"`` turn included)."""
+    from .llm import generate
 
-    old = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    out = []
-    try:
-        for s in range(0, len(examples), batch_size):
-            texts = [tokenizer.apply_chat_template(prompt_messages(e), tokenize=False, add_generation_prompt=True)
-                     for e in examples[s : s + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old
-    return [o.strip() for o in out]
+    return generate(model, tokenizer, list(examples), max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -560,17 +560,19 @@ def response_log_likelihood(model, tokenizer, examples, batch_size: int = 16, ma
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, batch_size: int = 8,
+def generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 128, batch_size: int = 8,
              progress: bool = False) -> list[str]:
-    """Greedy completions of chat prompts (left-padded batches)."""
+    """Greedy completions of chat prompts (left-padded batches). A prompt is a string, or an example
+    dict rendered as in training (its optional ``"system"`` turn included)."""
     device = next(model.parameters()).device
     out = []
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
-            texts = [tokenizer.apply_chat_template(prompt_messages({"prompt": p}), tokenize=False,
-                                                   add_generation_prompt=True) for p in prompts[s : s + batch_size]]
+            texts = [tokenizer.apply_chat_template(prompt_messages(p if isinstance(p, dict) else {"prompt": p}),
+                                                   tokenize=False, add_generation_prompt=True)
+                     for p in prompts[s : s + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)

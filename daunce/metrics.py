@@ -1,7 +1,7 @@
 """The linear datamodeling score (LDS) and its companions: plain functions of a score matrix and a
 ground truth (dattri's style).
 
-Protocol (``../shared/docs/method.md``, "How results are judged"): draw M random half-subsets S_m of
+Protocol (the paper's, as in dattri): draw M random half-subsets S_m of
 the training set, retrain a model on each (several seeds, averaged) and record a *goodness* output
 of every query, f(q, S_m) (the margin, or minus the loss). An attribution predicts
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from . import data as _data
-from . import groundtruth, models
+from . import groundtruth, models, training
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ PROFILES: dict[str, dict[str, ModelSetting]] = {
         "mlp": ModelSetting("mlp", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(epochs=5, lr=3e-3, batch_size=64), 2, 2, 32),
     },
     # Sizes of the offline run: chosen so that the notebook finishes in about 15-20 minutes on a shared
-    # 2-core CPU shared with other jobs (the brief's 5,000 training images did not fit: 1,000 for LR/MLP,
+    # 2-core CPU shared with other jobs (dattri's 5,000 training images did not fit: 1,000 for LR/MLP,
     # 500 for the CNN; the LR ground truth uses one seed because L-BFGS reaches the same optimum from any start).
     "default": {
         "lr": ModelSetting("lr", "fashion_mnist", 1000, 300, 100, 50, 1, LR_RECIPE, 4, 1, 512),
@@ -112,47 +112,20 @@ def make_model(s: ModelSetting, train: TensorDataset, seed: int = 0) -> torch.nn
 
 def fit(model: torch.nn.Module, train: TensorDataset, recipe: Recipe, seed: int = 0,
         n_checkpoints: int = 0) -> tuple[torch.nn.Module, list]:
-    """Train ``model`` in place with ``recipe``; returns ``(model, checkpoints)`` where ``checkpoints``
-    holds ``n_checkpoints`` state dicts spread evenly over training (the last one is the final model),
-    each with the learning rate used up to it (for TracIn)."""
-    x, y = train.tensors[:2]
-    params = [p for p in model.parameters() if p.requires_grad]
-    wd = recipe.weight_decay
-
-    def objective(xb, yb):
-        loss = F.cross_entropy(model(xb), yb)
-        return loss + 0.5 * wd * sum((p * p).sum() for p in params) if wd else loss
-
+    """Train ``model`` in place with ``recipe`` (``daunce.training.train_classifier``); returns
+    ``(model, checkpoints)`` where ``checkpoints`` holds ``n_checkpoints`` state dicts spread evenly over
+    training (the last one is the final model), each with the learning rate used up to it (for TracIn)."""
     E = recipe.epochs
     marks = sorted({max(1, round(E * (j + 1) / n_checkpoints)) for j in range(n_checkpoints)}) if n_checkpoints else []
     ckpts = []
-    model.train()
-    if recipe.optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=50, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                history_size=50, line_search_fn="strong_wolfe")
-    else:
-        opt = torch.optim.Adam(params, lr=recipe.lr)
-    g = torch.Generator().manual_seed(seed)
-    n, bs = len(y), recipe.batch_size or len(y)
-    for e in range(1, E + 1):
-        if recipe.optimizer == "lbfgs":
-            def closure():
-                opt.zero_grad()
-                loss = objective(x, y)
-                loss.backward()
-                return loss
-            opt.step(closure)
-        else:
-            perm = torch.randperm(n, generator=g)
-            for s in range(0, n, bs):
-                idx = perm[s : s + bs]
-                opt.zero_grad()
-                objective(x[idx], y[idx]).backward()
-                opt.step()
+
+    def keep(e):
         if e in marks:
             ckpts.append({"state": copy.deepcopy(model.state_dict()), "epoch": e,
                           "lr": recipe.lr if recipe.optimizer != "lbfgs" else 1.0})
-    model.eval()
+
+    training.train_classifier(model, train, epochs=E, lr=recipe.lr, batch_size=recipe.batch_size,
+                              weight_decay=recipe.weight_decay, seed=seed, optimizer=recipe.optimizer, on_epoch=keep)
     return model, ckpts
 
 
