@@ -319,12 +319,18 @@ def check(daunce, train) -> tuple[bool, str, int]:
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
+CPU_MAX_VMAP_WEIGHT = 100_000  # between the measured 50k (1.3x faster) and 200k (0.8x) elements
+
+
 def worthwhile(daunce) -> tuple[bool, str]:
     """Whether vmap is expected to be faster than the sequential loop (used by ``trainer="auto"``).
 
-    Under vmap a convolution with per-copy weights becomes one grouped convolution, which is slower
-    on CPU than the copies' convolutions one after the other (measured: 0.7x for ``small_cnn`` on
-    Fashion-MNIST, benchmarks/results/trainers_epoch.md), so on CPU "auto" keeps conv nets sequential.
+    On CPU, "auto" keeps two kinds of model sequential, from the measurements in benchmarks/results/:
+    conv nets (under vmap a convolution with per-copy weights becomes one grouped convolution, slower
+    than the copies' convolutions one after the other: 0.8x / 0.4x for ``small_cnn`` at K = 8 / 32,
+    trainers_epoch_cnn.md), and models with a trainable weight matrix larger than
+    ``CPU_MAX_VMAP_WEIGHT`` elements, where batched matmuls over the copies lose to plain ones (MLP
+    784-256-10: 0.8x, trainers_epoch_mlp_h256.md; 784-64-10: 1.3x, trainers_epoch_mlp.md).
     """
     model = daunce._working_model()
     if daunce.device.type == "cpu":
@@ -332,6 +338,11 @@ def worthwhile(daunce) -> tuple[bool, str]:
             if isinstance(m, _CONV) and any(p.requires_grad for p in m.parameters()):
                 return False, (f"module {name} is a trainable convolution: grouped convolutions under vmap are "
                                "slower than the sequential loop on CPU (pass trainer='vmap' to force it)")
+        for name, p in model.named_parameters():
+            if p.requires_grad and p.dim() >= 2 and p.numel() > CPU_MAX_VMAP_WEIGHT:
+                return False, (f"parameter {name} has {p.numel():,} elements: on CPU, batched matmuls over the "
+                               "copies were slower than the sequential loop for layers this wide "
+                               "(pass trainer='vmap' to force it)")
     return True, ""
 
 

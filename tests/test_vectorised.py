@@ -101,6 +101,20 @@ def test_batchnorm_model_falls_back_to_sequential(digits_mlp):
     assert d2.trainer_used == "vmap", d2.trainer_reason
 
 
+def test_auto_keeps_wide_layers_sequential_on_cpu(digits_mlp):
+    """Above CPU_MAX_VMAP_WEIGHT elements in one weight matrix, "auto" trains the copies one by one."""
+    _, train, _ = digits_mlp
+    width = vec.CPU_MAX_VMAP_WEIGHT // 64 + 1
+    wide = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
+    d = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1), progress=False)
+    with pytest.warns(UserWarning, match="elements"):
+        d._choose_trainer(train)
+    assert d.trainer_used == "sequential" and f"{64 * width:,} elements" in d.trainer_reason
+    forced = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1), trainer="vmap", progress=False)
+    forced._choose_trainer(train)
+    assert forced.trainer_used == "vmap"
+
+
 def test_task_that_breaks_under_vmap_falls_back(digits_mlp):
     model, train, _ = digits_mlp
 
