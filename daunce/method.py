@@ -135,19 +135,26 @@ class Daunce:
             ``num_cpus`` (1), ``num_gpus`` (0), ``max_retries`` (3), ``device`` (where each task
             moves the model; default "cuda" when ``num_gpus > 0``), ``init`` (kwargs of ``ray.init``
             when Ray is not initialised yet).
+        orthogonal_block: for ``perturbation="orthogonal"``: copies per block of mutually orthogonal
+            perturbations; ``None`` takes min(n + d, 5e7 / (n + d)). Each block costs a QR of an
+            (n + d) x block matrix, so a block no larger than the K a run needs saves that time. Copy k
+            depends on it: keep it fixed for a workdir.
     """
 
     def __init__(self, model: torch.nn.Module, task, config: Optional[DaunceConfig] = None,
                  workdir: Optional[str | os.PathLike] = None, *, eval_batch_size: int = 256,
                  progress: bool = True, trainer: str = "auto", vmap_block: Optional[int] = None,
                  vmap_memory: float = _vec.DEFAULT_MEMORY_BYTES, executor: str = "local",
-                 ray_options: Optional[dict] = None):
+                 ray_options: Optional[dict] = None, orthogonal_block: Optional[int] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if trainer not in TRAINERS:
             raise ValueError(f"trainer must be one of {TRAINERS}, got {trainer!r}")
         if vmap_block is not None and (not isinstance(vmap_block, int) or vmap_block < 1):
             raise ValueError(f"vmap_block must be None (from the memory budget) or an integer >= 1, got {vmap_block!r}")
+        if orthogonal_block is not None and (not isinstance(orthogonal_block, int) or orthogonal_block < 2):
+            raise ValueError(f"orthogonal_block must be None or an integer >= 2, got {orthogonal_block!r}")
+        self.orthogonal_block = orthogonal_block
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         if executor == "ray" and workdir is None:
@@ -156,7 +163,7 @@ class Daunce:
         self.executor = executor
         self.ray_options = dict(ray_options or {})
         self._init_kwargs = dict(eval_batch_size=eval_batch_size, trainer=trainer, vmap_block=vmap_block,
-                                 vmap_memory=vmap_memory)
+                                 vmap_memory=vmap_memory, orthogonal_block=orthogonal_block)
         self.trainer = trainer
         self.vmap_block = vmap_block
         self.vmap_memory = float(vmap_memory)
@@ -294,8 +301,9 @@ class Daunce:
 
     def _orthogonal_row(self, k: int, D: int) -> torch.Tensor:
         """Row ``k % B`` of a random block of B mutually orthogonal vectors in R^D, each of norm sqrt(D)
-        (so entries have unit variance, like a standard Gaussian vector). B = min(D, 5e7 / D)."""
-        B = int(min(D, self._ORTHO_MAX_ENTRIES // D))
+        (so entries have unit variance, like a standard Gaussian vector). B = min(D, ``orthogonal_block``
+        or 5e7 / D)."""
+        B = int(min(D, self.orthogonal_block or self._ORTHO_MAX_ENTRIES // D))
         if B < 2:
             raise ValueError(f"perturbation='orthogonal' is too large for {D} perturbed values; use 'iid'")
         block = k // B

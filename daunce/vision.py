@@ -197,13 +197,8 @@ def ridge_scores(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.
     return (A.T @ W).float()
 
 
-def prefix_seconds(daunce, K: int) -> float:
-    """Training seconds of the first K copies (``Daunce.training_seconds``)."""
-    return daunce.training_seconds(K)
-
-
 def make_daunce(model, config, workdir=None, *, signal: str = "loss", ortho_block: Optional[int] = None,
-                n_train: Optional[int] = None, trainer: str = "auto"):
+                trainer: str = "auto"):
     """A ``Daunce`` for the benchmark. ``ortho_block`` caps the orthogonal design's block at that many
     copies (the default block, min(n + d, 5e7 / (n + d)) copies, costs a QR of an (n + d) x block
     matrix, which dominated the run time here for K <= 512)."""
@@ -211,8 +206,5 @@ def make_daunce(model, config, workdir=None, *, signal: str = "loss", ortho_bloc
     from .task import ClassificationTask
 
     # vmap_block bounds memory: 16 copies at a time (256 at once took > 12 GB when recomputing signals)
-    d = Daunce(model, ClassificationTask(signal), config, workdir, progress=False, trainer=trainer, vmap_block=16)
-    if ortho_block is not None and config.perturbation == "orthogonal":
-        D = sum(p.numel() for p in model.parameters() if p.requires_grad) + int(n_train)
-        d._ORTHO_MAX_ENTRIES = float(ortho_block) * D  # block = min(n + d, cap // (n + d)) = ortho_block
-    return d
+    return Daunce(model, ClassificationTask(signal), config, workdir, progress=False, trainer=trainer, vmap_block=16,
+                  orthogonal_block=ortho_block)
