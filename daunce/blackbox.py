@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import scores as _scores
-from .method import copy_seed
+from .method import atomic_save, atomic_write_json, copy_seed
 
 Example = dict  # {"prompt": str, "response": str}
 
@@ -64,16 +63,7 @@ def is_async(backend) -> bool:
     return callable(getattr(backend, "start_fine_tune", None)) and callable(getattr(backend, "wait_fine_tune", None))
 
 
-# ------------------------------------------------------------------------------------ file helpers
-def atomic_write_json(obj, path: Path) -> None:
-    """Write JSON to a temporary file and rename it over ``path``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------------------- examples
 def examples_fingerprint(examples: Sequence[Example]) -> str:
     """Content hash of a list of examples (order matters)."""
     h = hashlib.sha1()
@@ -350,9 +340,7 @@ class LocalLoRABackend:
         self._reset(seed)
         self._llm.finetune(self.model, self.tokenizer, examples, seed=seed, **self.train)
         state = {k: v.cpu() for k, v in self._llm.trainable_state(self.model).items()}
-        tmp = self._path(model_id).with_name(self._path(model_id).name + f".tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, self._path(model_id))
+        atomic_save(state, self._path(model_id))
         self.n_trained += 1
         self._loaded = model_id
         return model_id

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .method import atomic_save, fingerprint
+from .method import atomic_save, atomic_write_json, fingerprint
 from .task import margin
 
 OUTPUTS = ("margin", "neg_loss")
@@ -87,9 +87,7 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
             # more subsets than before is fine only if the first ones are the same: keep M out of the key
             if {k: v for k, v in old.items() if k != "subsets"} != {k: v for k, v in manifest.items() if k != "subsets"}:
                 raise ValueError(f"{folder} holds retrains of another setting; use another workdir")
-        tmp = mpath.with_name(f"manifest.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, mpath)  # atomic: a concurrent reader never sees a half-written file
+        atomic_write_json(manifest, mpath, default=str)  # a concurrent reader never sees a half-written file
     x, y = train.tensors[:2]
 
     def one(job):

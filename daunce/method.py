@@ -59,6 +59,15 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def atomic_write_json(obj: Any, path: Path, **dumps_kw) -> None:
+    """Write JSON to a temporary file and rename it over ``path``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, **dumps_kw))
+    os.replace(tmp, path)
+
+
 def to_device(batch: Any, device) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
     if torch.is_tensor(batch):
@@ -382,10 +391,7 @@ class Daunce:
                     f"workdir {self.workdir} holds copies of another run (configuration or training set "
                     "differ); use a new workdir or delete it")
         else:
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            atomic_write_json(manifest, path)
 
     def _finished(self, k: int) -> bool:
         if self.workdir is None:
