@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from . import data as _data
@@ -166,20 +165,14 @@ def copy_signals(daunce, dataset: TensorDataset, kind: str = "margin", batch_siz
     """``(K, n)`` signals of the trained copies of ``daunce`` under another signal than the one recorded:
     ``kind="margin"`` gives minus the margin (higher = worse, like the loss), ``"loss"`` the cross-entropy.
     Reads each copy's weights (``Daunce._state``), so no copy is trained again."""
-    from .task import margin as _margin
-
-    x, y = dataset.tensors[:2]
+    if kind not in ("margin", "loss"):
+        raise ValueError(f"kind must be 'margin' or 'loss', got {kind!r}")
     model = daunce._working_model()
     rows = []
     for k in range(daunce.config.n_models):
         daunce._load_state(daunce._state(k))
-        model.eval()
-        out = []
-        for s in range(0, len(y), batch_size):
-            logits = model(x[s : s + batch_size])
-            yy = y[s : s + batch_size]
-            out.append(-_margin(logits, yy) if kind == "margin" else F.cross_entropy(logits, yy, reduction="none"))
-        rows.append(torch.cat(out).double())
+        # minus the goodness of the LDS ground truth: higher = worse, like the loss
+        rows.append(-groundtruth.goodness(model, dataset, "margin" if kind == "margin" else "neg_loss", batch_size))
     daunce._load_state(daunce._theta0)
     return torch.stack(rows)
 
