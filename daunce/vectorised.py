@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .objectives import perturbed_objective
+from .objectives import perturbed_objective, proximal_term
 
 #: Bytes the copies of one block may use by default (weights, optimiser state, activations).
 DEFAULT_MEMORY_BYTES = 2 * 2**30
@@ -179,15 +179,9 @@ class VectorisedTrainer:
 
 def stacked_proximal(params: list, params0: list, damping: float, eta: Optional[list]) -> torch.Tensor:
     """``daunce.objectives.proximal_term`` of every copy, ``(C,)``, for stacked ``(C, *shape)`` weights."""
-    C = params[0].shape[0]
-    total = params[0].new_zeros(C)
-    for i, (p, p0) in enumerate(zip(params, params0)):
-        delta = (p - p0).reshape(C, -1)
-        if damping:
-            total = total + 0.5 * damping * (delta * delta).sum(1)
-        if eta is not None:
-            total = total - (eta[i].reshape(C, -1) * delta).sum(1)
-    return total
+    if eta is None:
+        return torch.vmap(lambda p: proximal_term(p, params0, damping))(params)
+    return torch.vmap(lambda p, e: proximal_term(p, params0, damping, e))(params, eta)
 
 
 def _flatten(batch: Any) -> Any:
