@@ -13,7 +13,8 @@ rest loads on first use, so ``import daunce`` stays light:
   many copies are enough;
 * ``daunce.baselines`` and ``daunce.DaunceAttributor``: dattri / kronfluence baselines and a dattri-style
   attributor;
-* ``daunce.vectorised`` and ``daunce.distributed``: the vmap trainer and the Ray engine.
+* ``daunce.vectorised`` and ``daunce.distributed``: the vmap trainer and the Ray engine;
+* ``daunce.multiadapter``: signals of many LoRA copies in one pass (peft mixed-adapter batches).
 """
 
 import importlib
@@ -24,8 +25,8 @@ from .method import Daunce
 from .task import ClassificationTask, Task
 
 _SUBMODULES = {"backdoor", "baselines", "blackbox", "data", "dattri_adapter", "distributed", "groundtruth",
-               "llm", "metrics", "models", "openai_backend", "paths", "reliability", "textdata", "training",
-               "vectorised", "vision"}
+               "llm", "metrics", "models", "multiadapter", "openai_backend", "paths", "reliability", "textdata",
+               "training", "vectorised", "vision"}
 _LAZY = {"CausalLMTask": "llm", "BlackBoxDaunce": "blackbox", "Backend": "blackbox",
          "LocalLoRABackend": "blackbox", "OpenAIBackend": "openai_backend", "DaunceAttributor": "dattri_adapter",
          "map_tasks": "distributed"}

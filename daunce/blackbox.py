@@ -15,6 +15,10 @@ The backend protocol has two operations (``Backend``):
 * ``log_likelihoods(model_id, examples) -> (n,)`` summed log-probability of each example's response
   given its prompt.
 
+A backend may also offer ``log_likelihoods_many(model_ids, examples) -> (K, n)``, the log-likelihoods under
+several models at once; ``BlackBoxDaunce.signals`` then asks for all missing rows in one call
+(``LocalLoRABackend`` evaluates its adapters together with peft's mixed-adapter batches).
+
 Backends whose fine-tunes are jobs on a server (``daunce.openai_backend.OpenAIBackend``) also offer
 ``start_fine_tune(examples, seed) -> job_id`` and ``wait_fine_tune(job_id) -> model_id``:
 ``BlackBoxDaunce`` then writes every job id to the work folder the moment the job exists, submits all
@@ -225,12 +229,22 @@ class BlackBoxDaunce:
         """``(K, n)`` float64 losses (``-log-likelihood``) of ``examples`` under the first K models."""
         examples = check_examples(examples)
         K = n_models or self.n_models
-        rows = []
         for k in range(K):
             if self._record(k).get("model_id") is None:
                 raise RuntimeError(f"model {k} is not fine-tuned yet: call fit() first")
-            rows.append(self._signals_of(k, examples))
-        return torch.as_tensor(np.stack(rows))
+        fp = examples_fingerprint(examples)
+        missing = [k for k in range(K) if fp not in self._record(k).get("signals", {})]
+        many = getattr(self.backend, "log_likelihoods_many", None)
+        if len(missing) > 1 and callable(many):  # all missing models in one call
+            ll = np.asarray(many([self._record(k)["model_id"] for k in missing], examples), dtype=np.float64)
+            if ll.shape != (len(missing), len(examples)) or not np.all(np.isfinite(ll)):
+                raise ValueError(f"backend.log_likelihoods_many returned shape {ll.shape} (finite: "
+                                 f"{bool(np.all(np.isfinite(ll)))}) for {len(missing)} models and "
+                                 f"{len(examples)} examples")
+            for k, row in zip(missing, ll):
+                self._record(k).setdefault("signals", {})[fp] = (-row).tolist()
+                self._save(k)
+        return torch.as_tensor(np.stack([self._signals_of(k, examples, fp) for k in range(K)]))
 
     def train_mask(self, n_models: Optional[int] = None) -> torch.Tensor:
         """``(K, n)`` bool: whether training example i was in model k's subset."""
@@ -264,6 +278,9 @@ class LocalLoRABackend:
     seed, settings), so asking again for the same fine-tune loads the stored adapter instead of
     training. ``log_likelihoods`` loads an adapter and returns each response's summed log-likelihood
     (``daunce.llm.response_log_likelihood``). One peft model is kept and its adapters swapped.
+    ``log_likelihoods_many`` scores several models at once: blocks of their adapters loaded side by side
+    into the same peft model and every batch evaluated under all of them in one forward pass (peft's
+    mixed-adapter batches, ``daunce.multiadapter``).
 
     Args:
         model, tokenizer: the base model (a plain causal LM, without adapters; it is copied, not
@@ -274,14 +291,26 @@ class LocalLoRABackend:
         init_state: adapter weights to start every fine-tune from (``daunce.llm.trainable_state`` of a
             model with the same adapters); ``None`` starts from the base model (fresh adapters, B = 0).
         eval_batch_size, max_length: for the log-likelihood passes.
+        adapter_block: adapters per pass of ``log_likelihoods_many``; ``None`` chooses it from
+            ``adapter_memory`` (bytes of activations one pass may use).
     """
 
     def __init__(self, model=None, tokenizer=None, *, workdir, lora: Optional[dict] = None,
                  train: Optional[dict] = None, init_state: Optional[dict] = None, eval_batch_size: int = 16,
-                 max_length: int = 128):
+                 max_length: int = 128, adapter_block: Optional[int] = None,
+                 adapter_memory: float = 2 * 2**30):
         import copy
 
         from . import llm
+
+        if adapter_block is not None and (not isinstance(adapter_block, int) or adapter_block < 1):
+            raise ValueError("adapter_block must be None (from adapter_memory) or an integer >= 1, "
+                             f"got {adapter_block!r}")
+        if isinstance(adapter_memory, bool) or not isinstance(adapter_memory, (int, float)) or not adapter_memory > 0:
+            raise ValueError(f"adapter_memory must be a positive number of bytes, got {adapter_memory!r}")
+        self.adapter_block = adapter_block
+        self.adapter_memory = float(adapter_memory)
+        self._slots = None
 
         self._llm = llm
         if model is None:
@@ -345,13 +374,16 @@ class LocalLoRABackend:
         self._loaded = model_id
         return model_id
 
+    def _adapter(self, model_id: str) -> dict:
+        path = self._path(model_id)
+        if not path.exists():
+            raise KeyError(f"unknown model id {model_id!r} (no adapter at {path})")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
     def load(self, model_id: str):
         """The peft model with ``model_id``'s adapters loaded (eval mode)."""
         if self._loaded != model_id:
-            path = self._path(model_id)
-            if not path.exists():
-                raise KeyError(f"unknown model id {model_id!r} (no adapter at {path})")
-            self._llm.load_trainable_state(self.model, torch.load(path, map_location="cpu", weights_only=True))
+            self._llm.load_trainable_state(self.model, self._adapter(model_id))
             self._loaded = model_id
         self.model.eval()
         return self.model
@@ -361,6 +393,45 @@ class LocalLoRABackend:
         ll = self._llm.response_log_likelihood(model, self.tokenizer, list(examples),
                                                batch_size=self.eval_batch_size, max_length=self.max_length)
         return torch.as_tensor(ll).double().cpu().numpy()
+
+    @torch.no_grad()
+    def log_likelihoods_many(self, model_ids: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
+        """``(K, n)``: ``log_likelihoods(model_ids[k], examples)`` for every k (equal up to float rounding),
+        with blocks of the models' adapters evaluated together in mixed-adapter forward passes."""
+        from . import multiadapter as ma
+
+        ids = list(model_ids)
+        if not ids:
+            raise ValueError("model_ids is empty")
+        examples = check_examples(examples)
+        llm = self._llm
+        states = [self._adapter(m) for m in ids]  # unknown ids fail here, before any work
+        if self._slots is None:
+            self._slots = ma.AdapterSlots(self.model, [n for n, p in self.model.named_parameters() if p.requires_grad])
+        ds = llm.TextDataset(self.tokenizer, examples, self.max_length)
+        task = llm.CausalLMTask()
+        device = next(self.model.parameters()).device
+        self.model.eval()
+        block = self.adapter_block
+        if block is None:
+            probe = {k: v.to(device) for k, v in next(llm.batches(ds, min(3, len(ds)))).items()}
+            rows = min(self.eval_batch_size, len(ds))
+            per_row = ma.row_bytes(self.model, task.outputs, probe)
+            block = ma.copies_per_pass(self.adapter_memory, rows, per_row, len(ids))
+        out = np.empty((len(ids), len(ds)))
+        for s in range(0, len(ids), block):
+            part = states[s : s + block]
+            for c, state in enumerate(part):
+                self._slots.load(c, state)
+            start = 0
+            for batch in llm.batches(ds, self.eval_batch_size):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                B = batch["input_ids"].shape[0]
+                outs = ma.routed_outputs(self._slots, len(part), task.outputs, batch, B)
+                for c, o in enumerate(outs.split(B)):
+                    out[s + c, start : start + B] = -task._token_losses(o, batch)[0].double().cpu().numpy()
+                start += B
+        return out
 
 
 def clear(workdir) -> None:

@@ -18,7 +18,11 @@ training them again, and growing ``n_models`` later trains only the new ones.
 Two trainers produce the same copies from the same plans: the sequential loop (``train_copy``) and
 the vectorised one (``daunce.vectorised``: blocks of copies at once with ``torch.func.vmap``);
 ``trainer="auto"`` picks vmap where the model allows it and says why not otherwise
-(``trainer_used``, ``trainer_reason``). ``executor="ray"`` fans blocks of copies out as Ray tasks
+(``trainer_used``, ``trainer_reason``). Signals that were not recorded during ``fit`` are computed by
+``signals`` from the stored copies: with vmap when the trainer is vmap, for a peft LoRA model with
+peft's mixed-adapter batches (``daunce.multiadapter``: a block of copies loaded as adapters of one
+model, one routed pass per eval batch), and one copy after the other otherwise
+(``signal_path_used``, ``signal_path_reason``). ``executor="ray"`` fans blocks of copies out as Ray tasks
 (``daunce.distributed``) that write to the same workdir files.
 """
 
@@ -42,10 +46,12 @@ from tqdm.auto import tqdm
 from . import scores as _scores
 from .config import DaunceConfig
 from .objectives import perturbed_objective, proximal_term
+from . import multiadapter as _multi
 from . import vectorised as _vec
 from .task import task_method
 
 TRAINERS = ("auto", "sequential", "vmap")
+SIGNAL_PATHS = ("auto", "sequential", "multi-adapter")
 EXECUTORS = ("local", "ray")
 
 
@@ -148,13 +154,26 @@ class Daunce:
             perturbations; ``None`` takes min(n + d, 5e7 / (n + d)). Each block costs a QR of an
             (n + d) x block matrix, so a block no larger than the K a run needs saves that time. Copy k
             depends on it: keep it fixed for a workdir.
+        signal_path: how ``signals`` computes signals that were not recorded during ``fit`` (``fit``
+            itself records each copy's signals right after training it). ``"sequential"``: one pass per
+            copy with its weights loaded. ``"multi-adapter"``: for peft LoRA models, blocks of copies
+            loaded as adapters of one model and evaluated together with peft's mixed-adapter batches
+            (``daunce.multiadapter``), the same signals up to float rounding. ``"auto"``: vmap when the
+            trainer is vmap, else (on a GPU) multi-adapter when the model and task allow it, else
+            sequential (``signal_path_used``, ``signal_path_reason``). On a CPU "auto" keeps one pass
+            per copy: the multi-adapter pass measured 0.92-0.99x of it there
+            (``benchmarks/results/lora_signals.md``).
+        adapter_block: copies per multi-adapter pass; ``None`` chooses it from ``adapter_memory`` (bytes
+            of activations one pass, one eval batch of every copy of the block, may use).
     """
 
     def __init__(self, model: torch.nn.Module, task, config: Optional[DaunceConfig] = None,
                  workdir: Optional[str | os.PathLike] = None, *, eval_batch_size: int = 256,
                  progress: bool = True, trainer: str = "auto", vmap_block: Optional[int] = None,
                  vmap_memory: float = _vec.DEFAULT_MEMORY_BYTES, executor: str = "local",
-                 ray_options: Optional[dict] = None, orthogonal_block: Optional[int] = None):
+                 ray_options: Optional[dict] = None, orthogonal_block: Optional[int] = None,
+                 signal_path: str = "auto", adapter_block: Optional[int] = None,
+                 adapter_memory: float = _multi.DEFAULT_MEMORY_BYTES):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if trainer not in TRAINERS:
@@ -164,6 +183,18 @@ class Daunce:
         if orthogonal_block is not None and (not isinstance(orthogonal_block, int) or orthogonal_block < 2):
             raise ValueError(f"orthogonal_block must be None or an integer >= 2, got {orthogonal_block!r}")
         self.orthogonal_block = orthogonal_block
+        if signal_path not in SIGNAL_PATHS:
+            raise ValueError(f"signal_path must be one of {SIGNAL_PATHS}, got {signal_path!r}")
+        if adapter_block is not None and (not isinstance(adapter_block, int) or adapter_block < 1):
+            raise ValueError("adapter_block must be None (from adapter_memory) or an integer >= 1, "
+                             f"got {adapter_block!r}")
+        if isinstance(adapter_memory, bool) or not isinstance(adapter_memory, (int, float)) or not adapter_memory > 0:
+            raise ValueError(f"adapter_memory must be a positive number of bytes, got {adapter_memory!r}")
+        self.signal_path = signal_path
+        self.adapter_block = adapter_block
+        self.adapter_memory = float(adapter_memory)
+        self.signal_path_used: Optional[str] = None  # "vmap", "multi-adapter" or "sequential", decided by signals()
+        self.signal_path_reason: str = ""
         if executor not in EXECUTORS:
             raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         if executor == "ray" and workdir is None:
@@ -172,7 +203,8 @@ class Daunce:
         self.executor = executor
         self.ray_options = dict(ray_options or {})
         self._init_kwargs = dict(eval_batch_size=eval_batch_size, trainer=trainer, vmap_block=vmap_block,
-                                 vmap_memory=vmap_memory, orthogonal_block=orthogonal_block)
+                                 vmap_memory=vmap_memory, orthogonal_block=orthogonal_block,
+                                 signal_path=signal_path, adapter_block=adapter_block, adapter_memory=adapter_memory)
         self.trainer = trainer
         self.vmap_block = vmap_block
         self.vmap_memory = float(vmap_memory)
@@ -517,7 +549,8 @@ class Daunce:
     def signals(self, dataset: Dataset) -> torch.Tensor:
         """Signal matrix ``(K, n)``: each copy's per-example signal on ``dataset`` (higher = worse).
 
-        Recorded signals are reused; missing ones are computed from the stored copies' weights."""
+        Recorded signals are reused; missing ones are computed from the stored copies' weights, with vmap,
+        peft mixed-adapter batches or one pass per copy (``signal_path``; ``signal_path_used`` says which)."""
         self._check_dataset(dataset, "dataset")
         K = self.config.n_models
         missing = [k for k in range(K) if not self._finished(k)]
@@ -536,7 +569,8 @@ class Daunce:
         extra_path = self.workdir / "signals" / f"{fp}.pt" if self.workdir is not None else None
         stored = torch.load(extra_path, weights_only=True) if extra_path is not None and extra_path.exists() else {}
         compute = [k for k in todo if k not in stored]
-        if compute and self._signals_vmap_ok(dataset):
+        path = self._choose_signal_path(dataset) if compute else None
+        if path == "vmap":
             # vectorised: the stored copies' weights stacked in blocks, one vmapped pass per eval batch
             vt = _vec.VectorisedTrainer(self)
             size = self.vmap_block or _vec.MAX_BLOCK
@@ -546,6 +580,20 @@ class Daunce:
                 stacked = [torch.stack([st[j] for st in states]).to(p.device, p.dtype)
                            for j, p in enumerate(self._params)]
                 sig = vt.signals(stacked, dataset)
+                for c, k in enumerate(ks):
+                    stored[k] = sig[c].clone()
+                if extra_path is not None:
+                    atomic_save(stored, extra_path)
+        elif path == "multi-adapter":
+            # peft mixed-adapter batches: a block of copies as adapters of one model, one routed pass per batch
+            size = _multi.block_size(self, dataset, len(compute))
+            self.adapter_block_used = size
+            if size == 1 and self.signal_path == "auto":
+                compute = []  # one copy per pass (budget, or one copy to do): the one-copy loop below
+            for s in tqdm(range(0, len(compute), size), desc=f"signals (multi-adapter x{size})",
+                          disable=not self.progress):
+                ks = compute[s : s + size]
+                sig = _multi.signals(self, [self._state(k) for k in ks], dataset)
                 for c, k in enumerate(ks):
                     stored[k] = sig[c].clone()
                 if extra_path is not None:
@@ -566,6 +614,32 @@ class Daunce:
         if self.trainer_used is None:
             self._choose_trainer(dataset)
         return self.trainer_used == "vmap"
+
+    def _choose_signal_path(self, dataset: Dataset) -> str:
+        """How ``signals`` computes missing signals: sets ``signal_path_used`` / ``signal_path_reason``
+        (decided on the first dataset that needs it, then kept)."""
+        if self.signal_path_used is not None:
+            return self.signal_path_used
+        if self.signal_path == "sequential":
+            used, reason = "sequential", "signal_path='sequential' was asked for"
+        elif self.signal_path == "auto" and self._signals_vmap_ok(dataset):
+            used, reason = "vmap", f"the trainer is vmap ({self.trainer_reason})"
+        else:
+            if type(self)._signals_now is not Daunce._signals_now:
+                ok, why = False, "_signals_now is overridden (the multi-adapter pass would bypass it)"
+            else:
+                ok, why = _multi.check(self, dataset)
+            if not ok and self.signal_path == "multi-adapter":
+                raise ValueError(f"signal_path='multi-adapter' cannot be used: {why}")
+            used, reason = ("multi-adapter", why) if ok else ("sequential", why)
+            if ok and self.signal_path == "auto" and self.device.type == "cpu":
+                # benchmarks/results/lora_signals.md: on a CPU the mixed-adapter pass measured 0.92-0.99x of
+                # the one-copy loop (the base model does the same work either way), so "auto" keeps the loop
+                used, reason = "sequential", ("on a CPU the multi-adapter pass is not faster than one pass per copy "
+                                              "(benchmarks/results/lora_signals.md); signal_path='multi-adapter' "
+                                              f"forces it ({why})")
+        self.signal_path_used, self.signal_path_reason = used, reason
+        return used
 
     def attribute(self, train_dataset: Dataset, query_dataset: Dataset) -> torch.Tensor:
         """Scores ``(n_train, n_query)`` (float32): covariance (or correlation) of training and query

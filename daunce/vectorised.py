@@ -241,13 +241,14 @@ _RUNNING_STATS = (nn.modules.batchnorm._BatchNorm,)
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def _activation_numel(model: nn.Module, run) -> int:
-    """Total number of output elements of the model's leaf modules during ``run()``."""
+def _activation_numel(model: nn.Module, run, in_bytes: bool = False) -> int:
+    """Total number of output elements (or, with ``in_bytes``, their bytes) of the model's leaf modules
+    during ``run()``."""
     total = [0]
 
     def hook(_m, _i, out):
         if torch.is_tensor(out):
-            total[0] += out.numel()
+            total[0] += out.numel() * (out.element_size() if in_bytes else 1)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:

@@ -140,6 +140,42 @@ def test_local_lora_backend_memorises_and_reuses_adapters(tiny, tmp_path):
     assert model.num_parameters() == sum(p.numel() for p in tiny[0].parameters())  # base untouched (no LoRA)
 
 
+def test_local_lora_backend_scores_many_adapters_in_one_pass(tiny, tmp_path, monkeypatch):
+    """log_likelihoods_many (peft mixed-adapter batches, blocks of 2 adapters) equals one
+    log_likelihoods call per model, and BlackBoxDaunce.signals uses it for the missing rows."""
+    model, tok = tiny
+    ex = [{"prompt": f"Item {i}?", "response": f"value {i * 3} and {i + 7} then stop"} for i in range(7)]
+    b = LocalLoRABackend(model, tok, workdir=tmp_path, lora=dict(r=4, alpha=8),
+                         train=dict(epochs=3, lr=5e-2, batch_size=2, max_length=48), max_length=48,
+                         eval_batch_size=3, adapter_block=2)
+    ids = [b.fine_tune(ex[i : i + 3], seed=i) for i in range(3)]
+    one = np.stack([b.log_likelihoods(m, ex) for m in ids])
+    many = b.log_likelihoods_many(ids, ex)
+    tol = 1e-5 * np.abs(one).max()
+    assert many.shape == (3, 7) and np.abs(many - one).max() <= tol
+    for i in range(3):  # the models differ: a row scored under the wrong adapter would show
+        for j in range(i + 1, 3):
+            assert np.abs(one[i] - one[j]).max() > 100 * tol
+    assert np.abs(b.log_likelihoods_many(ids[::-1], ex) - one[::-1]).max() <= tol
+    # the backend still fine-tunes and scores with its own adapter
+    assert np.allclose(b.log_likelihoods(ids[1], ex), one[1])
+    with pytest.raises(KeyError, match="unknown model id"):
+        b.log_likelihoods_many(["lora-nope"], ex)
+
+    calls = []
+    real = b.log_likelihoods_many
+    monkeypatch.setattr(b, "log_likelihoods_many", lambda m, e: calls.append(len(m)) or real(m, e))
+    d = BlackBoxDaunce(b, n_models=2, progress=False).fit(ex[:4])
+    S = d.signals(ex[4:])
+    assert calls == [2]
+
+    class OneByOne:  # the same backend without log_likelihoods_many (its fine-tunes are stored: no training)
+        fine_tune, log_likelihoods = b.fine_tune, b.log_likelihoods
+
+    ref = BlackBoxDaunce(OneByOne(), n_models=2, progress=False).fit(ex[:4]).signals(ex[4:])
+    assert b.n_trained == 5 and torch.allclose(S, ref, rtol=0, atol=tol)
+
+
 # ---------------------------------------------------------------------------- backdoor pieces
 def test_backdoor_set_has_poisons_decoys_and_held_out_queries():
     data = bd.build_backdoor_set(n_train=120, n_poison=8, n_trigger_decoys=8, n_topic_decoys=8, n_queries=6,

@@ -272,3 +272,99 @@ def test_baselines_shapes_and_signs(tiny):
     E = llm.embedding_scores(EXAMPLES, EXAMPLES[:2])
     assert E.shape == (6, 2) and torch.allclose(E[[0, 1], [0, 1]], torch.ones(2), atol=1e-5)
     assert llm.top_k_removal(torch.tensor([[1.0], [3.0], [2.0]]), 2).tolist() == [1, 2]
+
+
+# ----------------------------------------------------------------- signals in mixed-adapter passes
+def _lora_setting(tiny, setting):
+    """(LoRA model with random non-zero adapters, train, query, every example) for the full model or
+    for notebook 03's setting: LoRA on the top layer only, fed cached features of the layer below."""
+    model, tok = tiny
+    sets = [llm.TextDataset(tok, exs, 64) for exs in (EXAMPLES[:4], EXAMPLES[4:], EXAMPLES)]
+    if setting == "full":
+        return (lora_model(model), *sets)
+    top = llm.add_lora(llm.split_model(model, 1), r=4, alpha=8, seed=0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in top.parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return (top, *[ds.with_features(llm.bottom_features(model, ds, 1)) for ds in sets])
+
+
+@pytest.mark.parametrize("setting", ["full", "split"])
+def test_multi_adapter_signals_equal_sequential(tiny, tmp_path, setting):
+    """K = 4 copies evaluated together (peft mixed-adapter batches, blocks of 3 + 1) give the signals and
+    scores of one pass per copy; the copies differ, so a row routed to the wrong adapter would show."""
+    import shutil
+
+    pm, train, query, every = _lora_setting(tiny, setting)
+    task = llm.CausalLMTask()
+    cfg = daunce.DaunceConfig(n_models=4, batch_size=2, lr=0.1, rho=0.3)  # large steps: copies far apart
+    fitted = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "seq", progress=False, trainer="sequential").fit(train)
+    shutil.copytree(tmp_path / "seq", tmp_path / "multi")
+    seq = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "seq", progress=False, trainer="sequential",
+                        signal_path="sequential")
+    multi = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "multi", progress=False, trainer="sequential",
+                          adapter_block=3, eval_batch_size=4, signal_path="multi-adapter")
+    A, B = seq.signals(every), multi.signals(every)
+    assert seq.signal_path_used == "sequential"
+    assert multi.signal_path_used == "multi-adapter", multi.signal_path_reason
+    assert "LoRA" in multi.signal_path_reason and multi.adapter_block_used == 3
+    tol = 1e-5 * float(A.abs().max())
+    assert float((A - B).abs().max()) <= tol
+    # the copies' weights and signals differ by far more than the tolerance
+    states = [fitted._state(k) for k in range(4)]
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert max(float((a - b).abs().max()) for a, b in zip(states[i], states[j])) > 1e-3
+            assert float((A[i] - A[j]).abs().max()) > 20 * tol, (i, j)
+    # signals of copies routed in another order come back in that order
+    from daunce import multiadapter
+
+    rev = multiadapter.signals(multi, states[::-1], every)
+    assert float((rev - A.flip(0)).abs().max()) <= tol
+    # scores: the query signals go through either path, the training signals were recorded by fit
+    S_seq, S_multi = seq.attribute(train, query), multi.attribute(train, query)
+    assert torch.allclose(S_multi, S_seq, rtol=1e-4, atol=1e-6 * float(S_seq.abs().max()))
+    assert list(pm.peft_config) == ["default"]  # the model passed in has no extra adapters
+    # the working model still trains and evaluates with its own adapter only
+    work = multi._working_model()
+    assert [p for p in work.parameters() if p.requires_grad] == multi._params
+    assert list(work.active_adapters) == ["default"]
+    # "auto" on a CPU keeps one pass per copy (the multi-adapter pass measured no faster there) and says so
+    auto = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "seq", progress=False, trainer="sequential")
+    shutil.rmtree(tmp_path / "seq" / "signals", ignore_errors=True)
+    assert torch.allclose(auto.signals(every), A)
+    assert auto.signal_path_used == "sequential" and "on a CPU" in auto.signal_path_reason
+
+
+def test_multi_adapter_falls_back_without_lora(tiny):
+    """Models whose trainable parameters are not (only) LoRA adapters keep the one-copy passes and say why;
+    forcing the multi-adapter path on them is an error."""
+    import copy
+
+    model, tok = tiny
+    train = llm.TextDataset(tok, EXAMPLES[:4], 64)
+    query = llm.TextDataset(tok, EXAMPLES[4:], 64)
+    cfg = daunce.DaunceConfig(n_models=2, batch_size=2, steps=1, lr=1e-2)
+    task = llm.CausalLMTask()
+
+    plain = copy.deepcopy(model)
+    plain.model.norm.weight.requires_grad_(True)  # no peft at all
+    mixed = lora_model(model)
+    mixed.base_model.model.model.norm.weight.requires_grad_(True)  # LoRA plus a non-LoRA parameter
+    for m, why in ((plain, "not a peft PeftModel"), (mixed, "not a LoRA weight")):
+        d = daunce.Daunce(m, task, cfg, progress=False, trainer="sequential").fit(train)
+        S = d.signals(query)
+        assert S.shape == (2, 2) and d.signal_path_used == "sequential"
+        assert why in d.signal_path_reason, d.signal_path_reason
+        forced = daunce.Daunce(m, task, cfg, progress=False, trainer="sequential", signal_path="multi-adapter")
+        forced._states = d._states
+        with pytest.raises(ValueError, match="signal_path='multi-adapter' cannot be used"):
+            forced.signals(query)
+    with pytest.raises(ValueError, match="signal_path"):
+        daunce.Daunce(plain, task, cfg, signal_path="batched")
+    with pytest.raises(ValueError, match="adapter_block"):
+        daunce.Daunce(plain, task, cfg, adapter_block=0)
+    with pytest.raises(ValueError, match="adapter_memory"):
+        daunce.Daunce(plain, task, cfg, adapter_memory=-1)
