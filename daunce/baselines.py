@@ -204,8 +204,13 @@ def run(method: str, model, train, query, **kw) -> tuple[torch.Tensor, float]:
 
 
 def _child(conn, method, model, train, query, kw, mem_bytes):
+    import os
     import resource
+    import sys
 
+    # the libraries' per-batch progress bars would fill the caller's output (a notebook cell); the result
+    # or the error goes back through ``conn``
+    sys.stderr = open(os.devnull, "w")
     try:
         if mem_bytes:
             soft, hard = resource.getrlimit(resource.RLIMIT_AS)

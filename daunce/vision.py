@@ -6,7 +6,7 @@ notebook, its tests and any script that warms the caches use exactly the same se
 
 * ``"smoke"``: tiny, for the notebook's headless test (seconds).
 * ``"default"``: Fashion-MNIST on this 2-core CPU machine (sizes cut so the notebook runs in about
-  15-20 minutes; see the notebook for what was cut).
+  30 minutes; see the notebook for what was cut).
 * ``"paper"``: CIFAR-10 with ResNet-9 (needs the CIFAR-10 files and, realistically, a GPU).
 """
 
@@ -65,7 +65,7 @@ PROFILES: dict[str, dict[str, ModelSetting]] = {
         "lr": ModelSetting("lr", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(optimizer="lbfgs", epochs=2), 2, 1, 32),
         "mlp": ModelSetting("mlp", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(epochs=5, lr=3e-3, batch_size=64), 2, 2, 32),
     },
-    # Sizes of the offline run: chosen so that the notebook finishes in about 15-20 minutes on a shared
+    # Sizes of the offline run: chosen so that the notebook finishes in about 30 minutes on a shared
     # 2-core CPU shared with other jobs (dattri's 5,000 training images did not fit: 1,000 for LR/MLP,
     # 500 for the CNN; the LR ground truth uses one seed because L-BFGS reaches the same optimum from any start).
     "default": {
