@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import multiadapter as _multi
 from . import scores as _scores
 from .method import atomic_save, atomic_write_json, copy_seed
 
@@ -298,18 +299,12 @@ class LocalLoRABackend:
     def __init__(self, model=None, tokenizer=None, *, workdir, lora: Optional[dict] = None,
                  train: Optional[dict] = None, init_state: Optional[dict] = None, eval_batch_size: int = 16,
                  max_length: int = 128, adapter_block: Optional[int] = None,
-                 adapter_memory: float = 2 * 2**30):
+                 adapter_memory: float = _multi.DEFAULT_MEMORY_BYTES):
         import copy
 
         from . import llm
 
-        if adapter_block is not None and (not isinstance(adapter_block, int) or adapter_block < 1):
-            raise ValueError("adapter_block must be None (from adapter_memory) or an integer >= 1, "
-                             f"got {adapter_block!r}")
-        if isinstance(adapter_memory, bool) or not isinstance(adapter_memory, (int, float)) or not adapter_memory > 0:
-            raise ValueError(f"adapter_memory must be a positive number of bytes, got {adapter_memory!r}")
-        self.adapter_block = adapter_block
-        self.adapter_memory = float(adapter_memory)
+        self.adapter_block, self.adapter_memory = _multi.checked_block_options(adapter_block, adapter_memory)
         self._slots = None
 
         self._llm = llm
@@ -398,8 +393,6 @@ class LocalLoRABackend:
     def log_likelihoods_many(self, model_ids: Sequence[str], examples: Sequence[Example]) -> np.ndarray:
         """``(K, n)``: ``log_likelihoods(model_ids[k], examples)`` for every k (equal up to float rounding),
         with blocks of the models' adapters evaluated together in mixed-adapter forward passes."""
-        from . import multiadapter as ma
-
         ids = list(model_ids)
         if not ids:
             raise ValueError("model_ids is empty")
@@ -407,7 +400,7 @@ class LocalLoRABackend:
         llm = self._llm
         states = [self._adapter(m) for m in ids]  # unknown ids fail here, before any work
         if self._slots is None:
-            self._slots = ma.AdapterSlots(self.model, [n for n, p in self.model.named_parameters() if p.requires_grad])
+            self._slots = _multi.AdapterSlots(self.model, [n for n, p in self.model.named_parameters() if p.requires_grad])
         ds = llm.TextDataset(self.tokenizer, examples, self.max_length)
         task = llm.CausalLMTask()
         device = next(self.model.parameters()).device
@@ -416,8 +409,8 @@ class LocalLoRABackend:
         if block is None:
             probe = {k: v.to(device) for k, v in next(llm.batches(ds, min(3, len(ds)))).items()}
             rows = min(self.eval_batch_size, len(ds))
-            per_row = ma.row_bytes(self.model, task.outputs, probe)
-            block = ma.copies_per_pass(self.adapter_memory, rows, per_row, len(ids))
+            per_row = _multi.row_bytes(self.model, task.outputs, probe)
+            block = _multi.copies_per_pass(self.adapter_memory, rows, per_row, len(ids))
         out = np.empty((len(ids), len(ds)))
         for s in range(0, len(ids), block):
             part = states[s : s + block]
@@ -427,7 +420,7 @@ class LocalLoRABackend:
             for batch in llm.batches(ds, self.eval_batch_size):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 B = batch["input_ids"].shape[0]
-                outs = ma.routed_outputs(self._slots, len(part), task.outputs, batch, B)
+                outs = _multi.routed_outputs(self._slots, len(part), task.outputs, batch, B)
                 for c, o in enumerate(outs.split(B)):
                     out[s + c, start : start + B] = -task._token_losses(o, batch)[0].double().cpu().numpy()
                 start += B

@@ -185,14 +185,8 @@ class Daunce:
         self.orthogonal_block = orthogonal_block
         if signal_path not in SIGNAL_PATHS:
             raise ValueError(f"signal_path must be one of {SIGNAL_PATHS}, got {signal_path!r}")
-        if adapter_block is not None and (not isinstance(adapter_block, int) or adapter_block < 1):
-            raise ValueError("adapter_block must be None (from adapter_memory) or an integer >= 1, "
-                             f"got {adapter_block!r}")
-        if isinstance(adapter_memory, bool) or not isinstance(adapter_memory, (int, float)) or not adapter_memory > 0:
-            raise ValueError(f"adapter_memory must be a positive number of bytes, got {adapter_memory!r}")
+        self.adapter_block, self.adapter_memory = _multi.checked_block_options(adapter_block, adapter_memory)
         self.signal_path = signal_path
-        self.adapter_block = adapter_block
-        self.adapter_memory = float(adapter_memory)
         self.signal_path_used: Optional[str] = None  # "vmap", "multi-adapter" or "sequential", decided by signals()
         self.signal_path_reason: str = ""
         if executor not in EXECUTORS:

@@ -351,6 +351,17 @@ def row_bytes(model: torch.nn.Module, outputs_fn, batch) -> int:
     return max(1, total // max(1, batch_len(batch) or 1))
 
 
+def checked_block_options(adapter_block: Optional[int], adapter_memory: float) -> tuple[Optional[int], float]:
+    """Validate the ``adapter_block`` / ``adapter_memory`` options of a multi-adapter pass; returns them
+    (the memory as a float)."""
+    if adapter_block is not None and (not isinstance(adapter_block, int) or adapter_block < 1):
+        raise ValueError("adapter_block must be None (from adapter_memory) or an integer >= 1, "
+                         f"got {adapter_block!r}")
+    if isinstance(adapter_memory, bool) or not isinstance(adapter_memory, (int, float)) or not adapter_memory > 0:
+        raise ValueError(f"adapter_memory must be a positive number of bytes, got {adapter_memory!r}")
+    return adapter_block, float(adapter_memory)
+
+
 def copies_per_pass(memory: float, rows: int, bytes_per_row: int, n_todo: int) -> int:
     """How many copies' rows (``rows`` examples each) fit ``memory`` bytes of activations, in [1, MAX_BLOCK]."""
     fit = int(memory // max(1, rows * bytes_per_row))
@@ -370,4 +381,4 @@ def block_size(daunce, dataset, n_todo: int) -> int:
 
 
 __all__ = ["AdapterSlots", "route", "repeat_batch", "routed_outputs", "lora_layout", "check", "signals",
-           "block_size", "row_bytes", "copies_per_pass", "DEFAULT_MEMORY_BYTES", "MAX_BLOCK"]
+           "block_size", "row_bytes", "copies_per_pass", "checked_block_options", "DEFAULT_MEMORY_BYTES", "MAX_BLOCK"]
