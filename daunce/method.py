@@ -307,7 +307,7 @@ class Daunce:
             order = subset[torch.randperm(m, generator=g)]
             batches.extend(order[s : s + bs] for s in range(0, m, bs))
         batches = batches[:n_steps]
-        use_eta = cfg.isotropic_noise and cfg.variant != "bootstrap" and cfg.damping > 0
+        use_eta = self._uses_eta()
         d = self._n_params() if use_eta else 0
         eta_std = 0.0
         if use_eta:
@@ -333,6 +333,18 @@ class Daunce:
         return out
 
     _ORTHO_MAX_ENTRIES = 5e7
+
+    def _uses_eta(self) -> bool:
+        cfg = self.config
+        return cfg.isotropic_noise and cfg.variant != "bootstrap" and cfg.damping > 0
+
+    def orthogonal_block_size(self, n: int) -> Optional[int]:
+        """Copies per block of the orthogonal design on ``n`` training examples (``None`` for i.i.d.
+        perturbations). It decides what copy k is, so it is part of a workdir's manifest."""
+        if self.config.perturbation != "orthogonal":
+            return None
+        D = n + (self._n_params() if self._uses_eta() else 0)
+        return int(min(D, self.orthogonal_block or self._ORTHO_MAX_ENTRIES // D))
 
     def _orthogonal_row(self, k: int, D: int) -> torch.Tensor:
         """Row ``k % B`` of a random block of B mutually orthogonal vectors in R^D, each of norm sqrt(D)
@@ -408,14 +420,17 @@ class Daunce:
         return self.workdir / "copies" / f"copy_{k:04d}.pt"
 
     def _check_manifest(self, n: int, fp: str) -> None:
-        manifest = {"config": json.loads(self.config.training_key()), "n_train": n, "train_fingerprint": fp}
+        manifest = {"config": json.loads(self.config.training_key()), "n_train": n, "train_fingerprint": fp,
+                    "orthogonal_block": self.orthogonal_block_size(n)}
         path = self.workdir / "manifest.json"
         if path.exists():
             old = json.loads(path.read_text())
             if old != manifest:
+                differ = sorted(key for key in set(old) | set(manifest) if old.get(key) != manifest.get(key))
                 raise ValueError(
-                    f"workdir {self.workdir} holds copies of another run (configuration or training set "
-                    "differ); use a new workdir or delete it")
+                    f"workdir {self.workdir} holds copies of another run ({', '.join(differ)} differ: "
+                    f"stored {[old.get(key) for key in differ]}, now {[manifest.get(key) for key in differ]}); "
+                    "use a new workdir or delete it")
         else:
             atomic_write_json(manifest, path)
 
