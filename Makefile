@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make reproduce   set up, then run every notebook headless (papermill) -> papermill_runs/, figures/
 #   make test        set up, then the unit tests and a smoke run of every notebook
+#   make readme      rewrite the README's results from papermill_runs/ (make reproduce ends with it)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 PROFILE ?= default
 
-.PHONY: setup data reproduce test clean-runs
+.PHONY: setup data reproduce readme test clean-runs
 
 setup: $(STAMP)
 
@@ -28,14 +29,38 @@ data:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) || echo "warning: apt-get could not install dataset-fashion-mnist"; \
 	else echo "warning: install the Debian package dataset-fashion-mnist for the vision notebook"; fi
 
+# Headless runs keep their outputs free of progress bars and warnings that say nothing about the
+# results; interactive sessions keep their bars. TQDM_DISABLE turns off every tqdm bar whose caller leaves
+# `disable` unset (an explicit disable=False wins over it), e.g. transformers' GGUF loading bar; HF_HUB_... and
+# TRANSFORMERS_VERBOSITY silence transformers' own bars and log lines. PYTHONWARNINGS drops two
+# warnings raised inside dependencies, each matched by its message:
+#  * "IProgress not found": tqdm.auto inside a Jupyter kernel without ipywidgets, falling back to text
+#    bars (which TQDM_DISABLE turns off here anyway);
+#  * "`is_gradient_checkpointing` is deprecated": peft's PeftModel reads that transformers property.
+HEADLESS := TQDM_DISABLE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error \
+  PYTHONWARNINGS='ignore:IProgress not found,ignore:`is_gradient_checkpointing` is deprecated:FutureWarning'
+
+# Each notebook's run time and whether its cache folder runs/<notebook>/<profile>/ held something before
+# it started (resumed) or not (cold) go to papermill_runs/timings.json; the README's results and run
+# times are then written from papermill_runs/ (daunce/experiments/report.py).
 reproduce: setup data
 	mkdir -p papermill_runs figures
 	@set -e; for nb in $(NOTEBOOKS); do \
-	  name=$$(basename $$nb); echo "== $$name"; \
-	  $(BIN)/papermill $$nb papermill_runs/$$name -k python3 -p profile $(PROFILE); \
+	  name=$$(basename $$nb .ipynb); echo "== $$name"; \
+	  if [ -n "$$(ls -A runs/$$name/$(PROFILE) 2>/dev/null)" ]; then cached=1; else cached=0; fi; \
+	  t0=$$(date +%s); \
+	  $(HEADLESS) $(BIN)/papermill $$nb papermill_runs/$$name.ipynb -k python3 -p profile $(PROFILE); \
+	  $(BIN)/python -m daunce.experiments.report record $$name --profile $(PROFILE) \
+	    --wall-seconds $$(( $$(date +%s) - t0 )) --cache-existed $$cached; \
 	done
+	$(BIN)/python -m daunce.experiments.report
+
+# Rewrite the README's results and run times from papermill_runs/ (no notebook is run).
+readme: setup
+	$(BIN)/python -m daunce.experiments.report
 
 test: setup data
+	$(BIN)/ruff check daunce tests benchmarks
 	$(BIN)/python -m pytest
 
 clean-runs:

@@ -28,11 +28,12 @@ import time
 import warnings
 from pathlib import Path
 
+import _common
 import torch
 
-import _common
 import daunce
-from daunce import llm, textdata
+from daunce import llm
+from daunce.experiments import textdata
 
 
 def setup(name: str, n: int, n_top: int, r: int, max_length: int, eval_batch: int):

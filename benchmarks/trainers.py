@@ -19,10 +19,11 @@ import argparse
 import importlib
 import time
 
+import _common
 import torch
 
-import _common
-from daunce import ClassificationTask, Daunce, DaunceConfig, data, models
+from daunce import ClassificationTask, Daunce, DaunceConfig
+from daunce.experiments import data, models
 
 REGIMES = {
     "epoch": dict(batch_size=256, epochs=1, lr=1e-3),

@@ -3,18 +3,17 @@
 Train K randomly perturbed copies of a model and score every (training example, query) pair by the
 covariance of their per-example losses across the copies (Pan et al., arXiv 2505.23223).
 
-The core (``Daunce``, ``DaunceConfig``, the tasks, ``scores``, ``exact``) imports only torch. The
-rest loads on first use, so ``import daunce`` stays light:
+The method core imports only torch: ``Daunce`` (the front, ``daunce.method``), ``DaunceConfig``, the
+tasks, ``plans``, ``objectives``, ``scores``, ``exact``, ``metrics``, ``reliability``, ``store``, and the
+``engines`` that train the copies in one public ``ModelContext``. The rest loads on first use, so
+``import daunce`` stays light:
 
 * ``daunce.llm`` / ``daunce.CausalLMTask``: causal language models with LoRA (transformers, peft);
-* ``daunce.blackbox`` (``BlackBoxDaunce``, ``Backend``, ``LocalLoRABackend``) and
-  ``daunce.openai_backend``: attribution through a fine-tuning API only;
-* ``daunce.metrics``, ``daunce.groundtruth``, ``daunce.reliability``: LDS, its ground truth, and how
-  many copies are enough;
-* ``daunce.baselines`` and ``daunce.DaunceAttributor``: dattri / kronfluence baselines and a dattri-style
-  attributor;
-* ``daunce.vectorised`` and ``daunce.distributed``: the vmap trainer and the Ray engine;
-* ``daunce.multiadapter``: signals of many LoRA copies in one pass (peft mixed-adapter batches).
+* ``daunce.blackbox`` (``BlackBoxDaunce``, ``Backend``, ``LocalLoRABackend``, ``OpenAIBackend``):
+  attribution through a fine-tuning API only;
+* ``daunce.dattri_adapter.DaunceAttributor``: Daunce behind dattri's attributor contract;
+* ``daunce.experiments``: what the notebooks need besides the method (vision data and models, LDS
+  ground truth, baselines, text data, the backdoor set, plotting, the README report).
 """
 
 import importlib
@@ -24,12 +23,11 @@ from .config import DaunceConfig
 from .method import Daunce
 from .task import ClassificationTask, Task
 
-_SUBMODULES = {"backdoor", "baselines", "blackbox", "data", "dattri_adapter", "distributed", "groundtruth",
-               "llm", "metrics", "models", "multiadapter", "openai_backend", "paths", "reliability", "textdata",
-               "training", "vectorised", "vision"}
+_SUBMODULES = {"blackbox", "dattri_adapter", "engines", "experiments", "llm", "metrics", "objectives", "plans",
+               "reliability", "store"}
 _LAZY = {"CausalLMTask": "llm", "BlackBoxDaunce": "blackbox", "Backend": "blackbox",
-         "LocalLoRABackend": "blackbox", "OpenAIBackend": "openai_backend", "DaunceAttributor": "dattri_adapter",
-         "map_tasks": "distributed"}
+         "LocalLoRABackend": "blackbox", "OpenAIBackend": "blackbox", "DaunceAttributor": "dattri_adapter",
+         "map_tasks": "engines.ray_executor"}
 
 
 def __getattr__(name):
@@ -44,5 +42,6 @@ def __dir__():
     return sorted(set(globals()) | _SUBMODULES | set(_LAZY))
 
 
-__all__ = ["Daunce", "DaunceConfig", "Task", "ClassificationTask", "scores", "exact", *sorted(_LAZY)]
+__all__ = ["Daunce", "DaunceConfig", "Task", "ClassificationTask", "scores", "exact", "CausalLMTask", "BlackBoxDaunce",
+           "Backend", "LocalLoRABackend", "OpenAIBackend", "DaunceAttributor", "map_tasks"]
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ class DaunceConfig:
     """How the K perturbed copies are trained and how their signals become scores.
 
     Attributes:
-        variant: the perturbed objective (``../docs`` of the method, ``daunce.objectives``):
+        variant: the perturbed objective (``daunce.objectives``; derived in ``notebooks/01_theory.ipynb``):
             ``"if"`` (Hessian form, the paper's default), ``"efim"`` (Fisher form),
             ``"trak"`` (Fisher form with the task's output function inside the square),
             ``"bootstrap"`` (plain fine-tuning on the subset: the black-box variant).

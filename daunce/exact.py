@@ -16,8 +16,9 @@ limit is proportional to when the isotropic noise term is on.
 from __future__ import annotations
 
 import math
+
 import torch
-from torch.func import functional_call, hessian, jacrev
+from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader
 
 from .config import DaunceConfig
@@ -89,6 +90,12 @@ def per_example_grads(model, task, dataset, *, batch_size: int = 128, fn: str = 
     return torch.cat(rows).detach()
 
 
+def _hessian(f):
+    """The Hessian of a scalar function by reverse over reverse mode (``torch.func.hessian`` uses forward
+    mode over reverse, the same matrix, but makes torch script its forward-mode decompositions)."""
+    return jacrev(jacrev(f))
+
+
 def loss_hessian(model, task, dataset, *, batch_size: int = 256) -> torch.Tensor:
     """Mean Hessian of the per-example loss over ``dataset``: ``(d, d)`` float64."""
     flat = _Flat(model)
@@ -96,7 +103,7 @@ def loss_hessian(model, task, dataset, *, batch_size: int = 256) -> torch.Tensor
     H = torch.zeros(flat.d, flat.d, dtype=torch.float64)
     n = 0
     for batch in _loader(task, dataset, batch_size):
-        H += hessian(lambda t: losses(t, batch).sum())(flat.theta0).detach()
+        H += _hessian(lambda t: losses(t, batch).sum())(flat.theta0).detach()
         n += len(losses(flat.theta0, batch))
     return H / n
 
@@ -117,7 +124,7 @@ def gauss_newton(model, task, dataset, *, batch_size: int = 128) -> torch.Tensor
         out = out_of(flat.theta0).detach()
         J = jacrev(out_of)(flat.theta0).detach().reshape(out.shape[0], -1, flat.d)  # (B, P, d)
         o = out.reshape(out.shape[0], -1)
-        Hf = hessian(lambda v: loss_fn(v.reshape(out.shape).to(out.dtype), batch).double().sum())(o).detach()
+        Hf = _hessian(lambda v: loss_fn(v.reshape(out.shape).to(out.dtype), batch).double().sum())(o).detach()
         Hf = torch.diagonal(Hf, dim1=0, dim2=2).permute(2, 0, 1)  # per-example (B, P, P) blocks
         M += torch.einsum("bpd,bpq,bqe->de", J, Hf, J)
         n += out.shape[0]

@@ -143,7 +143,8 @@ def noise_ceiling(ground_truth_outputs, *, queries=None) -> dict:
     to exceed about ``sqrt(r_S)`` against it."""
     gt = _np(ground_truth_outputs)
     if gt.ndim != 3 or gt.shape[1] < 2:
-        return {"between_seeds": float("nan"), "of_mean": float("nan"), "n_seeds": int(gt.shape[1]) if gt.ndim == 3 else 1}
+        n_seeds = int(gt.shape[1]) if gt.ndim == 3 else 1
+        return {"between_seeds": float("nan"), "of_mean": float("nan"), "n_seeds": n_seeds}
     if queries is not None:
         gt = gt[:, :, np.asarray(queries)]
     S = gt.shape[1]

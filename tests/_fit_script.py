@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from daunce import ClassificationTask, Daunce, DaunceConfig, data, models
+from daunce import ClassificationTask, Daunce, DaunceConfig
+from daunce.experiments import data, models
 
 workdir, out, executor = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 SLOW_FLAG = str(workdir.parent / "slow")

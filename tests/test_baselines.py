@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from daunce import baselines
+from daunce.experiments import baselines
 
 
 @pytest.mark.parametrize("method", ["if-cg", "if-ekfac", "datainf", "trak", "grad-dot", "tracin", "kronfluence-ekfac"])

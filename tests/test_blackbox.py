@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from daunce import backdoor as bd
 from daunce import scores
 from daunce.blackbox import Backend, BlackBoxDaunce, LocalLoRABackend
+from daunce.experiments import backdoor as bd
 
 
 class LinearMemoriser:
@@ -104,8 +104,8 @@ def test_interrupted_run_resumes_without_a_second_fine_tune(tmp_path):
     d2 = BlackBoxDaunce(b, n_models=6, workdir=tmp_path, progress=False).fit(train, queries)
     assert b.calls == 3 and d2.fine_tunes_started == 0
     assert torch.equal(d.attribute(train, queries), d2.attribute(train, queries))
-    # another training set in the same folder is refused
-    with pytest.raises(ValueError, match="another run"):
+    # another training set in the same folder is refused, naming what differs
+    with pytest.raises(ValueError, match="fine-tunes of another run .*n_train"):
         BlackBoxDaunce(b, n_models=6, workdir=tmp_path, progress=False).fit(train[:-1], queries)
 
 
@@ -119,9 +119,11 @@ def tiny():
 def test_local_lora_backend_memorises_and_reuses_adapters(tiny, tmp_path):
     model, tok = tiny
     torch.manual_seed(0)
-    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "castle", "forest", "mirror", "candle"]
+    words = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "rocket", "castle", "forest", "mirror",
+             "candle"]
     ex = [{"prompt": f"Code {i}?", "response": " ".join(words[(i * 5 + j) % 12] for j in range(3))} for i in range(8)]
-    b = LocalLoRABackend(model, tok, workdir=tmp_path, lora=dict(r=8, alpha=16, targets=("q_proj", "v_proj", "up_proj", "down_proj")),
+    b = LocalLoRABackend(model, tok, workdir=tmp_path,
+                         lora=dict(r=8, alpha=16, targets=("q_proj", "v_proj", "up_proj", "down_proj")),
                          train=dict(epochs=40, lr=5e-2, batch_size=4, max_length=48), max_length=48)
     m1 = b.fine_tune(ex[:4], seed=1)
     gain_in = b.log_likelihoods(m1, ex[:4])

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import ConcatDataset, Subset, TensorDataset
 
 from daunce import ClassificationTask, Daunce, DaunceConfig, exact, scores
+from daunce.engines import sequential
 
 TASK = ClassificationTask()
 FAST = dict(optimizer="sgd", lr=1.0, steps=150, damping=1e-2, subset_ratio=1.0)
@@ -35,8 +36,9 @@ def test_exact_influence_hessian_equals_fisher_relation(digits_lr):
 
 def test_exact_influence_predicts_leave_one_out(digits_lr):
     """The Hessian-form IF predicts the query-loss change of removing a training example."""
-    from daunce import training
     import torch.nn.functional as F
+
+    from daunce.experiments import training
 
     model, train, query = digits_lr
     wd = 1e-2
@@ -101,7 +103,7 @@ def test_model_is_not_modified(digits_lr):
 @pytest.mark.parametrize("variant", ["if", "efim", "trak", "bootstrap"])
 def test_planted_duplicate_of_query_gets_top_score(variant):
     """A training example identical to a query (and alone with its label there) helps it most."""
-    from daunce import data, models, training
+    from daunce.experiments import data, models, training
 
     train, query = data.digits(200, 10, seed=1)
     x, y = train.tensors
@@ -148,18 +150,18 @@ def test_interrupted_fit_resumes_without_retraining(digits_lr, tmp_path, monkeyp
     cfg = DaunceConfig(n_models=5, **FAST)
     ref = Daunce(model, TASK, cfg, progress=False).fit(train).attribute(train, query)
 
-    d = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False)
-    real = Daunce.train_copy
+    d = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False, trainer="sequential")
+    real = sequential.train_copy
 
-    def crash_on_third(self, plan, *a, **k):
+    def crash_on_third(ctx, config, plan, *a, **k):
         if plan.k == 3:
             raise KeyboardInterrupt("simulated crash")
-        return real(self, plan, *a, **k)
+        return real(ctx, config, plan, *a, **k)
 
-    monkeypatch.setattr(Daunce, "train_copy", crash_on_third)
+    monkeypatch.setattr(sequential, "train_copy", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         d.fit(train)
-    monkeypatch.setattr(Daunce, "train_copy", real)
+    monkeypatch.setattr(sequential, "train_copy", real)
     assert sorted(p.name for p in (tmp_path / "copies").iterdir()) == [f"copy_000{k}.pt" for k in range(3)]
 
     d2 = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False).fit(train)
@@ -199,3 +201,44 @@ def test_correlation_score_and_margin_signal(digits_lr):
     assert S.abs().max() <= 1.0 + 1e-5
     with pytest.raises(ValueError, match="signal"):
         ClassificationTask("accuracy")
+
+
+def test_workdir_of_another_orthogonal_design_is_refused(digits_lr, tmp_path):
+    """The orthogonal block decides what copy k is: a workdir trained with one block size is refused
+    under another, with the differing field named; the same block reuses the copies."""
+    model, train, _ = digits_lr
+    cfg = DaunceConfig(n_models=4, perturbation="orthogonal", **{**FAST, "steps": 5})
+    first = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False, orthogonal_block=8).fit(train)
+    assert first.trained_copies == [0, 1, 2, 3]
+    again = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False, orthogonal_block=8).fit(train)
+    assert again.trained_copies == []
+    with pytest.raises(ValueError, match=r"another run \(orthogonal_block: stored 8, now 16\)"):
+        Daunce(model, TASK, cfg, workdir=tmp_path, progress=False, orthogonal_block=16).fit(train)
+    # and copy k really differs between the two designs
+    other = Daunce(model, TASK, cfg, progress=False, orthogonal_block=16)
+    assert not torch.equal(first.plan(1, len(train)).eps, other.plan(1, len(train)).eps)
+
+
+def test_trainer_is_chosen_on_the_training_set_even_when_queries_come_first(digits_lr, tmp_path, monkeypatch):
+    """A fresh object over a finished workdir: the first dataset that needs new signals is a query set,
+    yet the trainer (and the signal path that follows it) is decided on the training set of ``fit``."""
+    from daunce.engines import vmap
+
+    model, train, query = digits_lr
+    cfg = DaunceConfig(n_models=3, **{**FAST, "steps": 5})
+    Daunce(model, TASK, cfg, workdir=tmp_path, progress=False).fit(train)
+
+    seen = []
+    real = vmap.check
+
+    def spy(ctx, config, dataset, *a, **k):
+        seen.append(len(dataset))
+        return real(ctx, config, dataset, *a, **k)
+
+    monkeypatch.setattr(vmap, "check", spy)
+    fresh = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False).fit(train)  # nothing to train
+    assert fresh.trained_copies == [] and seen == []
+    S = fresh.signals(query)  # query signals were never recorded: computed from the stored weights
+    assert S.shape == (3, len(query))
+    assert seen == [len(train)] and len(train) != len(query)
+    assert fresh.trainer_used == "vmap" and fresh.signal_path_used == "vmap"

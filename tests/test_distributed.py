@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from daunce import ClassificationTask, Daunce, DaunceConfig, data, models
-from daunce.distributed import default_key, map_tasks
+from daunce import ClassificationTask, Daunce, DaunceConfig
+from daunce.engines.ray_executor import default_key, map_tasks
+from daunce.experiments import data, models
 
 TASK = ClassificationTask()
 SCRIPT = Path(__file__).with_name("_fit_script.py")

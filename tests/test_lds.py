@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from daunce import DaunceConfig, groundtruth, metrics, models, training
+from daunce import DaunceConfig, metrics
+from daunce.experiments import groundtruth, models, training
 
 
 def test_lds_hand_computed():
@@ -52,8 +53,10 @@ def test_noise_ceiling_and_constant_queries():
 def test_ground_truth_is_cached_and_resumable(tmp_path, digits_lr):
     _, train, query = digits_lr
     subsets = groundtruth.half_subsets(len(train), 4, seed=0)
-    make = lambda seed: models.seeded(models.logistic_regression, seed, 64, 10)
     calls = []
+
+    def make(seed):
+        return models.seeded(models.logistic_regression, seed, 64, 10)
 
     def fit(model, data, seed):
         calls.append(seed)
@@ -70,8 +73,13 @@ def digits_gt(digits_lr):
     """20 half-subset retrains of the digits logistic regression (L-BFGS, to the optimum)."""
     model, train, query = digits_lr
     subsets = groundtruth.half_subsets(len(train), 20, seed=0)
-    make = lambda seed: models.seeded(models.logistic_regression, seed, 64, 10)
-    fit = lambda m, d, s: training.train_classifier(m, d, epochs=5, optimizer="lbfgs", weight_decay=1e-2)
+
+    def make(seed):
+        return models.seeded(models.logistic_regression, seed, 64, 10)
+
+    def fit(m, d, s):
+        return training.train_classifier(m, d, epochs=5, optimizer="lbfgs", weight_decay=1e-2)
+
     return groundtruth.retrain_outputs(make, fit, train, query, subsets, 1, progress=False)
 
 

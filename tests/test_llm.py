@@ -1,4 +1,4 @@
-"""daunce.llm and daunce.textdata: response masking, the linear term through hidden states, the
+"""daunce.llm and daunce.experiments.textdata: response masking, the linear term through hidden states, the
 frozen-bottom split, resumable Daunce runs on a causal LM, and the paper profile's data loaders."""
 
 import json
@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import default_collate
 
 import daunce
-from daunce import llm, textdata
+from daunce import llm
+from daunce.experiments import textdata
 from daunce.objectives import linear_term
 
 EXAMPLES = [
@@ -84,9 +85,9 @@ def test_linear_term_through_hidden_states_is_parameter_linear_term(tiny):
     task = llm.CausalLMTask()
     ds = llm.TextDataset(tok, EXAMPLES, 64)
     dn = daunce.Daunce(pm, task, daunce.DaunceConfig(n_models=2), progress=False, trainer="sequential")
-    cache = dn._base_cache(ds)  # hidden states, dl/dhidden and loss at theta0, as Daunce caches them
-    work = dn._working_model()
-    params = dn._params
+    cache = dn.base_cache(ds)  # hidden states, dl/dhidden and loss at theta0, as Daunce caches them
+    work = dn.context.model
+    params = dn.context.params
     theta0 = [p.detach().clone() for p in params]
     batch = default_collate([ds[i] for i in range(len(ds))])
 
@@ -172,17 +173,19 @@ def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
     ref = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "ref", progress=False, trainer="sequential").fit(train, query)
     S_ref = ref.attribute(train, query)
 
-    real = daunce.Daunce.train_copy
+    from daunce.engines import sequential
 
-    def crash_on_copy_2(self, plan, *a, **k):
+    real = sequential.train_copy
+
+    def crash_on_copy_2(ctx, config, plan, *a, **k):
         if plan.k == 2:
             raise KeyboardInterrupt("simulated crash")
-        return real(self, plan, *a, **k)
+        return real(ctx, config, plan, *a, **k)
 
-    monkeypatch.setattr(daunce.Daunce, "train_copy", crash_on_copy_2)
+    monkeypatch.setattr(sequential, "train_copy", crash_on_copy_2)
     with pytest.raises(KeyboardInterrupt):
         daunce.Daunce(pm, task, cfg, workdir=tmp_path / "run", progress=False, trainer="sequential").fit(train, query)
-    monkeypatch.setattr(daunce.Daunce, "train_copy", real)
+    monkeypatch.setattr(sequential, "train_copy", real)
     saved = sorted(p.name for p in (tmp_path / "run" / "copies").glob("copy_*.pt"))
     assert saved == ["copy_0000.pt", "copy_0001.pt"]
     rec = torch.load(tmp_path / "run" / "copies" / "copy_0001.pt", weights_only=True)
@@ -190,7 +193,8 @@ def test_interrupted_run_resumes(tiny, tmp_path, monkeypatch):
     assert sum(s.numel() for s in rec["state"]) == n_lora  # the adapters
     assert len(rec["signals"]) == 2  # training and query signals
 
-    again = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "run", progress=False, trainer="sequential").fit(train, query)
+    again = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "run", progress=False, trainer="sequential")
+    again.fit(train, query)
     assert again.trained_copies == [2]
     assert torch.allclose(again.attribute(train, query), S_ref, rtol=1e-4, atol=1e-9)
 
@@ -213,7 +217,8 @@ def test_instruction_following_responses_pass_and_violations_fail():
 
 
 def test_math_loaders_on_files(tmp_path):
-    rec = [{"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
+    rec = [{"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "level": "Level 1",
+            "type": "Algebra"},
            {"problem": "Simplify $\\frac{4}{8}$.", "solution": "It is $\\boxed{\\frac{1}{2}}$.", "level": "Level 2",
             "type": "Prealgebra"}]
     # the original release: <split>/<type>/<id>.json
@@ -272,6 +277,56 @@ def test_baselines_shapes_and_signs(tiny):
     E = llm.embedding_scores(EXAMPLES, EXAMPLES[:2])
     assert E.shape == (6, 2) and torch.allclose(E[[0, 1], [0, 1]], torch.ones(2), atol=1e-5)
     assert llm.top_k_removal(torch.tensor([[1.0], [3.0], [2.0]]), 2).tolist() == [1, 2]
+    # full gradients: grad-dot is their inner product, grad-cos the same of the unit vectors
+    Gf = llm.per_example_gradients(pm, ds, proj_dim=None)
+    assert Gf.shape == (6, sum(p.numel() for p in pm.parameters() if p.requires_grad))
+    dot, cos = llm.gradient_dot_scores(Gf, Gf[:2]), llm.gradient_cosine_scores(Gf, Gf[:2])
+    norms = Gf.double().norm(dim=1)
+    assert torch.allclose(dot.double(), Gf.double() @ Gf[:2].double().T, rtol=1e-6)
+    assert torch.allclose(cos.double(), dot.double() / (norms[:, None] * norms[None, :2]), rtol=1e-5)
+    assert torch.allclose(cos[[0, 1], [0, 1]], torch.ones(2), atol=1e-6)
+
+
+def test_minilm_is_loaded_once_per_process(monkeypatch):
+    """Every embedding call shares one cached MiniLM encoder: the weights are read from disk once."""
+    import transformers
+
+    loads = []
+    real = transformers.AutoModel.from_pretrained
+
+    def counting(*a, **k):
+        loads.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", counting)
+    llm.minilm.cache_clear()
+    first = llm.sentence_embeddings(["a first sentence", "and a second one"])
+    llm.embedding_scores(EXAMPLES, EXAMPLES[:2])
+    again = llm.sentence_embeddings(["a first sentence", "and a second one"])
+    assert len(loads) == 1 and llm.minilm() is llm.minilm()
+    assert first.shape == (2, 384) and torch.equal(first, again)
+    assert torch.allclose(first.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_truncate_layers_keeps_the_first_layers(tiny):
+    """A model cut to its first layer computes exactly that layer of the full model (then norm and head);
+    in_place=False leaves the model whole, in_place=True cuts it."""
+    import copy
+
+    model, tok = tiny
+    ds = llm.TextDataset(tok, EXAMPLES, 64)
+    feats = llm.bottom_features(model, ds, 1)  # the output of the first layer, (N, T, h)
+    cut = llm.truncate_layers(model, 1, in_place=False)
+    assert len(model.model.layers) == 2 and len(cut.model.layers) == 1 and cut.config.num_hidden_layers == 1
+    mask = ds.enc["attention_mask"].bool()
+    with torch.no_grad():
+        logits = cut(input_ids=ds.enc["input_ids"], attention_mask=ds.enc["attention_mask"]).logits
+        ref = model.lm_head(model.model.norm(feats))
+    assert torch.allclose(logits[mask], ref[mask], atol=1e-4)
+    same = copy.deepcopy(model)
+    assert llm.truncate_layers(same, 1) is same and len(same.model.layers) == 1
+    with pytest.raises(ValueError, match="n_layers"):
+        llm.truncate_layers(model, 3)
 
 
 # ----------------------------------------------------------------- signals in mixed-adapter passes
@@ -313,23 +368,23 @@ def test_multi_adapter_signals_equal_sequential(tiny, tmp_path, setting):
     tol = 1e-5 * float(A.abs().max())
     assert float((A - B).abs().max()) <= tol
     # the copies' weights and signals differ by far more than the tolerance
-    states = [fitted._state(k) for k in range(4)]
+    states = [fitted.state(k) for k in range(4)]
     for i in range(4):
         for j in range(i + 1, 4):
             assert max(float((a - b).abs().max()) for a, b in zip(states[i], states[j])) > 1e-3
             assert float((A[i] - A[j]).abs().max()) > 20 * tol, (i, j)
     # signals of copies routed in another order come back in that order
-    from daunce import multiadapter
+    from daunce.engines import multiadapter
 
-    rev = multiadapter.signals(multi, states[::-1], every)
+    rev = multiadapter.MultiAdapterPass(multi.context).signals(states[::-1], every)
     assert float((rev - A.flip(0)).abs().max()) <= tol
     # scores: the query signals go through either path, the training signals were recorded by fit
     S_seq, S_multi = seq.attribute(train, query), multi.attribute(train, query)
     assert torch.allclose(S_multi, S_seq, rtol=1e-4, atol=1e-6 * float(S_seq.abs().max()))
     assert list(pm.peft_config) == ["default"]  # the model passed in has no extra adapters
     # the working model still trains and evaluates with its own adapter only
-    work = multi._working_model()
-    assert [p for p in work.parameters() if p.requires_grad] == multi._params
+    work = multi.context.model
+    assert [p for p in work.parameters() if p.requires_grad] == multi.context.params
     assert list(work.active_adapters) == ["default"]
     # "auto" on a CPU keeps one pass per copy (the multi-adapter pass measured no faster there) and says so
     auto = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "seq", progress=False, trainer="sequential")
@@ -359,7 +414,7 @@ def test_multi_adapter_falls_back_without_lora(tiny):
         assert S.shape == (2, 2) and d.signal_path_used == "sequential"
         assert why in d.signal_path_reason, d.signal_path_reason
         forced = daunce.Daunce(m, task, cfg, progress=False, trainer="sequential", signal_path="multi-adapter")
-        forced._states = d._states
+        forced.store = d.store  # the copies d trained
         with pytest.raises(ValueError, match="signal_path='multi-adapter' cannot be used"):
             forced.signals(query)
     with pytest.raises(ValueError, match="signal_path"):

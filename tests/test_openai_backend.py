@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_openai_server import FakeOpenAIServer, tokenize  # noqa: E402
 
 from daunce.blackbox import BlackBoxDaunce  # noqa: E402
-from daunce.openai_backend import FineTuneFailed, OpenAIBackend, response_log_likelihood_from_echo  # noqa: E402
+from daunce.blackbox.openai import FineTuneFailed, OpenAIBackend, response_log_likelihood_from_echo  # noqa: E402
 
 KEY = "sk-test-secret-0123456789abcdef"
 
@@ -31,7 +31,7 @@ def planted_set(n=24, n_planted=3, seed=0):
     rng = np.random.default_rng(seed)
     words = [f"w{i}" for i in range(300)]
     train = []
-    for i in range(n):
+    for _ in range(n):
         p = " ".join(rng.choice(words, 5))
         r = " ".join(rng.choice(words, 5))
         train.append({"prompt": f"say {p}", "response": r})

@@ -4,10 +4,11 @@ the sequential loop where a model cannot be vectorised, and resumption after a c
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Subset
 
-from daunce import ClassificationTask, Daunce, DaunceConfig, models, training
-from daunce import vectorised as vec
+from daunce import ClassificationTask, Daunce, DaunceConfig
+from daunce.engines import vmap as vec
+from daunce.experiments import models, training
 
 TASK = ClassificationTask()
 
@@ -15,7 +16,7 @@ TASK = ClassificationTask()
 @pytest.fixture(scope="module")
 def digits_mlp():
     """A small tanh MLP trained briefly on 200 digits (nonlinear, so the objectives differ), 20 queries."""
-    from daunce import data
+    from daunce.experiments import data
 
     train, query = data.digits(200, 20, seed=2)
     model = models.seeded(models.mlp, 0, 64, 10, hidden=16)
@@ -60,7 +61,7 @@ def test_vmap_equals_sequential(digits_mlp, case):
     _assert_same(s_seq, s_vm)
     # the copies themselves agree, not only the scores
     for k in range(cfg.n_models):
-        for a, b in zip(seq._state(k), vm._state(k)):
+        for a, b in zip(seq.state(k), vm.state(k)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     # vectorised signals of a new dataset (from the stored weights) match the sequential ones
     extra = Subset(train, range(0, 200, 7))
@@ -91,8 +92,7 @@ def test_batchnorm_model_falls_back_to_sequential(digits_mlp):
     model.eval()
     cfg = DaunceConfig(n_models=2, steps=3)
     d = Daunce(model, TASK, cfg, progress=False)
-    with pytest.warns(UserWarning, match="BatchNorm"):
-        d.fit(train)
+    d.fit(train)
     assert d.trainer_used == "sequential" and "BatchNorm" in d.trainer_reason
     with pytest.raises(ValueError, match="BatchNorm"):
         Daunce(model, TASK, cfg, trainer="vmap", progress=False).fit(train)
@@ -107,11 +107,10 @@ def test_auto_keeps_wide_layers_sequential_on_cpu(digits_mlp):
     width = vec.CPU_MAX_VMAP_WEIGHT // 64 + 1
     wide = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
     d = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1), progress=False)
-    with pytest.warns(UserWarning, match="elements"):
-        d._choose_trainer(train)
+    assert d.choose_trainer(train) == "sequential"
     assert d.trainer_used == "sequential" and f"{64 * width:,} elements" in d.trainer_reason
     forced = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1), trainer="vmap", progress=False)
-    forced._choose_trainer(train)
+    forced.choose_trainer(train)
     assert forced.trainer_used == "vmap"
 
 
@@ -126,8 +125,7 @@ def test_task_that_breaks_under_vmap_falls_back(digits_mlp):
             return out
 
     d = Daunce(model, ItemTask(), DaunceConfig(n_models=2, steps=2), progress=False)
-    with pytest.warns(UserWarning, match="vmap"):
-        d.fit(train)
+    d.fit(train)
     assert d.trainer_used == "sequential"
 
 
@@ -169,16 +167,18 @@ def test_block_size_follows_the_memory_budget(digits_mlp):
     model, train, _ = digits_mlp
     cfg = DaunceConfig(n_models=64, steps=1)
     d = Daunce(model, TASK, cfg, progress=False)
-    ok, _, per_copy = vec.check(d, train)
+    ok, _, per_copy = vec.check(d.context, cfg, train, d.vmap_memory)
     assert ok and per_copy > 0
-    assert vec.block_size(d, per_copy, 64) == 64  # small model: all copies in one block
-    small = Daunce(model, TASK, cfg, progress=False, vmap_memory=3.5 * per_copy)
-    assert vec.block_size(small, per_copy, 64) == 3
-    assert vec.block_size(Daunce(model, TASK, cfg, vmap_block=5, progress=False), per_copy, 64) == 5
+    assert vec.block_size(None, d.vmap_memory, per_copy, 64) == 64  # small model: all copies in one block
+    assert vec.block_size(None, 3.5 * per_copy, per_copy, 64) == 3
+    assert vec.block_size(5, d.vmap_memory, per_copy, 64) == 5
+    # the front uses the same rule
+    small = Daunce(model, TASK, cfg.replace(n_models=8), progress=False, vmap_memory=3.5 * per_copy).fit(train)
+    assert small.trainer_used == "vmap" and small.vmap_block_used == 3
 
 
 def test_conv_net_vmap_equals_sequential_and_auto_keeps_it_sequential_on_cpu():
-    from daunce import data
+    from daunce.experiments import data
 
     train, query = data.digits(120, 10, seed=4, image=True)
     model = models.seeded(models.small_cnn, 0, 1, 10, width=4, image_size=8)
@@ -187,6 +187,5 @@ def test_conv_net_vmap_equals_sequential_and_auto_keeps_it_sequential_on_cpu():
     vm, s_vm = _fit(model, train, query, cfg, "vmap")
     _assert_same(s_seq, s_vm)
     d = Daunce(model, TASK, cfg, progress=False)
-    with pytest.warns(UserWarning, match="convolution"):
-        d.fit(train)
+    d.fit(train)
     assert d.trainer_used == "sequential"

@@ -4,7 +4,7 @@ import pickle
 
 import numpy as np
 
-from daunce import data
+from daunce.experiments import data
 
 
 def _write_cifar(root, n_per_batch=4):
@@ -33,7 +33,8 @@ def test_cifar10_loader_reads_written_files(tmp_path):
     assert list(ytr[:4]) == batches["data_batch_1"][1]
     train, query = data.cifar10(tmp_path, n_train=12, n_query=3, seed=0)
     x, y = train.tensors
-    assert x.shape == (12, 3, 32, 32) and y.dtype.is_floating_point is False and query.tensors[0].shape == (3, 3, 32, 32)
+    assert x.shape == (12, 3, 32, 32) and y.dtype.is_floating_point is False
+    assert query.tensors[0].shape == (3, 3, 32, 32)
     # normalised with CIFAR-10's channel statistics
     raw = (xtr.astype(np.float32) / 255.0 - data.CIFAR_MEAN) / data.CIFAR_STD
     assert np.isclose(x.numpy().mean(), raw.mean(), atol=0.5)

@@ -1,13 +1,13 @@
 """Train a block of perturbed copies at once: ``torch.func.functional_call`` + ``vmap`` over stacked weights.
 
-The sequential trainer (``Daunce.train_copy``) fine-tunes one copy after the other in a single working
+The sequential engine (``daunce.engines.sequential``) fine-tunes one copy after the other in a single working
 model. Small models leave most of a CPU (or GPU) idle that way: every step is a few tiny matrix
 products plus Python overhead. Here the trainable parameters of C copies are stacked along a new
 leading dimension, ``(C, *shape)``, and one vmapped forward pass evaluates all C copies, each on its
 own minibatch (``(C, B, ...)``); one backward pass then gives every copy's gradient (the copies do not
 interact, so the gradient of the sum of their objectives is each copy's own gradient).
 
-Everything random comes from the copies' ``CopyPlan`` s (``Daunce.plan``), so the vectorised and the
+Everything random comes from the copies' ``CopyPlan`` s (``daunce.plans``), so the vectorised and the
 sequential trainer see exactly the same subsets, perturbations, noise directions and minibatch orders,
 and minimise the same objective (``daunce.objectives``). Adam and SGD are written out functionally over
 the stacked tensors with ``torch.optim.Adam`` / ``torch.optim.SGD`` defaults, so the two trainers give
@@ -20,18 +20,19 @@ by their batch-size pattern otherwise.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .objectives import perturbed_objective, proximal_term
+from ..config import DaunceConfig
+from ..objectives import perturbed_objective, proximal_term
+from .context import DEFAULT_MEMORY_BYTES, ModelContext, fetch, per_example, to_device
 
-#: Bytes the copies of one block may use by default (weights, optimiser state, activations).
-DEFAULT_MEMORY_BYTES = 2 * 2**30
-#: Never put more copies than this in one block.
-MAX_BLOCK = 256
+#: Never put more copies than this in one vmap block.
+MAX_VMAP_BLOCK = 256
 
 
 class _TaskOutputs(nn.Module):
@@ -41,10 +42,10 @@ class _TaskOutputs(nn.Module):
     def __init__(self, model: nn.Module, outputs_fn):
         super().__init__()
         self.model = model
-        self._outputs_fn = outputs_fn
+        self.outputs_fn = outputs_fn
 
     def forward(self, batch):
-        return self._outputs_fn(self.model, batch)
+        return self.outputs_fn(self.model, batch)
 
 
 def _stack(items: list) -> Any:
@@ -59,40 +60,26 @@ def _stack(items: list) -> Any:
     raise TypeError(f"cannot stack batch elements of type {type(first).__name__} across copies")
 
 
-def _batch_size(batch: Any) -> int:
-    if torch.is_tensor(batch):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    return _batch_size(batch[0])
-
-
 class VectorisedTrainer:
-    """Trains blocks of copies for one ``Daunce`` object, reusing its task, config, plans and cache.
+    """Trains blocks of copies in one ``ModelContext`` (its working model, trainable parameters, theta0
+    and task calls) under ``config``."""
 
-    Args:
-        daunce: the ``Daunce`` object (its working model, trainable parameter names and theta0).
-    """
-
-    def __init__(self, daunce):
-        from .method import fetch, to_device  # local import: method imports this module
-
-        self._fetch, self._to_device = fetch, to_device
-        self.d = daunce
-        model = daunce._working_model()
-        self.names = list(daunce._names)
-        self.theta0 = [t.detach() for t in daunce._theta0]
-        self.wrapper = _TaskOutputs(model, daunce._outputs)
+    def __init__(self, ctx: ModelContext, config: DaunceConfig):
+        self.ctx, self.config = ctx, config
+        self.names = list(ctx.names)
+        self.theta0 = [t.detach() for t in ctx.theta0]
+        self.wrapper = _TaskOutputs(ctx.model, ctx.task_outputs)
         self.keys = ["model." + n for n in self.names]
 
     # --------------------------------------------------------------------------- functional pieces
-    def _outputs(self, params: Sequence[torch.Tensor], batch):
+    def outputs(self, params: Sequence[torch.Tensor], batch):
+        """The task's outputs with the trainable weights ``params`` (one copy's) swapped in."""
         return functional_call(self.wrapper, dict(zip(self.keys, params)), (batch,))
 
     def stacked_theta0(self, C: int) -> list:
         return [t.unsqueeze(0).expand(C, *t.shape).clone() for t in self.theta0]
 
-    def _fetch_block(self, dataset, idx: torch.Tensor):
+    def fetch_block(self, dataset, idx: torch.Tensor):
         """Batches of all copies, ``(C, B, ...)``, from the ``(C, B)`` index tensor ``idx``."""
         from torch.utils.data import TensorDataset
 
@@ -100,20 +87,20 @@ class VectorisedTrainer:
             flat = idx.reshape(-1)
             batch = tuple(t.index_select(0, flat).view(*idx.shape, *t.shape[1:]) for t in dataset.tensors)
         else:
-            batch = _stack([self._fetch(dataset, row, self.d._collate) for row in idx])
-        return self._to_device(batch, self.d.device)
+            batch = _stack([fetch(dataset, row, self.ctx.collate) for row in idx])
+        return to_device(batch, self.ctx.device)
 
     # ------------------------------------------------------------------------------------ training
     def train(self, plans: list, train, cache: Optional[dict]) -> list:
         """Train the copies of ``plans`` together; returns the stacked trainable tensors ``(C, *shape)``."""
-        d, cfg = self.d, self.d.config
+        ctx, cfg = self.ctx, self.config
         C = len(plans)
         n_steps = len(plans[0].batches)
-        if any(len(p.batches) != n_steps for p in plans):
-            raise ValueError("copies of one vmap block must have the same number of steps")
-        model = d._working_model()
-        d._load_state(d._theta0)
-        model.train(cfg.train_mode)
+        if any(p.batches.sizes_key() != plans[0].batches.sizes_key() for p in plans):
+            raise ValueError("copies of one vmap block must have the same number of steps and batch sizes")
+        orders = [iter(p.batches) for p in plans]
+        ctx.reset()
+        ctx.model.train(cfg.train_mode)
         dev = self.theta0[0].device
         params = [p.requires_grad_(True) for p in self.stacked_theta0(C)]
         use_eta = plans[0].eta is not None
@@ -121,19 +108,19 @@ class VectorisedTrainer:
         opt = StackedAdam(params, cfg.lr) if cfg.optimizer == "adam" else StackedSGD(params, cfg.lr)
         variant, gamma, damping = cfg.variant, cfg.gamma, cfg.damping
         theta0 = self.theta0
-        per_example, loss_fn, ofn = d._per_example, d._loss, d._ofn
+        loss_fn, ofn = ctx.task_loss, ctx.task_output_function
 
         has_f = variant == "trak"
         # Only the model runs under vmap; the per-example loss, output function and objective run on
         # the (C * B, ...) flattened outputs (per-example functions need no vmap; cross-entropy under
         # vmap falls back to a slow loop).
-        vout = vmap(self._outputs, in_dims=(0, 0))
+        vout = vmap(self.outputs, in_dims=(0, 0))
         eps_all = torch.stack([p.eps for p in plans])  # (C, n) float64
         rows = torch.arange(C)[:, None]
         for step in range(n_steps):
-            idx = torch.stack([p.batches[step] for p in plans])  # (C, B)
+            idx = torch.stack([next(o) for o in orders])  # (C, B)
             B = idx.shape[1]
-            batch = self._fetch_block(train, idx)
+            batch = self.fetch_block(train, idx)
             flat_batch = _flatten(batch)
             out = vout(tuple(params), batch).flatten(0, 1)  # (C * B, ...)
             loss = per_example(loss_fn(out, flat_batch), C * B, "loss")
@@ -143,7 +130,7 @@ class VectorisedTrainer:
                 kw = dict(loss0=cache["loss"][cidx], outputs=out, outputs0=cache["outputs"][cidx],
                           grad0=cache["grad"][cidx], eps=eps_all[rows, idx].reshape(-1).to(loss.device, loss.dtype))
                 if has_f:
-                    kw["f"], kw["f0"] = ofn(out, flat_batch), cache["f"][cidx]
+                    kw["f"], kw["f0"] = per_example(ofn(out, flat_batch), C * B, "output_function"), cache["f"][cidx]
             obj = perturbed_objective(variant, loss=loss, gamma=gamma, **kw).view(C, B).mean(1)
             obj = obj + stacked_proximal(params, theta0, damping, eta)
             finite = torch.isfinite(obj)
@@ -158,19 +145,19 @@ class VectorisedTrainer:
 
     # ------------------------------------------------------------------------------------- signals
     @torch.no_grad()
-    def signals(self, stacked: list, dataset) -> torch.Tensor:
-        """Signals ``(C, n)`` (float64, CPU) of the C copies whose weights are ``stacked``."""
-        d = self.d
-        model = d._working_model()
-        model.train(False)
+    def signals(self, stacked: list, dataset, signal=None) -> torch.Tensor:
+        """Signals ``(C, n)`` (float64, CPU) of the C copies whose weights are ``stacked``: the task's
+        signal, or ``signal(outputs, batch)`` when given."""
+        ctx = self.ctx
+        ctx.model.train(False)
         n = len(dataset)
         C = stacked[0].shape[0]
         out = torch.empty(C, n, dtype=torch.float64)
-        signal_fn, per_example = d._signal, d._per_example
+        signal_fn = ctx.task_signal if signal is None else signal
 
-        vout = vmap(self._outputs, in_dims=(0, None))
-        for idx in d._batches(n):
-            batch = self._to_device(self._fetch(dataset, idx, d._collate), d.device)
+        vout = vmap(self.outputs, in_dims=(0, None))
+        for idx in ctx.index_batches(n):
+            batch = ctx.fetch(dataset, idx)
             outs = vout(tuple(stacked), batch)  # (C, B, ...)
             for c in range(C):
                 out[c, idx] = per_example(signal_fn(outs[c], batch), len(idx), "signal").double().cpu()
@@ -237,11 +224,11 @@ class StackedSGD:
 
 
 # ---------------------------------------------------------------------------- can it be vectorised?
-_RUNNING_STATS = (nn.modules.batchnorm._BatchNorm,)
+_RUNNING_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def _activation_numel(model: nn.Module, run, in_bytes: bool = False) -> int:
+def activation_numel(model: nn.Module, run, in_bytes: bool = False) -> int:
     """Total number of output elements (or, with ``in_bytes``, their bytes) of the model's leaf modules
     during ``run()``."""
     total = [0]
@@ -259,53 +246,60 @@ def _activation_numel(model: nn.Module, run, in_bytes: bool = False) -> int:
     return total[0]
 
 
-def check(daunce, train) -> tuple[bool, str, int]:
-    """Can ``daunce``'s copies be trained with vmap? Returns ``(ok, reason, per_copy_bytes)``.
+def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAULT_MEMORY_BYTES
+          ) -> tuple[bool, str, int]:
+    """Can the copies be trained with vmap? Returns ``(ok, reason, per_copy_bytes)``.
 
     Refuses models with BatchNorm running statistics (buffers a training step changes), stochastic
     layers in train mode, devices other than CPU/CUDA, trainable weights that would not fit the memory
-    budget twice over, and tasks whose ``outputs`` fail (or differ) under ``functional_call`` + ``vmap``.
+    budget (``memory`` bytes) twice over, and tasks whose ``outputs`` fail (or differ) under
+    ``functional_call`` + ``vmap``. ``train`` is the training set (the probe examples and the batch size
+    come from it).
     """
-    from .method import fetch, to_device
-
-    model = daunce._working_model()
-    cfg = daunce.config
+    model = ctx.model
     for name, m in model.named_modules():
         if isinstance(m, _RUNNING_STATS) and m.track_running_stats:
             return False, f"module {name or type(m).__name__} is a BatchNorm with running statistics", 0
-        if cfg.train_mode and isinstance(m, _STOCHASTIC):
+        if config.train_mode and isinstance(m, _STOCHASTIC):
             return False, f"module {name} is stochastic (dropout) and train_mode=True", 0
-    dev = daunce.device
+    dev = ctx.device
     if dev.type not in ("cpu", "cuda"):
         return False, f"the model is on {dev.type}, vmap is used on CPU and CUDA only", 0
-    params = daunce._params
+    params = ctx.params
     elsize = params[0].element_size()
-    n_params = sum(p.numel() for p in params)
+    n_params = ctx.n_params
     # weights, gradient, two Adam moments, theta0 expansion, eta
     weight_bytes = 6 * n_params * elsize
-    budget = daunce.vmap_memory
-    if 2 * weight_bytes > budget:
+    if 2 * weight_bytes > memory:
         return False, (f"one copy's trainable weights and optimiser state ({weight_bytes / 2**20:.0f} MiB) "
                        "exceed half the vmap memory budget"), 0
     # run the task's outputs under functional_call + vmap on two copies and three examples
     probe = torch.arange(min(3, len(train)))
     try:
-        batch = to_device(fetch(train, probe, daunce._collate), dev)
-        daunce._load_state(daunce._theta0)
-        model.train(False)
-        with torch.no_grad():
-            ref = daunce._outputs(model, batch)
-            act = _activation_numel(model, lambda: daunce._outputs(model, batch)) / len(probe)
-            vt = VectorisedTrainer(daunce)
-            stacked = vt.stacked_theta0(2)
-            out = vmap(vt._outputs, in_dims=(0, None))(tuple(stacked), batch)
-            out2 = vmap(vt._outputs, in_dims=(0, 0))(tuple(stacked), _stack([batch, batch]))
-        close = dict(rtol=1e-4, atol=1e-5)
-        if not (torch.allclose(out[0], ref, **close) and torch.allclose(out2[1], ref, **close)):
-            return False, "task.outputs gives different values under functional_call + vmap", 0
+        with warnings.catch_warnings():  # torch warns about slow batching rules: the probe decides anyway
+            warnings.simplefilter("ignore")
+            return _probe(ctx, config, train, probe, weight_bytes, elsize, n_params)
     except Exception as e:  # noqa: BLE001 - any failure means: not vectorisable
         return False, f"task.outputs does not run under functional_call + vmap ({type(e).__name__}: {e})", 0
-    bs = cfg.batch_size or max(1, round(cfg.subset_ratio * len(train)))
+
+
+def _probe(ctx: ModelContext, config: DaunceConfig, train, probe, weight_bytes: int, elsize: int, n_params: int):
+    """Run the task's outputs under functional_call + vmap on two copies of theta0 (see ``check``)."""
+    model = ctx.model
+    batch = ctx.fetch(train, probe)
+    ctx.reset()
+    model.train(False)
+    with torch.no_grad():
+        ref = ctx.outputs(batch)
+        act = activation_numel(model, lambda: ctx.outputs(batch)) / len(probe)
+        vt = VectorisedTrainer(ctx, config)
+        stacked = vt.stacked_theta0(2)
+        out = vmap(vt.outputs, in_dims=(0, None))(tuple(stacked), batch)
+        out2 = vmap(vt.outputs, in_dims=(0, 0))(tuple(stacked), _stack([batch, batch]))
+    close = dict(rtol=1e-4, atol=1e-5)
+    if not (torch.allclose(out[0], ref, **close) and torch.allclose(out2[1], ref, **close)):
+        return False, "task.outputs gives different values under functional_call + vmap", 0
+    bs = config.batch_size or max(1, round(config.subset_ratio * len(train)))
     # activations: forward values kept for backward plus their gradients (x3, a rough upper bound)
     per_copy = weight_bytes + 3 * int(act) * bs * elsize
     return True, f"vectorisable ({n_params} trainable parameters)", per_copy
@@ -317,7 +311,7 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d
 CPU_MAX_VMAP_WEIGHT = 100_000  # between the measured 50k (1.3x faster) and 200k (0.8x) elements
 
 
-def worthwhile(daunce) -> tuple[bool, str]:
+def worthwhile(ctx: ModelContext) -> tuple[bool, str]:
     """Whether vmap is expected to be faster than the sequential loop (used by ``trainer="auto"``).
 
     On CPU, "auto" keeps two kinds of model sequential, from the measurements in benchmarks/results/:
@@ -327,8 +321,8 @@ def worthwhile(daunce) -> tuple[bool, str]:
     ``CPU_MAX_VMAP_WEIGHT`` elements, where batched matmuls over the copies lose to plain ones (MLP
     784-256-10: 0.8x, trainers_epoch_mlp_h256.md; 784-64-10: 1.3x, trainers_epoch_mlp.md).
     """
-    model = daunce._working_model()
-    if daunce.device.type == "cpu":
+    model = ctx.model
+    if ctx.device.type == "cpu":
         for name, m in model.named_modules():
             if isinstance(m, _CONV) and any(p.requires_grad for p in m.parameters()):
                 return False, (f"module {name} is a trainable convolution: grouped convolutions under vmap are "
@@ -341,19 +335,19 @@ def worthwhile(daunce) -> tuple[bool, str]:
     return True, ""
 
 
-def block_size(daunce, per_copy_bytes: int, n_todo: int) -> int:
-    """Copies per block: ``daunce.vmap_block`` if set, else as many as the memory budget allows."""
-    if daunce.vmap_block is not None:
-        return max(1, min(daunce.vmap_block, n_todo))
-    fit = int(daunce.vmap_memory // max(per_copy_bytes, 1))
-    return max(1, min(fit, MAX_BLOCK, n_todo))
+def block_size(block: Optional[int], memory: float, per_copy_bytes: int, n_todo: int) -> int:
+    """Copies per block: ``block`` if set, else as many as ``memory`` bytes allow (at most ``MAX_VMAP_BLOCK``)."""
+    if block is not None:
+        return max(1, min(block, n_todo))
+    fit = int(memory // max(per_copy_bytes, 1))
+    return max(1, min(fit, MAX_VMAP_BLOCK, n_todo))
 
 
 def blocks_of(plans: list, size: int) -> list:
     """Split plans into blocks of at most ``size`` copies with equal batch-size patterns."""
     groups: dict[tuple, list] = {}
     for p in plans:
-        groups.setdefault(tuple(len(b) for b in p.batches), []).append(p)
+        groups.setdefault(p.batches.sizes_key(), []).append(p)
     out = []
     for group in groups.values():
         out.extend(group[s : s + size] for s in range(0, len(group), size))
@@ -362,4 +356,4 @@ def blocks_of(plans: list, size: int) -> list:
 
 
 __all__ = ["VectorisedTrainer", "StackedAdam", "StackedSGD", "check", "worthwhile", "block_size", "blocks_of",
-           "DEFAULT_MEMORY_BYTES", "MAX_BLOCK"]
+           "activation_numel", "stacked_proximal", "MAX_VMAP_BLOCK", "CPU_MAX_VMAP_WEIGHT"]

@@ -6,7 +6,7 @@ Offline (default profile):
 * ``instruction_following``: prompts carrying IFEval-type verifiable constraints, built from
   templates over a set of topics; each response is constructed to satisfy the constraint and is
   verified with IFEval's own checker (``if-verifiable``). Shipped pre-built (and re-verified on
-  load) in ``daunce/data_files/if_synthetic.jsonl``; ``build_instruction_following`` regenerates it.
+  load) in ``daunce/experiments/data_files/if_synthetic.jsonl``; ``build_instruction_following`` regenerates it.
 
 Paper profile (needs the hub, or local copies in the same formats):
 * ``load_math``: MATH (Hendrycks et al.): a folder of per-problem json files (the original release),
@@ -378,7 +378,7 @@ def build_instruction_following(seed: int = 0, verify: bool = True) -> list[dict
 
 
 def instruction_following(path: Optional[Path] = None, verify: bool = True) -> list[dict]:
-    """The synthetic instruction-following set: read from ``daunce/data_files/if_synthetic.jsonl``
+    """The synthetic instruction-following set: read from ``daunce/experiments/data_files/if_synthetic.jsonl``
     (rebuilt if missing) and, with ``verify``, every response re-checked with IFEval's checker."""
     path = Path(path or IF_FILE)
     if path.exists():
@@ -390,9 +390,3 @@ def instruction_following(path: Optional[Path] = None, verify: bool = True) -> l
         if bad:
             raise AssertionError(f"{len(bad)} responses fail IFEval's checker: keys {bad[:5]}")
     return exs
-
-
-def write_jsonl(examples: Sequence[dict], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(e) + "\n" for e in examples))

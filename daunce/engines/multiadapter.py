@@ -1,7 +1,7 @@
 """Signals of many LoRA copies in one forward pass: peft's mixed-adapter batches.
 
 The K perturbed copies of a LoRA model differ only in their adapters. Evaluating them one after the
-other (``Daunce._signals_now`` after loading each copy's weights) runs the frozen base model K times
+other (``daunce.engines.sequential.signals_now`` after loading each copy's weights) runs the frozen base model K times
 on every batch, each time with a batch of ``B`` examples. peft can instead hold several adapters in
 one model and route every row of a batch to its own adapter: a LoRA layer called with the keyword
 ``adapter_names=[name_0, ..., name_{N-1}]`` (one name per row) computes the base layer on the whole
@@ -33,10 +33,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-#: Bytes of activations one forward pass (one eval batch of each of the C copies) may use by default.
-DEFAULT_MEMORY_BYTES = 2 * 2**30
-#: Never put more copies than this in one pass.
-MAX_BLOCK = 64
+from .context import DEFAULT_MEMORY_BYTES, ModelContext, per_example
+from .vmap import activation_numel
+
+#: Never put more copies than this in one mixed-adapter pass.
+MAX_ADAPTER_BLOCK = 64
 #: Names of the extra adapters: ``daunce_slot_0``, ``daunce_slot_1``, ...
 SLOT_PREFIX = "daunce_slot_"
 #: The sub-modules of a LoRA layer that hold one adapter's weights (``<layer>.<key>.<adapter>...``).
@@ -233,16 +234,7 @@ def repeat_batch(batch: Any, C: int, B: Optional[int] = None) -> Any:
     return batch
 
 
-# ------------------------------------------------------------------------------- Daunce passes
-def _slots(daunce) -> AdapterSlots:
-    model = daunce._working_model()
-    slots = getattr(daunce, "_adapter_slots", None)
-    if slots is None or slots.model is not model:
-        slots = AdapterSlots(model, daunce._names)
-        daunce._adapter_slots = slots
-    return slots
-
-
+# --------------------------------------------------------------------------------- the engine
 def routed_outputs(slots: AdapterSlots, C: int, outputs_fn, batch, B: Optional[int] = None):
     """``outputs_fn(model, batch repeated C times)`` with copy ``c``'s rows routed to slot ``c``: one forward
     pass for C copies. Returns the outputs, ``(C * B, ...)``, copy-major."""
@@ -256,88 +248,6 @@ def routed_outputs(slots: AdapterSlots, C: int, outputs_fn, batch, B: Optional[i
     return outs
 
 
-def _signals_of_batch(daunce, slots: AdapterSlots, C: int, batch, B: int) -> torch.Tensor:
-    """``(C, B)`` signals of the C copies in slots ``0..C-1`` on one (device) batch: one routed forward
-    pass, then the task's signal on each copy's ``B`` rows of outputs (as in the one-copy pass, so
-    per-example work such as an LM head stays at the size of one batch)."""
-    outs = routed_outputs(slots, C, daunce._outputs, batch, B)
-    return torch.stack([daunce._per_example(daunce._signal(o, batch), B, "signal") for o in outs.split(B)])
-
-
-@torch.no_grad()
-def signals(daunce, states: Sequence[Sequence[torch.Tensor]], dataset) -> torch.Tensor:
-    """Signals ``(C, n)`` (float64, CPU) of the C copies whose trainable tensors are ``states`` (each a
-    list in the order of ``daunce._params``, as ``Daunce`` stores them), in one pass over ``dataset``."""
-    from .method import fetch, to_device
-
-    slots = _slots(daunce)
-    C = len(states)
-    for c, st in enumerate(states):
-        slots.load(c, st)
-    model = slots.model
-    model.train(False)
-    n = len(dataset)
-    out = torch.empty(C, n, dtype=torch.float64)
-    for idx in daunce._batches(n):
-        batch = to_device(fetch(dataset, idx, daunce._collate), daunce.device)
-        out[:, idx] = _signals_of_batch(daunce, slots, C, batch, len(idx)).double().cpu()
-    return out
-
-
-def _output_bytes(model: torch.nn.Module, run) -> int:
-    """Bytes of all leaf-module outputs during ``run()`` (an upper bound on a no-grad pass's activations)."""
-    from .vectorised import _activation_numel
-
-    return _activation_numel(model, run, in_bytes=True)
-
-
-@torch.no_grad()
-def check(daunce, dataset) -> tuple[bool, str]:
-    """Can ``daunce``'s signals be computed with mixed-adapter batches? Returns ``(ok, reason)``.
-
-    Needs a peft LoRA model (``lora_layout``) and a task whose outputs follow the routing: on up to three
-    examples, a copy whose weights differ from theta0 (slot 0) and theta0 itself (slot 1), evaluated in
-    one routed pass, must give the signals of one-copy passes with those weights loaded."""
-    from .method import fetch, to_device
-
-    model = daunce._working_model()
-    adapter, _entries, reason = lora_layout(model, daunce._names)
-    if adapter is None:
-        return False, reason
-    if daunce.device.type not in ("cpu", "cuda"):
-        return False, f"the model is on {daunce.device.type}; mixed-adapter passes are used on CPU and CUDA only"
-    theta0 = daunce._theta0
-    g = torch.Generator().manual_seed(0)
-    # a copy clearly away from theta0: every weight moved by about its own scale (at least 0.05)
-    other = [t + max(float(t.abs().mean()), 0.05) * torch.randn(t.shape, generator=g).to(t.device, t.dtype)
-             for t in theta0]
-    probe = torch.arange(min(3, len(dataset)))
-    try:
-        batch = to_device(fetch(dataset, probe, daunce._collate), daunce.device)
-        model.train(False)
-
-        def one_copy(state):
-            daunce._load_state(state)
-            return daunce._per_example(daunce._signal(daunce._outputs(model, batch), batch), len(probe), "signal")
-
-        ref0, ref1 = one_copy(other), one_copy(theta0)
-        slots = _slots(daunce)
-        slots.load(0, other)
-        slots.load(1, theta0)
-        both = _signals_of_batch(daunce, slots, 2, batch, len(probe))
-    except Exception as e:  # noqa: BLE001 - any failure means: not usable
-        return False, f"the task does not run with mixed-adapter batches ({type(e).__name__}: {e})"
-    finally:
-        daunce._load_state(theta0)
-    scale = float(torch.cat([ref0, ref1]).abs().max()) + 1e-12
-    close = dict(rtol=1e-4, atol=1e-5 * scale)
-    if not (torch.allclose(both[0], ref0, **close) and torch.allclose(both[1], ref1, **close)):
-        return False, ("task outputs differ between mixed-adapter batches and one-copy passes (does the task's "
-                       "outputs() run the model's LoRA layers on the rows of the batch it is given?)")
-    n_params = sum(t.numel() for t in theta0)
-    return True, f"peft LoRA adapter {adapter!r} ({n_params:,} trainable parameters)"
-
-
 @torch.no_grad()
 def row_bytes(model: torch.nn.Module, outputs_fn, batch) -> int:
     """Estimated activation bytes per example of a forward pass: the sum of the leaf-module outputs of
@@ -345,10 +255,105 @@ def row_bytes(model: torch.nn.Module, outputs_fn, batch) -> int:
     was = model.training
     model.train(False)
     try:
-        total = _output_bytes(model, lambda: outputs_fn(model, batch))
+        total = activation_numel(model, lambda: outputs_fn(model, batch), in_bytes=True)
     finally:
         model.train(was)
     return max(1, total // max(1, batch_len(batch) or 1))
+
+
+class MultiAdapterPass:
+    """Signals of blocks of LoRA copies of one ``ModelContext``, in mixed-adapter forward passes.
+
+    The adapter slots are added to the context's working model on first use and kept."""
+
+    def __init__(self, ctx: ModelContext):
+        self.ctx = ctx
+        self.slots: Optional[AdapterSlots] = None
+
+    def ready_slots(self) -> AdapterSlots:
+        if self.slots is None:
+            self.slots = AdapterSlots(self.ctx.model, self.ctx.names)
+        return self.slots
+
+    def batch_signals(self, C: int, batch, B: int, signal=None) -> torch.Tensor:
+        """``(C, B)`` signals of the C copies in slots ``0..C-1`` on one (device) batch: one routed forward
+        pass, then the task's signal (or ``signal(outputs, batch)``) on each copy's ``B`` rows of outputs
+        (as in the one-copy pass, so per-example work such as an LM head stays at the size of one batch)."""
+        ctx = self.ctx
+        signal_fn = ctx.task_signal if signal is None else signal
+        outs = routed_outputs(self.ready_slots(), C, ctx.task_outputs, batch, B)
+        return torch.stack([per_example(signal_fn(o, batch), B, "signal") for o in outs.split(B)])
+
+    @torch.no_grad()
+    def signals(self, states: Sequence[Sequence[torch.Tensor] | dict], dataset, signal=None) -> torch.Tensor:
+        """Signals ``(C, n)`` (float64, CPU) of the C copies whose trainable tensors are ``states`` (each a
+        list in the order of ``ctx.names``, or a dict by name), in one pass over ``dataset``."""
+        ctx = self.ctx
+        slots = self.ready_slots()
+        C = len(states)
+        for c, st in enumerate(states):
+            slots.load(c, st)
+        ctx.model.train(False)
+        n = len(dataset)
+        out = torch.empty(C, n, dtype=torch.float64)
+        for idx in ctx.index_batches(n):
+            out[:, idx] = self.batch_signals(C, ctx.fetch(dataset, idx), len(idx), signal).double().cpu()
+        return out
+
+    @torch.no_grad()
+    def check(self, dataset) -> tuple[bool, str]:
+        """Can signals be computed with mixed-adapter batches? Returns ``(ok, reason)``.
+
+        Needs a peft LoRA model (``lora_layout``) and a task whose outputs follow the routing: on up to
+        three examples, a copy whose weights differ from theta0 (slot 0) and theta0 itself (slot 1),
+        evaluated in one routed pass, must give the signals of one-copy passes with those weights loaded."""
+        ctx = self.ctx
+        model = ctx.model
+        adapter, _entries, reason = lora_layout(model, ctx.names)
+        if adapter is None:
+            return False, reason
+        if ctx.device.type not in ("cpu", "cuda"):
+            return False, f"the model is on {ctx.device.type}; mixed-adapter passes are used on CPU and CUDA only"
+        theta0 = ctx.theta0
+        g = torch.Generator().manual_seed(0)
+        # a copy clearly away from theta0: every weight moved by about its own scale (at least 0.05)
+        other = [t + max(float(t.abs().mean()), 0.05) * torch.randn(t.shape, generator=g).to(t.device, t.dtype)
+                 for t in theta0]
+        probe = torch.arange(min(3, len(dataset)))
+        try:
+            batch = ctx.fetch(dataset, probe)
+            model.train(False)
+
+            def one_copy(state):
+                ctx.load_state(state)
+                return ctx.signal(ctx.outputs(batch), batch, len(probe))
+
+            ref0, ref1 = one_copy(other), one_copy(theta0)
+            slots = self.ready_slots()
+            slots.load(0, other)
+            slots.load(1, theta0)
+            both = self.batch_signals(2, batch, len(probe))
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable
+            return False, f"the task does not run with mixed-adapter batches ({type(e).__name__}: {e})"
+        finally:
+            ctx.reset()
+        scale = float(torch.cat([ref0, ref1]).abs().max()) + 1e-12
+        close = dict(rtol=1e-4, atol=1e-5 * scale)
+        if not (torch.allclose(both[0], ref0, **close) and torch.allclose(both[1], ref1, **close)):
+            return False, ("task outputs differ between mixed-adapter batches and one-copy passes (does the task's "
+                           "outputs() run the model's LoRA layers on the rows of the batch it is given?)")
+        return True, f"peft LoRA adapter {adapter!r} ({ctx.n_params:,} trainable parameters)"
+
+    def block_size(self, dataset, n_todo: int, block: Optional[int] = None,
+                   memory: float = DEFAULT_MEMORY_BYTES) -> int:
+        """Copies per pass: ``block`` if set, else as many as ``memory`` bytes of activations allow for the
+        forward pass over one eval batch of every copy (at most ``MAX_ADAPTER_BLOCK``)."""
+        if block is not None:
+            return max(1, min(block, n_todo))
+        ctx = self.ctx
+        probe = ctx.fetch(dataset, torch.arange(min(3, len(dataset))))
+        per_row = row_bytes(ctx.model, ctx.task_outputs, probe)
+        return copies_per_pass(memory, min(ctx.eval_batch_size, len(dataset)), per_row, n_todo)
 
 
 def checked_block_options(adapter_block: Optional[int], adapter_memory: float) -> tuple[Optional[int], float]:
@@ -363,22 +368,10 @@ def checked_block_options(adapter_block: Optional[int], adapter_memory: float) -
 
 
 def copies_per_pass(memory: float, rows: int, bytes_per_row: int, n_todo: int) -> int:
-    """How many copies' rows (``rows`` examples each) fit ``memory`` bytes of activations, in [1, MAX_BLOCK]."""
+    """How many copies' rows (``rows`` examples each) fit ``memory`` bytes of activations, in [1, MAX_ADAPTER_BLOCK]."""
     fit = int(memory // max(1, rows * bytes_per_row))
-    return max(1, min(fit, MAX_BLOCK, n_todo))
+    return max(1, min(fit, MAX_ADAPTER_BLOCK, n_todo))
 
 
-def block_size(daunce, dataset, n_todo: int) -> int:
-    """Copies per pass: ``daunce.adapter_block`` if set, else as many as ``daunce.adapter_memory`` allows
-    for the forward pass over one eval batch of every copy (at most ``MAX_BLOCK``)."""
-    from .method import fetch, to_device
-
-    if daunce.adapter_block is not None:
-        return max(1, min(daunce.adapter_block, n_todo))
-    probe = to_device(fetch(dataset, torch.arange(min(3, len(dataset))), daunce._collate), daunce.device)
-    per_row = row_bytes(daunce._working_model(), daunce._outputs, probe)
-    return copies_per_pass(daunce.adapter_memory, min(daunce.eval_batch_size, len(dataset)), per_row, n_todo)
-
-
-__all__ = ["AdapterSlots", "route", "repeat_batch", "routed_outputs", "lora_layout", "check", "signals",
-           "block_size", "row_bytes", "copies_per_pass", "checked_block_options", "DEFAULT_MEMORY_BYTES", "MAX_BLOCK"]
+__all__ = ["AdapterSlots", "MultiAdapterPass", "route", "repeat_batch", "routed_outputs", "lora_layout", "row_bytes",
+           "copies_per_pass", "checked_block_options", "MAX_ADAPTER_BLOCK"]

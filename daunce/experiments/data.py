@@ -128,7 +128,8 @@ def cifar10_arrays(root: Path | str, download: bool = False):
         CIFAR10(str(root), train=True, download=True)
     if not folder.exists():
         raise FileNotFoundError(f"no CIFAR-10 under {folder}; download it (needs the internet) or pass download=True")
-    parts = [_read_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6) if (folder / f"data_batch_{i}").exists()]
+    files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    parts = [_read_cifar_batch(f) for f in files if f.exists()]
     if not parts:
         raise FileNotFoundError(f"no data_batch_* files in {folder}")
     xtr = np.concatenate([p[0] for p in parts])

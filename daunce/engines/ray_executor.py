@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .method import atomic_save
+from ..progress import progress_bar
+from ..store import atomic_save
 
+#: Where work runs: in this process, or as Ray tasks.
 EXECUTORS = ("local", "ray")
 
 
@@ -110,7 +111,7 @@ def map_tasks(fn: Callable[[Any], Any], items: Iterable, workdir: os.PathLike, *
         raise ValueError(f"map_tasks: two items share the key {dup!r}; pass a key function that tells them apart")
     paths = {k: result_path(workdir, k) for k in keys}
     todo = [(k, it) for k, it in zip(keys, items) if not paths[k].exists()]
-    bar = tqdm(total=len(todo), desc=f"map_tasks ({executor})", disable=not progress or not todo)
+    bar = progress_bar(total=len(todo), desc=f"map_tasks ({executor})", progress=progress and bool(todo))
     if executor == "local":
         for k, it in todo:
             _run_and_save(fn, it, str(paths[k]))
@@ -127,36 +128,38 @@ def map_tasks(fn: Callable[[Any], Any], items: Iterable, workdir: os.PathLike, *
 
 
 # ------------------------------------------------------------------------------------ Daunce on Ray
-def _train_block(model, task, config, workdir: str, init_kwargs: dict, ks: list, train, query,
-                 train_fp: str, qfp: Optional[str], cache, device: Optional[str] = None) -> dict:
-    """Ray task: train the copies ``ks`` that are not in the workdir yet; returns ``{k: seconds}``."""
-    from .method import Daunce
-
+def _train_block(front_class, model, task, config, workdir: str, options: dict, ks: list, train, query,
+                 cache, device: Optional[str] = None) -> dict:
+    """Ray task: build the same front (``front_class(model, task, config, workdir, **options)``) and train
+    the copies ``ks`` that are not in the workdir yet; returns ``{"trained", "seconds", "trainer", "reason"}``."""
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if device is not None:  # e.g. "cuda" for a task that requested a GPU
         model = model.to(device)
         cache = {k: v.to(device) for k, v in cache.items()} if cache is not None else None
-    d = Daunce(model, task, config, workdir, progress=False, executor="local", **init_kwargs)
-    d.n_train, d.train_fingerprint = len(train), train_fp
-    todo = [k for k in ks if not d._finished(k)]
-    if todo:
-        d._train_copies(todo, train, query, qfp, cache)
+    d = front_class(model, task, config, workdir, progress=False, executor="local", **options)
+    todo = d.train_copies(ks, train, query, cache)
     return {"trained": todo, "seconds": {k: d.seconds[k] for k in todo},
             "trainer": d.trainer_used, "reason": d.trainer_reason}
 
 
-def fit_on_ray(d, todo: list, train, query, qfp: Optional[str], cache) -> None:
-    """Train ``d``'s unfinished copies ``todo`` as Ray tasks (blocks of ``copies_per_task``).
+RAY_OPTIONS = ("copies_per_task", "num_cpus", "num_gpus", "max_retries", "init", "device")
 
-    The driver has already checked the workdir's manifest and cached the base outputs; the tasks
+
+def fit_on_ray(d, todo: list, train, query) -> None:
+    """Train the unfinished copies ``todo`` of the front ``d`` (a ``daunce.Daunce``) as Ray tasks (blocks of
+    ``copies_per_task``).
+
+    The driver has already checked the workdir's manifest; it computes the base cache once, and the tasks
     share the model, datasets and cache through Ray's object store and write their copies to
     ``d.workdir``. Afterwards ``d.trained_copies``, ``d.seconds``, ``d.trainer_used`` are filled in as
-    after a local fit.
+    after a local fit. Only public attributes of ``d`` are read: ``ray_options``, ``options``, ``model``,
+    ``task``, ``config``, ``workdir``, ``vmap_block``, ``progress`` and ``base_cache``.
     """
     opts = d.ray_options
-    unknown = set(opts) - {"copies_per_task", "num_cpus", "num_gpus", "max_retries", "init", "device"}
+    unknown = set(opts) - set(RAY_OPTIONS)
     if unknown:
         raise ValueError(f"unknown ray_options {sorted(unknown)}")
+    cache = d.base_cache(train) if d.config.variant != "bootstrap" else None
     per_task = opts.get("copies_per_task") or d.vmap_block or 8
     device = opts.get("device", "cuda" if opts.get("num_gpus", 0) > 0 else None)
     ray = _ray(opts.get("init"))
@@ -166,10 +169,10 @@ def fit_on_ray(d, todo: list, train, query, qfp: Optional[str], cache) -> None:
     model_ref, task_ref, cfg_ref, train_ref, query_ref, cache_ref = shared
     blocks = [todo[s : s + per_task] for s in range(0, len(todo), per_task)]
     t0 = time.perf_counter()
-    refs = [remote.remote(model_ref, task_ref, cfg_ref, str(d.workdir), d._init_kwargs, ks, train_ref, query_ref,
-                          d.train_fingerprint, qfp, cache_ref, device) for ks in blocks]
-    bar = tqdm(total=len(refs), desc=f"daunce-{d.config.variant} copies (ray, {per_task}/task)",
-               disable=not d.progress)
+    refs = [remote.remote(type(d), model_ref, task_ref, cfg_ref, str(d.workdir), d.options, ks, train_ref,
+                          query_ref, cache_ref, device) for ks in blocks]
+    bar = progress_bar(total=len(refs), desc=f"daunce-{d.config.variant} copies (ray, {per_task}/task)",
+               progress=d.progress)
     results = _wait_all(ray, refs, bar)
     for r in results:
         d.trained_copies.extend(r["trained"])
@@ -180,4 +183,4 @@ def fit_on_ray(d, todo: list, train, query, qfp: Optional[str], cache) -> None:
     d.ray_seconds = time.perf_counter() - t0
 
 
-__all__ = ["map_tasks", "fit_on_ray", "default_key", "result_path"]
+__all__ = ["map_tasks", "fit_on_ray", "default_key", "result_path", "EXECUTORS", "RAY_OPTIONS"]

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch.utils.data import TensorDataset
 
+from ..task import ClassificationTask
 from . import data as _data
 from . import groundtruth, models, training
 
@@ -63,7 +64,8 @@ RESNET_RECIPE = Recipe(optimizer="adam", epochs=24, lr=1e-3, batch_size=256, wei
 PROFILES: dict[str, dict[str, ModelSetting]] = {
     "smoke": {
         "lr": ModelSetting("lr", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(optimizer="lbfgs", epochs=2), 2, 1, 32),
-        "mlp": ModelSetting("mlp", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(epochs=5, lr=3e-3, batch_size=64), 2, 2, 32),
+        "mlp": ModelSetting("mlp", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(epochs=5, lr=3e-3, batch_size=64),
+                            2, 2, 32),
     },
     # Sizes of the offline run: chosen so that the notebook finishes in about 30 minutes on a shared
     # 2-core CPU shared with other jobs (dattri's 5,000 training images did not fit: 1,000 for LR/MLP,
@@ -160,21 +162,13 @@ def ground_truth(s: ModelSetting, train: TensorDataset, query: TensorDataset, wo
 
 
 # ------------------------------------------------------------------------------ Daunce helpers
-@torch.no_grad()
-def copy_signals(daunce, dataset: TensorDataset, kind: str = "margin", batch_size: int = 1024) -> torch.Tensor:
+def copy_signals(daunce, dataset: TensorDataset, kind: str = "margin") -> torch.Tensor:
     """``(K, n)`` signals of the trained copies of ``daunce`` under another signal than the one recorded:
     ``kind="margin"`` gives minus the margin (higher = worse, like the loss), ``"loss"`` the cross-entropy.
-    Reads each copy's weights (``Daunce._state``), so no copy is trained again."""
+    Computed from the stored copies' weights (``Daunce.signals(dataset, signal=...)``); no copy is trained again."""
     if kind not in ("margin", "loss"):
         raise ValueError(f"kind must be 'margin' or 'loss', got {kind!r}")
-    model = daunce._working_model()
-    rows = []
-    for k in range(daunce.config.n_models):
-        daunce._load_state(daunce._state(k))
-        # minus the goodness of the LDS ground truth: higher = worse, like the loss
-        rows.append(-groundtruth.goodness(model, dataset, "margin" if kind == "margin" else "neg_loss", batch_size))
-    daunce._load_state(daunce._theta0)
-    return torch.stack(rows)
+    return daunce.signals(dataset, signal=ClassificationTask(kind).signal)
 
 
 def ridge_scores(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
@@ -190,14 +184,13 @@ def ridge_scores(A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.
     return (A.T @ W).float()
 
 
-def make_daunce(model, config, workdir=None, *, signal: str = "loss", ortho_block: Optional[int] = None,
+def make_daunce(model, config, workdir=None, *, signal: str = "loss", orthogonal_block: Optional[int] = None,
                 trainer: str = "auto"):
-    """A ``Daunce`` for the benchmark. ``ortho_block`` caps the orthogonal design's block at that many
+    """A ``Daunce`` for the benchmark. ``orthogonal_block`` caps the orthogonal design's block at that many
     copies (the default block, min(n + d, 5e7 / (n + d)) copies, costs a QR of an (n + d) x block
     matrix, which dominated the run time here for K <= 512)."""
-    from .method import Daunce
-    from .task import ClassificationTask
+    from ..method import Daunce
 
     # vmap_block bounds memory: 16 copies at a time (256 at once took > 12 GB when recomputing signals)
     return Daunce(model, ClassificationTask(signal), config, workdir, progress=False, trainer=trainer, vmap_block=16,
-                  orthogonal_block=ortho_block)
+                  orthogonal_block=orthogonal_block)

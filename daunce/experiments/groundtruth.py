@@ -10,7 +10,6 @@ and a later call with more subsets or seeds trains only the new ones. The output
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -20,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 
-from .method import atomic_save, atomic_write_json, fingerprint
-from .task import margin
+from ..progress import progress_bar
+from ..store import atomic_save, check_manifest, fingerprint
+from ..task import margin
 
 OUTPUTS = ("margin", "neg_loss")
 
@@ -68,7 +67,7 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
         key: anything else that decides the retrained models (model name, training settings); it is
             stored in the cache's manifest so that a cache of another setting is never reused.
         map_fn: optional ``map_fn(fn, items) -> list`` to run the retrains in parallel
-            (e.g. a ``daunce.distributed.map_tasks`` wrapper); default: a sequential loop.
+            (e.g. a ``daunce.engines.ray_executor.map_tasks`` wrapper); default: a sequential loop.
     Returns: ``{"outputs": (M, S, Q) float64, "subsets": (M, n_train) bool, "seconds": total training
         seconds (summed over retrains, including cached ones), "trained": number trained in this call}``.
     """
@@ -80,14 +79,8 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
     if folder is not None:
         manifest = {"train": fingerprint(train), "query": fingerprint(query), "kind": kind,
                     "subsets": hashlib.sha1(subsets.numpy().tobytes()).hexdigest()[:16], "key": key or {}}
-        folder.mkdir(parents=True, exist_ok=True)
-        mpath = folder / "manifest.json"
-        if mpath.exists():
-            old = json.loads(mpath.read_text())
-            # more subsets than before is fine only if the first ones are the same: keep M out of the key
-            if {k: v for k, v in old.items() if k != "subsets"} != {k: v for k, v in manifest.items() if k != "subsets"}:
-                raise ValueError(f"{folder} holds retrains of another setting; use another workdir")
-        atomic_write_json(manifest, mpath, default=str)  # a concurrent reader never sees a half-written file
+        # more subsets than before is fine only if the first ones are the same: the subsets' hash may change
+        check_manifest(folder, manifest, what="retrains", ignore=("subsets",))
     x, y = train.tensors[:2]
 
     def one(job):
@@ -113,7 +106,7 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
         for j, rec in zip(todo, map_fn(one, todo)):
             done[j] = rec
     else:
-        for j in tqdm(todo, desc="ground-truth retrains", disable=not progress or not todo):
+        for j in progress_bar(todo, desc="ground-truth retrains", progress=progress and bool(todo)):
             done[j] = one(j)
     out = torch.stack([torch.stack([done[(m, s)]["outputs"] for s in range(n_seeds)]) for m in range(M)])
     return {"outputs": out, "subsets": subsets, "seconds": float(sum(r["seconds"] for r in done.values())),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
-from .task import margin
+from ..task import margin
 
 DATTRI_METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-ekfac", "datainf", "trak", "tracin",
                   "grad-dot", "grad-cos")
@@ -91,8 +91,16 @@ def dattri_scores(method: str, model: torch.nn.Module, train: TensorDataset, que
         regularization: the damping added to the Hessian / Fisher / kernel (the training weight decay).
         kw: method-specific overrides (``max_iter``, ``proj_dim``, ``recursion_depth`` ...).
     """
-    from dattri.algorithm import (IFAttributorArnoldi, IFAttributorCG, IFAttributorDataInf, IFAttributorEKFAC,
-                                  IFAttributorExplicit, IFAttributorLiSSA, TracInAttributor, TRAKAttributor)
+    from dattri.algorithm import (
+        IFAttributorArnoldi,
+        IFAttributorCG,
+        IFAttributorDataInf,
+        IFAttributorEKFAC,
+        IFAttributorExplicit,
+        IFAttributorLiSSA,
+        TracInAttributor,
+        TRAKAttributor,
+    )
     from dattri.task import AttributionTask
 
     if method not in DATTRI_METHODS:
@@ -235,7 +243,6 @@ def run_isolated(method: str, model, train, query, *, timeout: float = 120.0, me
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
     p = ctx.Process(target=_child, args=(child, method, model, train, query, kw, memory_gb * 2**30))
-    t0 = time.perf_counter()
     p.start()
     child.close()
     if not parent.poll(timeout):

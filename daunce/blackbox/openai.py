@@ -39,8 +39,6 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-COMPLETION_MODELS = ("babbage-002", "davinci-002")
-
 
 class FineTuneFailed(RuntimeError):
     """A fine-tuning job ended as ``failed`` or ``cancelled`` (or did not finish in time)."""
@@ -110,7 +108,8 @@ class OpenAIBackend:
         self.base_model = base_model
         self.hyperparameters = dict(hyperparameters) if hyperparameters else None
         self.data_format = data_format
-        self.prompt_suffix, self.completion_prefix, self.completion_suffix = prompt_suffix, completion_prefix, completion_suffix
+        self.prompt_suffix, self.completion_prefix = prompt_suffix, completion_prefix
+        self.completion_suffix = completion_suffix
         self.suffix = suffix
         self.poll_interval, self.max_poll_interval, self.backoff = poll_interval, max_poll_interval, backoff
         self.job_timeout = job_timeout

@@ -1,0 +1,161 @@
+"""``ModelContext``: the one public object every engine receives.
+
+It owns the working copy of the model (the target model itself is never modified), the trainable
+parameters and theta0, and the task's calls checked for one value per example. Engines (sequential,
+vmap, multi-adapter, Ray) read and call this object only; they never see the ``Daunce`` front.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from ..task import task_method
+
+#: Bytes a block of copies may use by default in one engine pass (vmap training, multi-adapter signals).
+DEFAULT_MEMORY_BYTES = 2 * 2**30
+
+
+def to_device(batch: Any, device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def fetch(dataset: Dataset, idx: torch.Tensor, collate) -> Any:
+    """The batch of ``dataset`` at indices ``idx`` (fast path for a ``TensorDataset``), on the CPU."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(t[idx] for t in dataset.tensors)
+    return collate([dataset[int(i)] for i in idx])
+
+
+def per_example(value: torch.Tensor, batch_len: int, what: str) -> torch.Tensor:
+    """``value`` if it holds one number per example (shape ``(batch_len,)``), else a clear error."""
+    if not torch.is_tensor(value) or value.ndim != 1 or value.shape[0] != batch_len:
+        shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        raise ValueError(
+            f"task.{what} must return one value per example, shape ({batch_len},), got {shape}; "
+            "use reduction='none' in the loss")
+    return value
+
+
+class ModelContext:
+    """The working model, its trainable parameters and theta0, and the task's calls.
+
+    Args:
+        model: the trained target model theta0 (deep-copied; the original is never modified). Its
+            parameters with ``requires_grad=True`` are the ones the copies fine-tune.
+        task: a ``daunce.Task``.
+        eval_batch_size: batch size of the passes that cache base outputs and record signals.
+        copy_model: work in a deep copy of ``model`` (the default: the target model is never modified);
+            ``False`` works in ``model`` itself, for an owner that keeps one model and swaps its weights.
+
+    Attributes:
+        model: the working copy; ``load_state`` writes a copy's trainable tensors into it.
+        names: names of the trainable parameters, in a fixed order.
+        params: the working copy's trainable parameters, in that order.
+        theta0: detached clones of the trainable parameters at theta0.
+        task_outputs, task_loss, task_signal, task_output_function, collate: the task's methods
+            (``outputs(model, batch)``, ``loss(outputs, batch)``, ...), or its defaults.
+    """
+
+    def __init__(self, model: torch.nn.Module, task, eval_batch_size: int = 256, copy_model: bool = True):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be an integer >= 1, got {eval_batch_size!r}")
+        self.task = task
+        self.eval_batch_size = eval_batch_size
+        self.task_outputs = task_method(task, "outputs")
+        self.task_loss = task_method(task, "loss")
+        self.task_signal = task_method(task, "signal")
+        self.task_output_function = task_method(task, "output_function")
+        self.collate = task_method(task, "collate")
+        self.model = copy.deepcopy(model) if copy_model else model
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        self.params = [p for _, p in self.model.named_parameters() if p.requires_grad]
+        self.theta0 = [p.detach().clone() for p in self.params]
+
+    # ------------------------------------------------------------------------------------ state
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def n_params(self) -> int:
+        """d, the number of trainable parameters."""
+        return sum(p.numel() for p in self.params)
+
+    def load_state(self, state: Sequence[torch.Tensor]) -> None:
+        """Write one copy's trainable tensors (in the order of ``names``) into the working model."""
+        with torch.no_grad():
+            for p, s in zip(self.params, state):
+                p.copy_(s.to(p.device, p.dtype))
+
+    def reset(self) -> None:
+        """Put the working model back at theta0."""
+        self.load_state(self.theta0)
+
+    def state(self) -> list:
+        """The working model's trainable tensors now (detached CPU clones)."""
+        return [p.detach().clone().cpu() for p in self.params]
+
+    def unflatten(self, flat: torch.Tensor) -> list:
+        """A flat ``(d,)`` vector as one tensor per trainable parameter (device and dtype of each)."""
+        out, s = [], 0
+        for p in self.params:
+            out.append(flat[s : s + p.numel()].reshape(p.shape).to(p.device, p.dtype))
+            s += p.numel()
+        return out
+
+    # ------------------------------------------------------------------------------------- data
+    def fetch(self, dataset: Dataset, idx: torch.Tensor) -> Any:
+        """The batch of ``dataset`` at ``idx``, on the model's device."""
+        return to_device(fetch(dataset, idx, self.collate), self.device)
+
+    def index_batches(self, n: int) -> Iterator[torch.Tensor]:
+        """Index tensors of consecutive evaluation batches over ``n`` examples."""
+        bs = self.eval_batch_size
+        for s in range(0, n, bs):
+            yield torch.arange(s, min(n, s + bs))
+
+    # ------------------------------------------------------------------------------- task calls
+    def outputs(self, batch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The task's outputs of ``model`` (default: the working model) on ``batch``."""
+        return self.task_outputs(self.model if model is None else model, batch)
+
+    def loss(self, outputs: torch.Tensor, batch, n: int) -> torch.Tensor:
+        """Per-example loss ``(n,)``."""
+        return per_example(self.task_loss(outputs, batch), n, "loss")
+
+    def signal(self, outputs: torch.Tensor, batch, n: int) -> torch.Tensor:
+        """Per-example signal ``(n,)`` (higher = worse)."""
+        return per_example(self.task_signal(outputs, batch), n, "signal")
+
+    def output_function(self, outputs: torch.Tensor, batch, n: int) -> torch.Tensor:
+        """Per-example output function ``(n,)`` (the TRAK-like form's f)."""
+        return per_example(self.task_output_function(outputs, batch), n, "output_function")
+
+
+def check_dataset(dataset, what: str) -> int:
+    """``len(dataset)``, with a clear error for a dataset without a length or with none."""
+    try:
+        n = len(dataset)
+    except TypeError as e:
+        raise TypeError(f"{what} must be a map-style dataset with len(), got {type(dataset).__name__}") from e
+    if n == 0:
+        raise ValueError(f"{what} is empty: Daunce needs at least one example")
+    return n
+
+
+__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "check_dataset", "fetch", "per_example", "to_device"]

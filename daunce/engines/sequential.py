@@ -1,0 +1,104 @@
+"""The sequential engine: one copy after the other in the context's working model.
+
+Also home of the two passes every engine shares: the base cache (theta0's outputs, their loss
+gradient and loss on every training example, computed once) and one signal pass of the working model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from ..config import DaunceConfig
+from ..objectives import perturbed_objective, proximal_term
+from ..plans import CopyPlan
+from .context import ModelContext, per_example
+
+SignalFn = Callable[[torch.Tensor, object], torch.Tensor]
+
+
+def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
+    """Outputs, dloss/doutputs and loss of theta0 on every training example (and the output function
+    for the TRAK-like form): ``{"outputs": (n, ...), "grad": (n, ...), "loss": (n,), ["f": (n,)]}``."""
+    ctx.reset()
+    ctx.model.train(config.train_mode)
+    n = len(train)
+    cache: dict[str, torch.Tensor] = {}
+    for idx in ctx.index_batches(n):
+        batch = ctx.fetch(train, idx)
+        with torch.enable_grad():
+            out = ctx.outputs(batch).detach().requires_grad_(True)
+            loss = ctx.loss(out, batch, len(idx))
+            (grad,) = torch.autograd.grad(loss.sum(), out)
+        vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
+        if config.variant == "trak":
+            with torch.no_grad():
+                vals["f"] = ctx.output_function(out.detach(), batch, len(idx))
+        for key, v in vals.items():
+            if key not in cache:
+                cache[key] = v.new_empty((n,) + tuple(v.shape[1:]))
+            cache[key][idx.to(v.device)] = v
+    return cache
+
+
+def make_optimizer(config: DaunceConfig, params):
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr)
+
+
+def objective_terms(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
+                    cache: Optional[dict]) -> torch.Tensor:
+    """Per-example perturbed objective ``(B,)`` of the working model on one batch of copy ``plan.k``."""
+    out = ctx.outputs(batch)
+    loss = ctx.loss(out, batch, len(idx))
+    kw = {}
+    if config.variant != "bootstrap":
+        dev_idx = idx.to(cache["loss"].device)
+        kw = dict(loss0=cache["loss"][dev_idx], outputs=out, outputs0=cache["outputs"][dev_idx],
+                  grad0=cache["grad"][dev_idx], eps=plan.eps[idx].to(loss.device, loss.dtype))
+        if config.variant == "trak":
+            kw["f"] = ctx.output_function(out, batch, len(idx))
+            kw["f0"] = cache["f"][dev_idx]
+    return perturbed_objective(config.variant, loss=loss, gamma=config.gamma, **kw)
+
+
+def train_copy(ctx: ModelContext, config: DaunceConfig, plan: CopyPlan, train: Dataset,
+               cache: Optional[dict]) -> list:
+    """Fine-tune one copy from theta0 with its perturbed objective; returns its trainable tensors (CPU)."""
+    ctx.reset()
+    ctx.model.train(config.train_mode)
+    opt = make_optimizer(config, ctx.params)
+    for step, idx in enumerate(plan.batches):
+        batch = ctx.fetch(train, idx)
+        obj = objective_terms(config, ctx, plan, idx, batch, cache).mean()
+        obj = obj + proximal_term(ctx.params, ctx.theta0, config.damping, plan.eta)
+        if not torch.isfinite(obj):
+            raise FloatingPointError(
+                f"Daunce copy {plan.k}, step {step}: the objective is not finite ({obj.item()}); "
+                f"lower lr (now {config.lr}) or rho (now {config.rho})")
+        opt.zero_grad(set_to_none=True)
+        obj.backward()
+        opt.step()
+    return ctx.state()
+
+
+@torch.no_grad()
+def signals_now(ctx: ModelContext, dataset: Dataset, signal: Optional[SignalFn] = None) -> torch.Tensor:
+    """Signals ``(n,)`` (float64, CPU) of the working model as it is now: the task's signal, or
+    ``signal(outputs, batch)`` (one value per example, higher = worse) when given."""
+    ctx.model.train(False)
+    n = len(dataset)
+    out = torch.empty(n, dtype=torch.float64)
+    for idx in ctx.index_batches(n):
+        batch = ctx.fetch(dataset, idx)
+        outputs = ctx.outputs(batch)
+        s = ctx.signal(outputs, batch, len(idx)) if signal is None else per_example(signal(outputs, batch),
+                                                                                     len(idx), "signal")
+        out[idx] = s.double().cpu()
+    return out
+
+
+__all__ = ["base_cache", "make_optimizer", "objective_terms", "train_copy", "signals_now", "SignalFn"]

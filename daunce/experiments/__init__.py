@@ -1,0 +1,9 @@
+"""What the notebooks need besides the method: kept apart from it, each written once.
+
+* ``data``, ``models``, ``training``: vision data sets that ship offline, small models, a trainer;
+* ``vision``: notebook 02's settings, target models, ground truth and Daunce helpers;
+* ``groundtruth``: LDS ground truth (retrains on half subsets, resumable);
+* ``baselines``: dattri / kronfluence attribution baselines, each in an isolated process;
+* ``textdata``: math and instruction-following sets; ``backdoor``: the poisoned set of notebook 04;
+* ``paths``: where outputs go.
+"""

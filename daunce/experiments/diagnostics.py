@@ -1,0 +1,115 @@
+"""Diagnostics of one perturbed copy's training, for the figures of the notebooks.
+
+``gradient_norms`` retrains copy k of a fitted ``Daunce`` from theta0 with the same random draws
+(``Daunce.plan``), objective (``daunce.objectives``) and optimiser, and records at every step the
+gradient norm of each part of the copy's objective (the paper's Figure 3):
+
+* the **risk term**: ``gamma (l_i(theta) - l_i(theta0))`` for ``"if"``, its square for ``"efim"``, the
+  squared output-function change for ``"trak"``, the plain loss for ``"bootstrap"`` (mean over the batch);
+* the **perturbation term**: the linear term, ``-(1 + eps_i) lin_i`` for ``"if"``, ``-eps_i lin_i`` for
+  the Fisher forms (none for ``"bootstrap"``);
+* the **damping term**: ``lambda/2 ||Delta||^2 - eta^T Delta``;
+* the **whole objective**: their sum, whose gradient is what the optimiser follows.
+
+A converged copy is one where the whole objective's gradient has fallen far below its parts': the
+risk and damping terms balance the perturbation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..objectives import perturbed_objective, proximal_term
+
+__all__ = ["gradient_norms"]
+
+
+def _flat_norm(grads) -> float:
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+
+
+def gradient_norms(daunce, train, k: int = 0) -> dict:
+    """Retrain copy ``k`` of ``daunce`` on ``train`` and record its gradient norms per step.
+
+    Args:
+        daunce: a ``Daunce`` whose configuration (and, with a workdir, copy k) is the one to inspect.
+        train: the training set the copies were fitted on.
+        k: the copy.
+
+    Returns:
+        dict of ``(steps,)`` arrays ``"risk"``, ``"perturbation"``, ``"damping"``, ``"objective"``: the
+        Euclidean norm over all trainable parameters of each term's gradient, at the parameters the
+        optimiser steps from (step 0 is theta0); ``"value"``: the whole objective; and ``"signals"``,
+        the ``(n,)`` signals of the retrained copy (compare with ``daunce.signals(train)[k]`` to check
+        that the retraining reproduces the stored copy). The working model is left at theta0.
+    """
+    cfg = daunce.config
+    ctx = daunce.context
+    n = len(train)
+    plan = daunce.plan(k, n)
+    ctx.reset()
+    ctx.model.train(cfg.train_mode)
+
+    # theta0's outputs, dl/doutputs and losses on every training example (what the copies cache)
+    base: dict[str, torch.Tensor] = {}
+    for idx in ctx.index_batches(n):
+        batch = ctx.fetch(train, idx)
+        with torch.enable_grad():
+            out = ctx.outputs(batch).detach().requires_grad_(True)
+            loss = ctx.loss(out, batch, len(idx))
+            (grad,) = torch.autograd.grad(loss.sum(), out)
+        vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
+        if cfg.variant == "trak":
+            vals["f"] = ctx.output_function(out.detach(), batch, len(idx))
+        for key, v in vals.items():
+            base.setdefault(key, v.new_empty((n,) + tuple(v.shape[1:])))[idx.to(v.device)] = v
+
+    params = ctx.params
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(params, lr=cfg.lr)
+    # the eps that switches the linear term off: "if" carries (1 + eps), the Fisher forms eps
+    eps_off = -1.0 if cfg.variant == "if" else 0.0
+    rows = []
+    for idx in plan.batches:
+        batch = ctx.fetch(train, idx)
+        out = ctx.outputs(batch)
+        loss = ctx.loss(out, batch, len(idx))
+        kw = {}
+        if cfg.variant != "bootstrap":
+            i = idx.to(base["loss"].device)
+            kw = {"loss0": base["loss"][i], "outputs": out, "outputs0": base["outputs"][i], "grad0": base["grad"][i]}
+            if cfg.variant == "trak":
+                kw.update(f=ctx.output_function(out, batch, len(idx)), f0=base["f"][i])
+        eps = plan.eps[idx].to(loss.device, loss.dtype)
+        whole = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, eps=eps if kw else None, **kw).mean()
+        if kw:
+            risk = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma,
+                                       eps=torch.full_like(eps, eps_off), **kw).mean()
+        else:
+            risk = whole
+        damp = proximal_term(params, ctx.theta0, cfg.damping, plan.eta)
+        g_whole = torch.autograd.grad(whole + damp, params, retain_graph=True, allow_unused=True)
+        g_risk = torch.autograd.grad(risk, params, retain_graph=True, allow_unused=True)
+        g_damp = torch.autograd.grad(damp, params, allow_unused=True) if damp.requires_grad else [None] * len(params)
+        zeros = [torch.zeros_like(p) for p in params]
+        g_whole, g_risk, g_damp = ([z if g is None else g for g, z in zip(gs, zeros)] for gs in (g_whole, g_risk, g_damp))
+        g_pert = [w - r - d for w, r, d in zip(g_whole, g_risk, g_damp)]
+        rows.append((_flat_norm(g_risk), _flat_norm(g_pert), _flat_norm(g_damp), _flat_norm(g_whole),
+                     float((whole + damp).detach())))
+        if not np.isfinite(rows[-1][-1]):
+            raise FloatingPointError(f"copy {k}: the objective is not finite at step {len(rows) - 1}")
+        for p, g in zip(params, g_whole):
+            p.grad = g.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ctx.model.train(False)
+    signals = torch.empty(n, dtype=torch.float64)
+    with torch.no_grad():
+        for idx in ctx.index_batches(n):
+            batch = ctx.fetch(train, idx)
+            signals[idx] = ctx.signal(ctx.outputs(batch), batch, len(idx)).double().cpu()
+    ctx.reset()
+    cols = np.array(rows, dtype=float).T
+    return {"risk": cols[0], "perturbation": cols[1], "damping": cols[2], "objective": cols[3], "value": cols[4],
+            "signals": signals}

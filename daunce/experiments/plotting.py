@@ -1,0 +1,311 @@
+"""One look across the notebooks' figures: a fixed colour and marker per method, readable fonts,
+points drawn with their intervals, and labels that do not collide.
+
+Every figure of notebooks 01-04 takes a method's style from :func:`method_style`, so ``daunce-if`` has
+the same colour and marker in every panel and every figure. Method names are matched through
+:func:`canonical_method`, which maps the spellings the notebooks use (``"daunce-if"``,
+``"white-box Daunce (if)"``, ``"black-box Daunce"``, ``"grad-cos (white-box)"``,
+``"grad-IF (LoGra-style)"``, ``"daunce-if K=512"`` ...) onto one key per method.
+
+Colours come from the colour-blind-safe palettes of Okabe & Ito and of Paul Tol: the Daunce family in
+warm colours (vermillion, orange, purple, wine), influence-function and gradient baselines in blues
+and greens, the text baselines of the LLM notebooks in the remaining ones, ``random`` in grey. A name
+that is not in the table gets a colour and marker derived from a hash of its canonical name: the same
+name always gets the same style, in any process, and different names get different colours.
+
+Usage::
+
+    from daunce.experiments import plotting
+    plotting.use_style()                                   # fonts: legends >= 9 pt
+    ax.plot(k, lds, **plotting.line_kw("daunce-if"))
+    plotting.point_with_interval(ax, seconds, lds, lo, hi, "trak")
+    plotting.label_points(ax, xs, ys, names, avoid=plotting.interval_points(xs, lo, hi))  # no overlaps
+    plotting.save(fig, FIG / "02_lds_vs_seconds.png")
+"""
+from __future__ import annotations
+
+import colorsys
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib as mpl
+import matplotlib.colors
+import matplotlib.ticker
+import numpy as np
+
+__all__ = ["FONT", "METHOD_STYLES", "canonical_method", "interval_points", "k_axis", "label_points", "legend",
+           "line_kw", "line_points", "log_axis", "method_color", "method_style", "point_with_interval", "save",
+           "use_style"]
+
+# Colour-blind-safe colours (Okabe & Ito 2008; Paul Tol's "muted", "medium-contrast" and "light" schemes).
+_VERMILLION, _ORANGE, _REDDISH_PURPLE = "#D55E00", "#E69F00", "#CC79A7"
+_BLUE, _SKY_BLUE, _BLUISH_GREEN, _BLACK = "#0072B2", "#56B4E9", "#009E73", "#000000"
+_WINE, _ROSE, _OLIVE, _TEAL, _INDIGO = "#882255", "#CC6677", "#999933", "#44AA99", "#332288"
+_PURPLE, _CYAN, _GREEN = "#AA4499", "#88CCEE", "#117733"
+_OCHRE, _MEDIUM_BLUE, _DARK_BLUE, _DARK_ROSE = "#997700", "#6699CC", "#004488", "#994455"
+_PEAR, _MINT, _LIGHT_ORANGE, _GREY, _DARK_GREY = "#AAAA00", "#44BB99", "#EE8866", "#9E9E9E", "#555555"
+
+#: canonical method name -> (colour, marker). Every name used by notebooks 01-04 maps onto one of these.
+METHOD_STYLES: dict[str, tuple[str, str]] = {
+    # Daunce (this package): warm colours
+    "daunce-if": (_VERMILLION, "o"),
+    "daunce-efim": (_ORANGE, "s"),
+    "daunce-trak": (_REDDISH_PURPLE, "D"),
+    "daunce-bootstrap": (_WINE, "^"),           # the black-box form
+    "daunce-if limit": (_ROSE, "*"),            # exact K -> infinity limit of the estimator
+    "ridge extension": (_OLIVE, "P"),           # ridge regression across copies (beyond the paper)
+    # influence functions
+    "exact IF": (_BLACK, "X"),
+    "if-explicit": (_DARK_GREY, "X"),
+    "if-cg": (_PURPLE, "d"),
+    "if-lissa": (_CYAN, "8"),
+    "arnoldi": (_INDIGO, "p"),
+    "if-ekfac": (_SKY_BLUE, "<"),
+    "kronfluence-ekfac": (_BLUE, "v"),
+    "datainf": (_GREEN, "H"),
+    # gradient baselines
+    "trak": (_BLUISH_GREEN, ">"),
+    "tracin": (_TEAL, "h"),
+    "grad-dot": (_OCHRE, "d"),
+    "grad-cos": (_MEDIUM_BLUE, "s"),
+    "logra": (_DARK_BLUE, "v"),                 # projected-gradient influence (LoGra-style)
+    # text baselines (LLM notebooks)
+    "tfidf": (_PEAR, "<"),
+    "bm25": (_DARK_ROSE, ">"),
+    "minilm": (_MINT, "D"),
+    "random": (_GREY, "."),
+}
+
+#: font sizes in points (legends at least 9 pt)
+FONT = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "xtick.labelsize": 9,
+        "ytick.labelsize": 9, "legend.fontsize": 9, "legend.title_fontsize": 9, "figure.titlesize": 12}
+
+_MARKERS_FOR_UNKNOWN = ["o", "s", "D", "^", "v", "<", ">", "p", "h", "*", "P", "X"]
+
+# ordered rules: the first pattern (searched in the lower-cased name) that matches gives the key
+_RULES: list[tuple[str, str]] = [
+    (r"limit", "daunce-if limit"),
+    (r"ridge", "ridge extension"),
+    (r"black-box|bootstrap", "daunce-bootstrap"),
+    (r"daunce.*efim", "daunce-efim"),
+    (r"daunce.*trak", "daunce-trak"),
+    (r"daunce", "daunce-if"),
+    (r"kronfluence", "kronfluence-ekfac"),
+    (r"ekfac|ek-fac", "if-ekfac"),
+    (r"arnoldi", "arnoldi"),
+    (r"^exact\b|exact.*if|cg-if", "exact IF"),
+    (r"explicit", "if-explicit"),
+    (r"lissa", "if-lissa"),
+    (r"^if-cg$|\bcg\b", "if-cg"),
+    (r"datainf", "datainf"),
+    (r"logra|grad-if|gradient if|^gradient$", "logra"),
+    (r"tracin", "tracin"),
+    (r"trak", "trak"),
+    (r"grad-dot|gradient dot", "grad-dot"),
+    (r"grad-cos|gradient cos", "grad-cos"),
+    (r"tf-?idf", "tfidf"),
+    (r"bm25", "bm25"),
+    (r"minilm|embedding", "minilm"),
+    (r"^random", "random"),
+]
+
+
+def canonical_method(name: str) -> str:
+    """The key of ``METHOD_STYLES`` for a method name as a notebook spells it, or, for a name no rule
+    knows, the name itself lower-cased with a trailing ``K=...`` removed.
+
+    >>> canonical_method("white-box Daunce (if)"), canonical_method("grad-cos (white-box)")
+    ('daunce-if', 'grad-cos')
+    """
+    low = re.sub(r"\s+k\s*=\s*\d+\s*$", "", str(name).strip().lower())
+    for pattern, key in _RULES:
+        if re.search(pattern, low):
+            return key
+    return low
+
+
+def _hashed_style(key: str) -> tuple[str, str]:
+    """A stable colour and marker for a name outside the table: hue from a hash of the name (golden-ratio
+    spread keeps nearby hashes apart), fixed lightness and saturation so it stays readable on white."""
+    h = int(hashlib.sha1(key.encode()).hexdigest(), 16)
+    hue = ((h % 10_007) * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hls_to_rgb(hue, 0.45, 0.65)
+    return mpl.colors.to_hex((r, g, b)), _MARKERS_FOR_UNKNOWN[(h >> 20) % len(_MARKERS_FOR_UNKNOWN)]
+
+
+def method_style(name: str) -> dict:
+    """``dict(color=..., marker=...)`` for a method, the same in every call and every figure; ``random``
+    also gets a dashed line style."""
+    key = canonical_method(name)
+    color, marker = METHOD_STYLES.get(key) or _hashed_style(key)
+    style = {"color": color, "marker": marker}
+    if key == "random":
+        style["linestyle"] = "--"
+    return style
+
+
+def method_color(name: str) -> str:
+    """The method's colour as a hex string."""
+    return method_style(name)["color"]
+
+
+def line_kw(name: str, label: str | None = None, **overrides) -> dict:
+    """Keyword arguments for ``ax.plot`` / ``ax.errorbar``: the method's colour, marker and a label
+    (``name`` unless ``label`` is given); ``overrides`` win."""
+    return {**method_style(name), "label": name if label is None else label, **overrides}
+
+
+def use_style() -> None:
+    """Set matplotlib's font sizes (``FONT``), a light grid, and tight bounding boxes when saving."""
+    mpl.rcParams.update({**FONT, "axes.grid": True, "grid.alpha": 0.25, "savefig.bbox": "tight",
+                         "savefig.dpi": 130, "legend.framealpha": 0.85})
+
+
+def point_with_interval(ax, x, y, lo, hi, method: str, label: str | None = None, horizontal: bool = False,
+                        **kw):
+    """Draw point(s) ``(x, y)`` with the interval ``[lo, hi]`` around ``y`` (``x`` when ``horizontal``),
+    in the method's colour and marker. Scalars or equal-length arrays; NaN intervals draw no bar.
+
+    Returns the ``ErrorbarContainer``; ``label=None`` uses the method name, ``label=""`` no legend entry.
+    """
+    x, y, lo, hi = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (x, y, lo, hi))
+    val = x if horizontal else y
+    err = np.vstack([np.clip(val - lo, 0, None), np.clip(hi - val, 0, None)])
+    err = np.where(np.isfinite(err), err, 0.0)
+    style = method_style(method)
+    opts = {"color": style["color"], "marker": style["marker"], "linestyle": kw.pop("linestyle", "none"), "ms": 6,
+            "capsize": 3, "elinewidth": 1.2, "label": method if label is None else (label or "_nolegend_")}
+    opts.update(kw)
+    if horizontal:
+        return ax.errorbar(x, y, xerr=err, **opts)
+    return ax.errorbar(x, y, yerr=err, **opts)
+
+
+def label_points(ax, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str],
+                 colors: Sequence[str] | None = None, avoid: Sequence[tuple[float, float]] = (),
+                 fontsize: float = 9, radii: Sequence[float] = (5, 10, 16, 24, 34, 46, 60, 76, 96, 120)) -> list:
+    """Write ``texts[i]`` next to point ``(xs[i], ys[i])`` where it overlaps no other label, no labelled
+    point and none of the extra points ``avoid`` (e.g. samples along error bars and curves: see
+    :func:`interval_points`, :func:`line_points`), inside the axes.
+
+    Deterministic greedy placement: each label in turn tries offsets on rings of growing radius (in
+    points) around its point, in eight directions starting to the right, and takes the first free one;
+    a thin leader line joins a label to its point. If no position is free the one with the fewest
+    conflicts is kept (an overlap with another label counts as 20 covered points). ``colors`` defaults
+    to each text's method colour. Call once the layout is final (axes limits, scales, ``tight_layout``):
+    the placement is measured in display space. Returns the annotation artists."""
+    if colors is None:
+        colors = [method_color(t) for t in texts]
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    frame = ax.get_window_extent(renderer)
+    obstacles = ax.transData.transform(np.array([(float(x), float(y)) for x, y in zip(xs, ys)]
+                                                + [(float(a), float(b)) for a, b in avoid]).reshape(-1, 2))
+    obstacles = obstacles[np.isfinite(obstacles).all(1)]
+    pad = 3.0 * px_per_pt                                   # keep clear of markers and caps
+    directions = [(1, 0), (1, 1), (1, -1), (0, 1), (0, -1), (-1, 1), (-1, -1), (-1, 0)]
+    placed, artists = [], []
+    for x, y, text, color in zip(xs, ys, texts, colors):
+        a = ax.annotate(text, xy=(x, y), xytext=(radii[0], 0), textcoords="offset points", fontsize=fontsize,
+                        color=color)
+        best = None
+        for radius in radii:
+            for dx, dy in directions:
+                norm = math.hypot(dx, dy)
+                a.set_position((radius * dx / norm, radius * dy / norm))
+                a.set_horizontalalignment("left" if dx > 0 else "right" if dx < 0 else "center")
+                a.set_verticalalignment("bottom" if dy > 0 else "top" if dy < 0 else "center")
+                bb = a.get_window_extent(renderer)
+                box = (bb.x0 - pad, bb.y0 - pad, bb.x1 + pad, bb.y1 + pad)
+                conflicts = int(((obstacles[:, 0] >= box[0]) & (obstacles[:, 0] <= box[2])
+                                 & (obstacles[:, 1] >= box[1]) & (obstacles[:, 1] <= box[3])).sum())
+                conflicts += 20 * sum(bb.overlaps(other) for other in placed)
+                conflicts += 0 if (bb.x0 >= frame.x0 and bb.x1 <= frame.x1 and bb.y0 >= frame.y0
+                                   and bb.y1 <= frame.y1) else 100
+                if best is None or conflicts < best[0]:
+                    best = (conflicts, a.get_position(), a.get_horizontalalignment(), a.get_verticalalignment())
+                if conflicts == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, pos, ha, va = best
+        a.set_position(pos)
+        a.set_horizontalalignment(ha)
+        a.set_verticalalignment(va)
+        placed.append(a.get_window_extent(renderer))
+        artists.append(a)
+        if math.hypot(*pos) > radii[0] + 1e-9:               # moved away: a leader line back to the point
+            ax.annotate("", xy=(x, y), xytext=pos, textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": "0.55", "lw": 0.6, "shrinkA": 0, "shrinkB": 2})
+    return artists
+
+
+def interval_points(x, lo, hi, n: int = 7) -> list[tuple[float, float]]:
+    """``n`` points along each vertical interval ``[lo, hi]`` at ``x`` (scalars or arrays), for
+    :func:`label_points` to keep labels off the error bars; NaN intervals give no points."""
+    x, lo, hi = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (x, lo, hi))
+    pts = []
+    for xi, a, b in zip(x, lo, hi):
+        if np.isfinite(a) and np.isfinite(b):
+            pts += [(xi, v) for v in np.linspace(a, b, n)]
+    return pts
+
+
+def line_points(xs, ys, n: int = 8, log_x: bool = False) -> list[tuple[float, float]]:
+    """``n`` points along each segment of the polyline through ``(xs, ys)`` (interpolated in log x when
+    ``log_x``), for :func:`label_points` to keep labels off a curve."""
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    u = np.log10(xs) if log_x else xs
+    pts = []
+    for a in range(len(xs) - 1):
+        for t in np.linspace(0.0, 1.0, n):
+            ui = u[a] + t * (u[a + 1] - u[a])
+            pts.append((10**ui if log_x else ui, ys[a] + t * (ys[a + 1] - ys[a])))
+    return pts
+
+
+def log_axis(ax, axis: str = "x") -> None:
+    """A log axis whose major ticks read as plain numbers (0.1, 1, 10) and whose minor ticks carry no label."""
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    a.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    a.set_minor_formatter(mpl.ticker.NullFormatter())
+
+
+def k_axis(ax, ks: Sequence[float], axis: str = "x") -> None:
+    """A log2 axis for a number of copies K, ticked at the values ``ks`` with plain integer labels."""
+    ks = sorted({int(k) for k in ks})
+    if axis == "x":
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.xaxis.set_minor_locator(mpl.ticker.NullLocator())
+    else:
+        ax.set_yscale("log", base=2)
+        ax.set_yticks(ks, [str(k) for k in ks])
+        ax.yaxis.set_minor_locator(mpl.ticker.NullLocator())
+
+
+def legend(ax, **kw):
+    """A legend with one entry per label (a later artist with a label already shown is skipped)."""
+    handles, labels = ax.get_legend_handles_labels()
+    seen, keep = set(), []
+    for h, lab in zip(handles, labels):
+        if lab not in seen:
+            seen.add(lab)
+            keep.append((h, lab))
+    if not keep:
+        return None
+    return ax.legend(*zip(*keep), **kw)
+
+
+def save(fig, path: str | Path, dpi: int = 130) -> Path:
+    """Save ``fig`` as PNG (tight bounding box, so no label is clipped) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path

@@ -1,0 +1,149 @@
+"""Every random draw of copy k, decided before it is trained and shared by all engines.
+
+Copy k's subset, perturbations, isotropic noise direction and minibatch order come from a generator
+seeded by ``(config.seed, k)`` (``copy_seed``), so copy k is the same whatever K is and whichever
+engine trains it. With ``perturbation="orthogonal"`` the perturbation vectors of a block of copies
+are the rows of one random orthogonal matrix (``OrthogonalDesign``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .config import DaunceConfig
+
+ORTHO_MAX_ENTRIES = 5e7  # the default block keeps one (D x block) float64 matrix under 400 MB
+
+
+def copy_seed(seed: int, k: int) -> int:
+    """The generator seed of copy ``k`` of a run seeded ``seed``."""
+    return (seed * 1_000_003 + k * 7_919 + 12_345) % (2**63 - 1)
+
+
+class BatchOrder:
+    """Copy k's minibatch order: ``n_steps`` index tensors over its subset, one shuffled pass (epoch) of
+    the subset after another, cut into batches of ``batch_size`` (the last of an epoch may be smaller).
+
+    The order is not stored: it is generated step by step from the generator state saved when the plan
+    was drawn, so a plan holds O(m) numbers whatever the number of steps. Iterating twice gives the same
+    batches."""
+
+    def __init__(self, subset: torch.Tensor, batch_size: int, n_steps: int, state: torch.Tensor):
+        self.subset, self.batch_size, self.n_steps, self.state = subset, batch_size, n_steps, state
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.subset) / self.batch_size)
+
+    @property
+    def n_epochs(self) -> int:
+        """Shuffled passes over the subset the ``n_steps`` steps start (the last may be cut short)."""
+        return math.ceil(self.n_steps / self.per_epoch)
+
+    def __len__(self) -> int:
+        return self.n_steps
+
+    def __iter__(self):
+        g = torch.Generator()
+        g.set_state(self.state)
+        m, bs, step = len(self.subset), self.batch_size, 0
+        while step < self.n_steps:
+            order = self.subset[torch.randperm(m, generator=g)]
+            for s in range(0, m, bs):
+                if step == self.n_steps:
+                    return
+                yield order[s : s + bs]
+                step += 1
+
+    def sizes_key(self) -> tuple:
+        """Equal keys mean equal batch sizes at every step (the copies of one vmap block need that)."""
+        return (len(self.subset), self.batch_size, self.n_steps)
+
+
+@dataclass
+class CopyPlan:
+    """Every random draw of copy k: decided before training, shared by all trainers."""
+
+    k: int
+    subset: torch.Tensor  # (m,) indices into the training set
+    eps: torch.Tensor  # (n,) perturbation of every training example (only the subset's are used)
+    batches: BatchOrder  # the (B,) index tensors of every step, in training order
+    eta: Optional[list] = field(default=None)  # one tensor per trainable parameter, or None
+
+
+def uses_isotropic_noise(config: DaunceConfig) -> bool:
+    """Whether copies of ``config`` carry the isotropic linear term ``-eta^T (theta - theta0)``."""
+    return config.isotropic_noise and config.variant != "bootstrap" and config.damping > 0
+
+
+def orthogonal_block_size(D: int, block: Optional[int]) -> int:
+    """Copies per block of mutually orthogonal perturbation vectors in R^D: ``min(D, block or 5e7 / D)``."""
+    return int(min(D, block or ORTHO_MAX_ENTRIES // D))
+
+
+class OrthogonalDesign:
+    """Row ``k % B`` of a random block of B mutually orthogonal vectors in R^D, each of norm sqrt(D) (so
+    entries have unit variance, like a standard Gaussian vector). The block ``k // B`` is drawn from its
+    own seed; the last block is kept, so consecutive copies cost one QR per block."""
+
+    def __init__(self, seed: int, block: Optional[int] = None):
+        self.seed, self.block = seed, block
+        self._cached: Optional[tuple] = None
+
+    def row(self, k: int, D: int) -> torch.Tensor:
+        B = orthogonal_block_size(D, self.block)
+        if B < 2:
+            raise ValueError(f"perturbation='orthogonal' is too large for {D} perturbed values; use 'iid'")
+        b = k // B
+        if self._cached is None or self._cached[0] != (b, D, B):
+            g = torch.Generator().manual_seed(copy_seed(self.seed, 10**9 + b))
+            Z = torch.randn(D, B, generator=g, dtype=torch.float64)
+            Q, R = torch.linalg.qr(Z)
+            Q = Q * torch.sign(torch.diagonal(R))
+            self._cached = ((b, D, B), (Q.T * math.sqrt(D)).contiguous())
+        return self._cached[1][k % B]
+
+
+def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
+              unflatten: Callable[[torch.Tensor], list], design: Optional[OrthogonalDesign] = None) -> CopyPlan:
+    """Copy k's subset, perturbations, noise term and minibatch order (deterministic in (seed, k)).
+
+    Args:
+        config: the run's configuration.
+        k: copy index.
+        n: training-set size.
+        n_params: number of trainable parameters d (the isotropic term's dimension).
+        unflatten: maps a flat ``(d,)`` vector to one tensor per trainable parameter.
+        design: the orthogonal design, for ``perturbation="orthogonal"``.
+    """
+    cfg = config
+    g = torch.Generator().manual_seed(copy_seed(cfg.seed, k))
+    m = max(1, round(cfg.subset_ratio * n))
+    subset = torch.randperm(n, generator=g)[:m]
+    batches = BatchOrder(subset, cfg.batch_size or m, cfg.n_steps(m), g.get_state())
+    for _ in range(batches.n_epochs):  # the order's draws come before the perturbations' (as they always did)
+        torch.randperm(m, generator=g)
+    use_eta = uses_isotropic_noise(cfg)
+    d = n_params if use_eta else 0
+    eta_std = 0.0
+    if use_eta:
+        c = 1.0 if cfg.variant == "if" else 2.0
+        eta_std = math.sqrt(cfg.sigma2 * cfg.damping / (c * cfg.gamma * m))
+    if cfg.perturbation == "orthogonal":
+        if design is None:
+            raise ValueError("perturbation='orthogonal' needs an OrthogonalDesign")
+        z = design.row(k, n + d)
+        eps, eta_flat = math.sqrt(cfg.sigma2) * z[:n], eta_std * z[n:]
+    else:
+        eps = cfg.rho * (2 * torch.rand(n, generator=g, dtype=torch.float64) - 1)
+        eta_flat = torch.randn(d, generator=g, dtype=torch.float64) * eta_std
+    return CopyPlan(k, subset, eps, batches, unflatten(eta_flat) if use_eta else None)
+
+
+__all__ = ["BatchOrder", "CopyPlan", "OrthogonalDesign", "copy_seed", "make_plan", "orthogonal_block_size",
+           "uses_isotropic_noise",
+           "ORTHO_MAX_ENTRIES"]

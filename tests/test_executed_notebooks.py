@@ -1,0 +1,92 @@
+"""The executed notebooks in papermill_runs/ are what most people read: their outputs must hold no
+traceback, no warning and no progress bar.
+
+`make reproduce` runs the notebooks with progress bars and the known third-party warnings turned off
+(see the Makefile's HEADLESS variables); interactive sessions keep their bars. A notebook that fails
+here was executed some other way, or prints something new that should be fixed where it comes from."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXECUTED = sorted((ROOT / "papermill_runs").glob("[0-9]*.ipynb"))
+
+# "path/to/file.py:123: SomeWarning: message", the format of warnings.showwarning
+WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ", re.M)
+# tqdm's meter: "45%|████▌     |", "12/272 [00:01<00:15, 16.24it/s]", "5.86s/it"
+PROGRESS = re.compile(r"\d+%\||\d(?:\.\d+)?\s*(?:it/s|s/it)\b|\|\s*\d+/\d+\s*\[")
+
+
+def _text(value) -> str:
+    return "".join(value) if isinstance(value, list) else str(value or "")
+
+
+def noise(output: dict) -> list[str]:
+    """What is wrong with one cell output (a Jupyter output dict): ``[]`` when it is clean."""
+    problems = []
+    kind = output.get("output_type")
+    if kind == "error":
+        problems.append(f"traceback ({output.get('ename')}: {output.get('evalue', '')[:80]})")
+        return problems
+    if kind == "stream":
+        text, name = _text(output.get("text")), output.get("name")
+    else:
+        text, name = _text(output.get("data", {}).get("text/plain")), None
+    if "Traceback (most recent call last)" in text:
+        problems.append("traceback")
+    if WARNING_LINE.search(text) or (name == "stderr" and "Warning" in text):
+        problems.append("warning")
+    if kind == "stream" and ("\r" in text or PROGRESS.search(text)):
+        problems.append("progress bar")
+    return problems
+
+
+def notebook_noise(path: Path) -> list[str]:
+    """One line per noisy output of an executed notebook: cell number, what, and the start of the text."""
+    nb = json.loads(path.read_text())
+    found = []
+    for i, cell in enumerate(nb.get("cells", [])):
+        for output in cell.get("outputs", []):
+            for problem in noise(output):
+                snippet = _text(output.get("text") or output.get("data", {}).get("text/plain") or output.get("ename"))
+                found.append(f"cell {i}: {problem}: {snippet.strip()[:120]!r}")
+    return found
+
+
+def test_the_check_catches_noise():
+    """The checker flags each kind of noise seen in earlier runs and passes ordinary output."""
+    bar = {"output_type": "stream", "name": "stderr",
+           "text": "\rtheta0 math:  10%|█         | 1/10 [00:05<00:52,  5.86s/it]"}
+    empty_bar = {"output_type": "stream", "name": "stderr", "text": "\r                                        "}
+    gguf = {"output_type": "stream", "name": "stderr",
+            "text": "Converting and de-quantizing GGUF tensors...: 100%|██████████| 272/272 [00:05<00:00, 45.43it/s]\n"}
+    tqdm_warning = {"output_type": "stream", "name": "stderr",
+                    "text": ".venv/lib/python3.11/site-packages/tqdm/auto.py:21: TqdmWarning: IProgress not found.\n"
+                            "  from .autonotebook import tqdm as notebook_tqdm\n"}
+    future = {"output_type": "stream", "name": "stdout",
+              "text": "/x/torch/jit/_script.py:1491: FutureWarning: `torch.jit.script` is deprecated.\n"}
+    error = {"output_type": "error", "ename": "ValueError", "evalue": "boom", "traceback": []}
+    clean = [{"output_type": "stream", "name": "stdout", "text": "math: query NLL 2.337 (base) -> 1.967 (theta0)\n"},
+             {"output_type": "execute_result", "data": {"text/plain": "   K  auprc\n0  2  0.113"}},
+             {"output_type": "stream", "name": "stdout", "text": "attack success rate: 25% with the trigger\n"}]
+    assert noise(bar) == ["progress bar"]
+    assert noise(empty_bar) == ["progress bar"]
+    assert noise(gguf) == ["progress bar"]
+    assert noise(tqdm_warning) == ["warning"]
+    assert noise(future) == ["warning"]
+    assert noise(error)[0].startswith("traceback")
+    assert all(noise(o) == [] for o in clean)
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
+def test_executed_notebook_is_clean(path):
+    found = notebook_noise(path)
+    assert not found, f"{path.name} has noisy outputs:\n" + "\n".join(found)
+
+
+def test_every_notebook_has_an_executed_copy():
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
+    assert notebooks == [p.name for p in EXECUTED], "papermill_runs/ should hold one executed copy per notebook"
