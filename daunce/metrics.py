@@ -76,6 +76,27 @@ def bootstrap_ci(values, *, n_boot: int = 2000, level: float = 0.95, seed: int =
     return float(lo), float(hi)
 
 
+def paired_difference(a, b, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Method A against method B on the same queries: the mean of the per-query differences ``a - b``, its
+    paired bootstrap interval (the queries resampled together for both methods) and the verdict:
+    ``"ahead"`` / ``"behind"`` only where the interval excludes 0, ``"tied"`` otherwise."""
+    a, b = _np(a).ravel(), _np(b).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference needs per-query values of the same queries, got {a.shape} and {b.shape}")
+    d = a - b
+    lo, hi = bootstrap_ci(d, n_boot=n_boot, level=level, seed=seed)
+    return {"diff": float(d.mean()), "lo": lo, "hi": hi, "verdict": verdict(lo, hi)}
+
+
+def verdict(lo: float, hi: float) -> str:
+    """``"ahead"`` if the interval of a difference lies above 0, ``"behind"`` if below, else ``"tied"``."""
+    if lo > 0:
+        return "ahead"
+    if hi < 0:
+        return "behind"
+    return "tied"
+
+
 @dataclass
 class LDSResult:
     """``per_query`` (Q,) Spearman correlations; ``mean`` and its bootstrap interval ``(lo, hi)``."""

@@ -104,3 +104,21 @@ def test_dattri_adapter_inside_dattri_lds(digits_lr, digits_gt):
     assert ours.mean > 0.2, ours
     # negated scores must score negatively: the sign convention is right
     assert metrics.lds(-S, digits_gt["outputs"], digits_gt["subsets"]).mean < -0.2
+
+
+def test_paired_verdict_needs_an_interval_that_excludes_zero():
+    """Overlapping methods are tied, a consistent per-query lead is ahead, and pairing matters: two
+    methods whose own intervals overlap can still be told apart when one is higher on every query."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.5, 0.2, size=100)  # queries differ a lot in difficulty
+    noise = rng.normal(0.0, 0.05, size=100)
+    tied = metrics.paired_difference(base + noise, base - noise)
+    assert tied["verdict"] == "tied" and tied["lo"] < 0 < tied["hi"]
+    ahead = metrics.paired_difference(base + 0.02, base)  # higher on every query by 0.02
+    assert ahead["verdict"] == "ahead" and ahead["lo"] > 0
+    # unpaired, the two means' own intervals overlap
+    lo_a, hi_a = metrics.bootstrap_ci(base + 0.02)
+    lo_b, hi_b = metrics.bootstrap_ci(base)
+    assert lo_a < hi_b
+    assert metrics.paired_difference(base, base + 0.02)["verdict"] == "behind"
+    assert metrics.verdict(-0.1, 0.2) == "tied"

@@ -45,8 +45,13 @@ def test_readme_has_a_results_section_per_notebook_and_every_figure():
 
 
 def _json_numbers(obj):
+    """Every number of a JSON document: its values and its numeric keys (e.g. the ρ of a sweep)."""
     if isinstance(obj, dict):
-        for v in obj.values():
+        for k, v in obj.items():
+            try:
+                yield float(k)
+            except ValueError:
+                pass
             yield from _json_numbers(v)
     elif isinstance(obj, list):
         for v in obj:

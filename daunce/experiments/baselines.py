@@ -11,7 +11,7 @@ it). Nothing here re-implements a method: each wrapper builds the library's obje
 * kronfluence 1.0.1: ``kronfluence-ekfac``.
 
 Known snags, handled here: a bare ``nn.Linear`` as the whole model breaks dattri's EK-FAC and
-kronfluence (``daunce.models`` wraps every model in ``nn.Sequential``); TRAK without projection needs
+kronfluence (``daunce.experiments.models`` wraps every model in ``nn.Sequential``); TRAK without projection needs
 ``regularization > 0``; dattri's ``TRAKAttributor.attribute`` takes ``(test_loader, train_loader)`` in that
 order; dattri's LiSSA casts labels to float (the loss casts them back); dattri's projector defaults are
 a module-level dict that ``TRAKAttributor`` updates in place, so full projector arguments are passed

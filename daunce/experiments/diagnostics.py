@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..engines import sequential
 from ..objectives import perturbed_objective, proximal_term
 
 __all__ = ["gradient_norms"]
@@ -51,22 +52,11 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
     ctx.reset()
     ctx.model.train(cfg.train_mode)
 
-    # theta0's outputs, dl/doutputs and losses on every training example (what the copies cache)
-    base: dict[str, torch.Tensor] = {}
-    for idx in ctx.index_batches(n):
-        batch = ctx.fetch(train, idx)
-        with torch.enable_grad():
-            out = ctx.outputs(batch).detach().requires_grad_(True)
-            loss = ctx.loss(out, batch, len(idx))
-            (grad,) = torch.autograd.grad(loss.sum(), out)
-        vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
-        if cfg.variant == "trak":
-            vals["f"] = ctx.output_function(out.detach(), batch, len(idx))
-        for key, v in vals.items():
-            base.setdefault(key, v.new_empty((n,) + tuple(v.shape[1:])))[idx.to(v.device)] = v
+    base = sequential.base_cache(ctx, cfg, train)  # theta0's outputs, dl/doutputs and losses (as the copies)
+    ctx.model.train(cfg.train_mode)
 
     params = ctx.params
-    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)(params, lr=cfg.lr)
+    opt = sequential.make_optimizer(cfg, params)
     # the eps that switches the linear term off: "if" carries (1 + eps), the Fisher forms eps
     eps_off = -1.0 if cfg.variant == "if" else 0.0
     rows = []
@@ -92,7 +82,8 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
         g_risk = torch.autograd.grad(risk, params, retain_graph=True, allow_unused=True)
         g_damp = torch.autograd.grad(damp, params, allow_unused=True) if damp.requires_grad else [None] * len(params)
         zeros = [torch.zeros_like(p) for p in params]
-        g_whole, g_risk, g_damp = ([z if g is None else g for g, z in zip(gs, zeros)] for gs in (g_whole, g_risk, g_damp))
+        g_whole, g_risk, g_damp = ([z if g is None else g for g, z in zip(gs, zeros)]
+                                   for gs in (g_whole, g_risk, g_damp))
         g_pert = [w - r - d for w, r, d in zip(g_whole, g_risk, g_damp)]
         rows.append((_flat_norm(g_risk), _flat_norm(g_pert), _flat_norm(g_damp), _flat_norm(g_whole),
                      float((whole + damp).detach())))
@@ -103,12 +94,7 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    ctx.model.train(False)
-    signals = torch.empty(n, dtype=torch.float64)
-    with torch.no_grad():
-        for idx in ctx.index_batches(n):
-            batch = ctx.fetch(train, idx)
-            signals[idx] = ctx.signal(ctx.outputs(batch), batch, len(idx)).double().cpu()
+    signals = sequential.signals_now(ctx, train)
     ctx.reset()
     cols = np.array(rows, dtype=float).T
     return {"risk": cols[0], "perturbation": cols[1], "damping": cols[2], "objective": cols[3], "value": cols[4],

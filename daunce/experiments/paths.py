@@ -20,8 +20,8 @@ def figures_dir() -> Path:
     return d
 
 
-def runs_dir() -> Path:
-    """``papermill_runs/``: executed notebooks and their metrics JSON."""
+def executed_dir() -> Path:
+    """``papermill_runs/``: executed notebooks and their metrics JSON (work folders are under ``runs/``)."""
     d = repo_root() / "papermill_runs"
     d.mkdir(exist_ok=True)
     return d
@@ -38,7 +38,7 @@ def output_dirs(out_dir: str | Path | None = None) -> tuple[Path, Path]:
     """``(figures, runs)``: the repository's folders, or both inside ``out_dir`` when it is given
     (smoke runs in the tests write there and leave the repository's results alone)."""
     if out_dir is None:
-        return figures_dir(), runs_dir()
+        return figures_dir(), executed_dir()
     base = Path(out_dir)
     figs, runs = base / "figures", base / "papermill_runs"
     figs.mkdir(parents=True, exist_ok=True)

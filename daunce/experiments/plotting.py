@@ -270,9 +270,11 @@ def line_points(xs, ys, n: int = 8, log_x: bool = False) -> list[tuple[float, fl
 
 
 def log_axis(ax, axis: str = "x") -> None:
-    """A log axis whose major ticks read as plain numbers (0.1, 1, 10) and whose minor ticks carry no label."""
+    """A log axis ticked at 1, 2 and 5 times the powers of ten, labelled as plain numbers (0.1, 0.2, 0.5, 1, ...),
+    without minor-tick labels."""
     a = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    a.set_major_locator(mpl.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     a.set_major_formatter(mpl.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     a.set_minor_formatter(mpl.ticker.NullFormatter())
 

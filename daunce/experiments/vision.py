@@ -113,7 +113,7 @@ def make_model(s: ModelSetting, train: TensorDataset, seed: int = 0) -> torch.nn
 
 def fit(model: torch.nn.Module, train: TensorDataset, recipe: Recipe, seed: int = 0,
         n_checkpoints: int = 0) -> tuple[torch.nn.Module, list]:
-    """Train ``model`` in place with ``recipe`` (``daunce.training.train_classifier``); returns
+    """Train ``model`` in place with ``recipe`` (``daunce.experiments.training.train_classifier``); returns
     ``(model, checkpoints)`` where ``checkpoints`` holds ``n_checkpoints`` state dicts spread evenly over
     training (the last one is the final model), each with the learning rate used up to it (for TracIn)."""
     E = recipe.epochs
@@ -148,7 +148,7 @@ def train_target(s: ModelSetting, train: TensorDataset, seed: int = 0) -> dict:
 
 def ground_truth(s: ModelSetting, train: TensorDataset, query: TensorDataset, workdir=None,
                  progress: bool = True, map_fn=None) -> dict:
-    """The LDS ground truth of a setting (``daunce.groundtruth.retrain_outputs``): margins of every query
+    """The LDS ground truth of a setting (``daunce.experiments.groundtruth.retrain_outputs``): margins of every query
     under models retrained with the theta0 recipe on ``n_subsets`` half-subsets x ``n_seeds`` seeds."""
     subsets = groundtruth.half_subsets(len(train), s.n_subsets, 0.5, seed=1234)
 
