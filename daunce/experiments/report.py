@@ -397,10 +397,13 @@ def _section_02(j: dict) -> list[str]:
 
 
 def _verdict_02(j: dict, main_rows: dict) -> list[str]:
+    paired = all(M.get("paired") for M in j["models"].values())
+    how = ("the paired bootstrap over report queries of the per-query LDS difference: *ahead* / *behind* only "
+           "where its 95% interval excludes 0, *tied* otherwise" if paired else
+           "*above* / *below* when the 95% intervals do not overlap")
     out = ["**Where the paper's claim holds here, and where it does not.** The claim: Daunce at least as good "
            "as every baseline except exact influence functions, at no more wall time. Each line compares Daunce-if "
-           "(loss signal, covariance, largest K) with every other method: *above* / *below* when the 95% "
-           "intervals do not overlap."]
+           f"(loss signal, covariance, largest K) with every other method by {how}."]
     reached = [name for name, M in j["models"].items() if (M.get("verdict") or {}).get("goal_reached")]
     out[-1] += (" Reached on: " + ", ".join(_MODEL_NAMES.get(n, n) for n in reached) + "." if reached
                 else " It is **not reached on any model**.")
@@ -408,10 +411,18 @@ def _verdict_02(j: dict, main_rows: dict) -> list[str]:
     for name, d in main_rows.items():
         if d is None:
             continue
-        others = [r for r in j["models"][name]["results"] if not _is_daunce(r)]
-        groups = {"above": [], "overlap": [], "below": []}
-        for b in sorted(others, key=lambda r: -(_num(r["lds"]) or -1e9)):
-            groups[_compare(d, b)].append(f"{b['method']} ({_f(b['lds'])})")
+        rows = {r["method"]: r for r in j["models"][name]["results"] if not _is_daunce(r)}
+        others = sorted(rows.values(), key=lambda r: -(_num(r["lds"]) or -1e9))
+        if paired:
+            groups = {"ahead of": [], "tied with": [], "behind": []}
+            word = {"ahead": "ahead of", "tied": "tied with", "behind": "behind"}
+            for p in j["models"][name]["paired"]:
+                groups[word[p["verdict"]]].append(f"{p['method']} ({_f(p['diff'], sign=True)} "
+                                                  f"{_ci(p['lo'], p['hi'], sign=True)})")
+        else:
+            groups = {"above": [], "overlap": [], "below": []}
+            for b in others:
+                groups[_compare(d, b)].append(f"{b['method']} ({_f(b['lds'])})")
         faster = [b["method"] for b in others if (_num(b.get("seconds")) or math.inf) > (_num(d.get("seconds")) or 0)]
         line = (f"* {_MODEL_NAMES.get(name, name)}: Daunce-if (K = {_k(d['K'])}) {_f(d['lds'])} "
                 f"{_ci(d['lo'], d['hi'])} in {_secs(d['seconds'])} s. ")
