@@ -49,9 +49,11 @@ def make_optimizer(config: DaunceConfig, params):
     return torch.optim.SGD(params, lr=config.lr)
 
 
-def objective_terms(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
-                    cache: Optional[dict]) -> torch.Tensor:
-    """Per-example perturbed objective ``(B,)`` of the working model on one batch of copy ``plan.k``."""
+def objective_parts(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
+                    cache: Optional[dict]) -> tuple[torch.Tensor, dict]:
+    """``(loss, kw)`` of the working model on one batch of copy ``plan.k``: the per-example loss ``(B,)`` and
+    the other keyword arguments of ``perturbed_objective`` (theta0's cached values and the copy's eps; none
+    for the bootstrap form)."""
     out = ctx.outputs(batch)
     loss = ctx.loss(out, batch, len(idx))
     kw = {}
@@ -62,6 +64,13 @@ def objective_terms(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx
         if config.variant == "trak":
             kw["f"] = ctx.output_function(out, batch, len(idx))
             kw["f0"] = cache["f"][dev_idx]
+    return loss, kw
+
+
+def objective_terms(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
+                    cache: Optional[dict]) -> torch.Tensor:
+    """Per-example perturbed objective ``(B,)`` of the working model on one batch of copy ``plan.k``."""
+    loss, kw = objective_parts(config, ctx, plan, idx, batch, cache)
     return perturbed_objective(config.variant, loss=loss, gamma=config.gamma, **kw)
 
 
@@ -101,4 +110,5 @@ def signals_now(ctx: ModelContext, dataset: Dataset, signal: Optional[SignalFn] 
     return out
 
 
-__all__ = ["base_cache", "make_optimizer", "objective_terms", "train_copy", "signals_now", "SignalFn"]
+__all__ = ["base_cache", "make_optimizer", "objective_parts", "objective_terms", "train_copy", "signals_now",
+           "SignalFn"]

@@ -49,11 +49,8 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
     ctx = daunce.context
     n = len(train)
     plan = daunce.plan(k, n)
-    ctx.reset()
-    ctx.model.train(cfg.train_mode)
-
-    base = sequential.base_cache(ctx, cfg, train)  # theta0's outputs, dl/doutputs and losses (as the copies)
-    ctx.model.train(cfg.train_mode)
+    # theta0's outputs, dl/doutputs and losses, as the copies cache them; leaves the model at theta0 in train_mode
+    base = sequential.base_cache(ctx, cfg, train)
 
     params = ctx.params
     opt = sequential.make_optimizer(cfg, params)
@@ -61,20 +58,11 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
     eps_off = -1.0 if cfg.variant == "if" else 0.0
     rows = []
     for idx in plan.batches:
-        batch = ctx.fetch(train, idx)
-        out = ctx.outputs(batch)
-        loss = ctx.loss(out, batch, len(idx))
-        kw = {}
-        if cfg.variant != "bootstrap":
-            i = idx.to(base["loss"].device)
-            kw = {"loss0": base["loss"][i], "outputs": out, "outputs0": base["outputs"][i], "grad0": base["grad"][i]}
-            if cfg.variant == "trak":
-                kw.update(f=ctx.output_function(out, batch, len(idx)), f0=base["f"][i])
-        eps = plan.eps[idx].to(loss.device, loss.dtype)
-        whole = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, eps=eps if kw else None, **kw).mean()
+        loss, kw = sequential.objective_parts(cfg, ctx, plan, idx, ctx.fetch(train, idx), base)
+        whole = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).mean()
         if kw:
             risk = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma,
-                                       eps=torch.full_like(eps, eps_off), **kw).mean()
+                                       **{**kw, "eps": torch.full_like(kw["eps"], eps_off)}).mean()
         else:
             risk = whole
         damp = proximal_term(params, ctx.theta0, cfg.damping, plan.eta)
