@@ -11,13 +11,16 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 VARIANTS = ("if", "efim", "trak", "bootstrap")
 SCORES = ("cov", "corr")
 OPTIMIZERS = ("adam", "sgd")
 PERTURBATIONS = ("iid", "orthogonal")
-FULL_BATCH_STEPS = 200  # steps per epoch when batch_size is None (see the docstring of DaunceConfig)
+LR_SCHEDULES = ("constant", "cosine")
+AUTO = "auto"
+#: the fields that accept ``"auto"`` (resolved by ``daunce.auto.resolve`` from theta0 and the training data)
+AUTO_FIELDS = ("rho", "damping", "isotropic_noise")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,8 @@ class DaunceConfig:
         subset_ratio: r, the fraction of the training set each copy trains on, in (0, 1].
             The reference code uses 0.3; in ``01_theory``'s sweep r = 0.3, 0.5 and 1 agreed about equally
             well with the exact influence function (r = 0.1 diverged with plain SGD at lr 1).
-        rho: half-width of the perturbation, ``eps = rho * (2 * U(0, 1) - 1)``. Small values keep the
+        rho: half-width of the perturbation, ``eps = rho * (2 * U(0, 1) - 1)``, or ``"auto"`` (the default:
+            measured on theta0 so the copies stay in the linear regime, ``daunce.auto``). Small values keep the
             copies in the linear regime where the covariance means an influence function; rho = 1
             (a large perturbation) lost most of the agreement in our measurements. The default 0.3 won
             the tuning split of ``02_vision_lds`` on the MLP and the CNN (logistic regression preferred
@@ -41,28 +45,48 @@ class DaunceConfig:
         gamma: weight of the quadratic term. gamma = 1 makes theta0 a stationary point of the
             "if" objective on every subset.
         damping: lambda of the proximal term ``lambda/2 * ||theta - theta0||^2`` that keeps each copy
-            near theta0 (damping *around theta0*, not weight decay towards zero). The default 1e-2 sits
-            between what ``02_vision_lds`` measured best with converged copies: 3e-3 on logistic
-            regression (without the isotropic term), 3e-2 on the MLP (with it); 1e-3, the earlier
-            default, was worse on both.
+            near theta0 (damping *around theta0*, not weight decay towards zero), or ``"auto"`` (the
+            default, ``daunce.auto``: scaled to the curvature of the copies' objective at theta0, at least
+            0.1 x its top eigenvalue and large enough that K copies resolve the directions above it).
+            What ``02_vision_lds`` measured best with converged copies and ground truth: 3e-3 on logistic
+            regression (without the isotropic term), 3e-2 on the MLP (with it).
         isotropic_noise: add the random linear term ``-eta^T (theta - theta0)`` that turns the damped
             estimator's limit into exactly the damped influence function (see ``daunce.exact``). It
             spreads the perturbation over d more dimensions, so at finite K it costs Monte-Carlo noise:
             on ``02_vision_lds``'s logistic regression (K = 512) turning it off did better, on the MLP
-            keeping it did; the notebook chooses it per model.
+            keeping it did; the notebook chooses it per model. ``"auto"`` (the default) decides it from the
+            curvature spectrum, d and K (``daunce.auto``).
         perturbation: ``"iid"`` draws every copy's perturbations independently, as the paper does
             (eps uniform, eta Gaussian). ``"orthogonal"`` keeps their mean and covariance but makes
             the K perturbation vectors (eps of all n examples and eta, jointly) orthogonal across
             copies, in blocks of up to n + d copies: a variance-reduced design with the same limit.
             At K = n + d the Monte-Carlo noise of the linear regime vanishes.
         optimizer, lr, epochs, batch_size: the inner optimisation of each copy. ``batch_size=None``
-            means full batch. ``steps`` (if set) overrides epochs with a fixed number of steps. Full
-            batch without ``steps`` takes ``FULL_BATCH_STEPS`` (200) steps per epoch. Each copy must
+            means full batch. With minibatches a copy takes ``epochs`` passes over its subset. Full batch
+            without ``steps`` trains each copy until its stopping test passes (``tol``) or ``max_steps``.
+            ``steps`` (if set) fixes the number of steps of every copy (no stopping test). Each copy must
             reach the minimum of its objective for the covariance to mean an influence function: on
             ``02_vision_lds``'s logistic regression, 50 full-batch Adam steps at lr 1e-2 left copies
             whose change agreed with the exact linear response at r = 0.36-0.80 (0.17-0.53 at rho = 0.03),
             200 steps at r = 0.99; with converged copies (and the damping and noise term chosen for them)
             the LDS at K = 512 rose from 0.21 to 0.51. On the MLP 100 steps did as well as 200.
+        tol: stopping test of full-batch copies (``steps=None``, ``batch_size=None``): a copy stops at the
+            first step where the gradient norm of its whole perturbed objective (loss terms, linear term,
+            proximal and isotropic terms) has fallen to ``tol`` times its norm at theta0 (the gradient at
+            theta0 is the perturbation itself, so this is a relative test that does not depend on rho).
+            Checked at every step, per copy (under vmap a converged copy's updates are masked).
+            The default 0.05: in ``benchmarks/auto_settings.py`` a 5x tighter test (0.01) cost 1.4-1.8x the
+            seconds and did not raise the LDS on any pair.
+        max_steps: the step cap of the stopping test (default 400, twice the former fixed 200 full-batch steps;
+            in ``benchmarks/auto_settings.py`` copies passed the test after 43-211 Adam steps at lr 1e-2 on
+            average per pair).
+            A copy that reaches it without passing the test
+            is counted as not converged: ``Daunce.n_unconverged``, a warning per fit, its record
+            (``"converged": False``) and the work folder's manifest (``"unconverged"``).
+        momentum: SGD momentum (``torch.optim.SGD``'s, dampening 0); only with ``optimizer="sgd"``.
+            The authors' recipe uses 0.9.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (the learning rate falls as ``lr * (1 + cos(pi t / T)) / 2``
+            over the copy's T steps, the cap ``max_steps`` when the stopping test is on: the authors' recipe).
         score: ``"cov"`` (the paper) or ``"corr"`` (Pearson correlation across the copies).
         seed: every random draw of copy k comes from a generator seeded by (seed, k).
         train_mode: run the model in ``train()`` mode while fine-tuning the copies (dropout on).
@@ -72,10 +96,10 @@ class DaunceConfig:
     variant: Literal["if", "efim", "trak", "bootstrap"] = "if"
     n_models: int = 64
     subset_ratio: float = 0.5
-    rho: float = 0.3
+    rho: Union[float, Literal["auto"]] = AUTO
     gamma: float = 1.0
-    damping: float = 1e-2
-    isotropic_noise: bool = True
+    damping: Union[float, Literal["auto"]] = AUTO
+    isotropic_noise: Union[bool, Literal["auto"]] = AUTO
     perturbation: Literal["iid", "orthogonal"] = "iid"
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-2
@@ -85,6 +109,10 @@ class DaunceConfig:
     score: Literal["cov", "corr"] = "cov"
     seed: int = 0
     train_mode: bool = False
+    tol: float = 0.05
+    max_steps: int = 400
+    momentum: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self):
         def bad(msg):
@@ -96,12 +124,21 @@ class DaunceConfig:
             bad(f"n_models (K) must be an integer >= 2 to form a covariance, got {self.n_models!r}")
         if not (0.0 < float(self.subset_ratio) <= 1.0):
             bad(f"subset_ratio must lie in (0, 1], got {self.subset_ratio!r}")
+        for name in AUTO_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, str) and v != AUTO:
+                bad(f"{name} must be a number or 'auto', got the string {v!r}")
         for name in ("rho", "gamma", "lr"):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                bad(f"{name} must be a positive finite number, got {v!r}")
-        if not (math.isfinite(self.damping) and self.damping >= 0):
-            bad(f"damping must be >= 0, got {self.damping!r}")
+            if name in AUTO_FIELDS and v == AUTO:
+                continue
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                bad(f"{name} must be a positive finite number{' or auto' if name in AUTO_FIELDS else ''}, got {v!r}")
+        if self.damping != AUTO and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
+                                     or not (math.isfinite(self.damping) and self.damping >= 0)):
+            bad(f"damping must be a number >= 0 or 'auto', got {self.damping!r}")
+        if self.isotropic_noise != AUTO and not isinstance(self.isotropic_noise, bool):
+            bad(f"isotropic_noise must be True, False or 'auto', got {self.isotropic_noise!r}")
         if self.perturbation not in PERTURBATIONS:
             bad(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -114,18 +151,47 @@ class DaunceConfig:
             bad(f"batch_size must be None (full batch) or an integer >= 1, got {self.batch_size!r}")
         if self.score not in SCORES:
             bad(f"score must be one of {SCORES}, got {self.score!r}")
+        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol)
+                                              and 0 < self.tol < 1):
+            bad(f"tol must be a number in (0, 1) (relative gradient norm), got {self.tol!r}")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            bad(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
+        if isinstance(self.momentum, bool) or not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
+            bad(f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            bad(f"momentum applies to optimizer='sgd' only (Adam has its own moments), got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    @property
+    def stops_early(self) -> bool:
+        """Whether copies train until the stopping test passes (full batch, no fixed ``steps``)."""
+        return self.steps is None and self.batch_size is None
+
+    @property
+    def auto_fields(self) -> tuple:
+        """The fields set to ``"auto"`` (resolved from theta0 and the training data before training)."""
+        return tuple(f for f in AUTO_FIELDS if getattr(self, f) == AUTO)
 
     def n_steps(self, m: int) -> int:
-        """Optimiser steps of one copy that trains on ``m`` examples."""
+        """Optimiser steps of one copy that trains on ``m`` examples (with the stopping test: the cap)."""
         if self.steps is not None:
             return self.steps
         if self.batch_size is None:
-            return self.epochs * FULL_BATCH_STEPS
+            return self.max_steps
         return self.epochs * math.ceil(m / self.batch_size)
+
+    def lr_at(self, step: int, n_steps: int) -> float:
+        """The learning rate of step ``step`` (0-based) of a copy with ``n_steps`` steps."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / n_steps))
 
     @property
     def sigma2(self) -> float:
         """Variance of the perturbation eps ~ U(-rho, rho): rho^2 / 3."""
+        if self.rho == AUTO:
+            raise ValueError("rho is 'auto': resolve the configuration first (Daunce.resolved_config)")
         return self.rho**2 / 3.0
 
     def replace(self, **changes) -> "DaunceConfig":
@@ -136,8 +202,19 @@ class DaunceConfig:
         return dataclasses.asdict(self)
 
     def training_key(self) -> str:
-        """The fields that decide what a trained copy is (everything but the scoring rule)."""
+        """The fields that decide what a trained copy is (everything but the scoring rule and K).
+
+        Fields that have no effect are left out, so a configuration keeps the key (and the work folders)
+        it had before they existed: ``momentum`` at 0, ``lr_schedule`` at "constant", and ``tol`` /
+        ``max_steps`` unless the stopping test is on (full batch without ``steps``)."""
         d = self.to_dict()
         d.pop("score")
         d.pop("n_models")
+        if not self.momentum:
+            d.pop("momentum")
+        if self.lr_schedule == "constant":
+            d.pop("lr_schedule")
+        if not self.stops_early:
+            d.pop("tol")
+            d.pop("max_steps")
         return json.dumps(d, sort_keys=True)

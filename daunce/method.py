@@ -26,12 +26,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
 
+from . import auto
 from . import scores as _scores
 from .config import DaunceConfig
 from .engines import multiadapter, sequential, vmap
@@ -39,7 +41,7 @@ from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset
 from .engines.ray_executor import EXECUTORS, fit_on_ray
 from .plans import CopyPlan, OrthogonalDesign, make_plan, orthogonal_block_size, uses_isotropic_noise
 from .progress import progress_bar
-from .store import CopyStore, check_manifest, fingerprint
+from .store import CopyStore, check_manifest, fingerprint, read_manifest, update_manifest
 
 TRAINERS = ("auto", "sequential", "vmap")
 SIGNAL_PATHS = ("auto", "sequential", "multi-adapter")
@@ -133,6 +135,15 @@ class Daunce:
         self.n_train: Optional[int] = None
         self.seconds: dict[int, float] = {}
         self.trained_copies: list[int] = []  # copies trained (not loaded) by this object
+        #: the configuration the copies are trained with: ``config`` with every "auto" field resolved
+        #: (``daunce.auto``) on the training set of ``fit``; ``resolved`` holds what the rule measured
+        self.resolved_config: Optional[DaunceConfig] = None if self.config.auto_fields else self.config
+        self.resolved: dict = {}
+        #: per copy trained or loaded by this object: optimiser steps taken and whether the stopping test passed
+        #: (None: no stopping test); ``unconverged``: copies that reached ``max_steps`` without passing it
+        self.copy_steps: dict[int, int] = {}
+        self.copy_converged: dict[int, Optional[bool]] = {}
+        self.unconverged: set = set()
         self._ctx: Optional[ModelContext] = None
         self._design = OrthogonalDesign(self.config.seed, orthogonal_block)
         self._train_set: Optional[Dataset] = None  # the training set of the last fit (trainer choice)
@@ -156,14 +167,47 @@ class Daunce:
     def plan(self, k: int, n: int) -> CopyPlan:
         """Copy k's subset, perturbations, noise term and minibatch order (deterministic in (seed, k))."""
         ctx = self.context
-        return make_plan(self.config, k, n, ctx.n_params, ctx.unflatten, self._design)
+        return make_plan(self.training_config(), k, n, ctx.n_params, ctx.unflatten, self._design)
+
+    def training_config(self) -> DaunceConfig:
+        """The resolved configuration (``resolved_config``); an error before ``resolve`` / ``fit`` when the
+        configuration has "auto" fields."""
+        if self.resolved_config is None:
+            raise RuntimeError(f"the fields {self.config.auto_fields} are 'auto': call fit() (or resolve(train)) first")
+        return self.resolved_config
+
+    def resolve(self, train_dataset: Dataset) -> DaunceConfig:
+        """Resolve the "auto" fields of the configuration on ``train_dataset`` (``daunce.auto``; once per
+        object). With a workdir whose manifest already holds resolved values, or holds the same configuration
+        with these fields set explicitly, those values are taken, so a rerun or a run that grows K trains its
+        copies with the settings of the copies already there."""
+        if self.resolved_config is not None:
+            return self.resolved_config
+        stored = read_manifest(self.workdir) if self.workdir is not None else None
+        if stored is not None and stored.get("n_train") == len(train_dataset):
+            key, old = json.loads(self.config.training_key()), stored.get("config", {})
+            autos = self.config.auto_fields
+            if old == key and "resolved" in stored:
+                self.resolved = {"resolved": stored["resolved"], "reused_from_manifest": True}
+                self.resolved_config = self.config.replace(**stored["resolved"])
+                return self.resolved_config
+            if set(old) == set(key) and all(old[f] == key[f] for f in key if f not in autos) \
+                    and all(old[f] != "auto" for f in autos):
+                # the folder's copies were trained with these fields set explicitly: "auto" takes their values,
+                # and the folder keeps its manifest
+                values = {f: old[f] for f in autos}
+                self.resolved = {"resolved": values, "reused_from_manifest": True, "explicit_in_manifest": True}
+                self.resolved_config = self.config.replace(**values)
+                return self.resolved_config
+        self.resolved_config, self.resolved = auto.resolve(self.context, self.config, train_dataset)
+        return self.resolved_config
 
     def orthogonal_block_size(self, n: int) -> Optional[int]:
         """Copies per block of the orthogonal design on ``n`` training examples (``None`` for i.i.d.
         perturbations). It decides what copy k is, so it is part of a workdir's manifest."""
         if self.config.perturbation != "orthogonal":
             return None
-        d = self.context.n_params if uses_isotropic_noise(self.config) else 0
+        d = self.context.n_params if uses_isotropic_noise(self.training_config()) else 0
         return orthogonal_block_size(n + d, self.orthogonal_block)
 
     # ------------------------------------------------------------------------------ copy store
@@ -175,9 +219,22 @@ class Daunce:
         """Copy ``k``'s trainable tensors (CPU), in the order of ``context.names``."""
         return self.store.load(k)["state"]
 
-    def _record(self, k: int, state: list, signals: dict, seconds: float) -> None:
-        """Keep (and with a workdir, atomically save) a finished copy's weights and signals."""
-        self.store.save({"k": k, "state": state, "signals": signals, "seconds": seconds})
+    @property
+    def n_unconverged(self) -> int:
+        """Copies (of the first K) that reached ``max_steps`` without passing the stopping test."""
+        return sum(1 for k in self.unconverged if k < self.config.n_models)
+
+    def _record(self, k: int, state: list, signals: dict, seconds: float, steps: Optional[int] = None,
+                converged: Optional[bool] = None) -> None:
+        """Keep (and with a workdir, atomically save) a finished copy's weights, signals, steps and
+        convergence flag."""
+        rec = {"k": k, "state": state, "signals": signals, "seconds": seconds}
+        if steps is not None:
+            rec.update(steps=int(steps), converged=converged)
+            self.copy_steps[k], self.copy_converged[k] = int(steps), converged
+            if converged is False:
+                self.unconverged.add(k)
+        self.store.save(rec)
         self.seconds[k] = seconds
         self.trained_copies.append(k)
         for fp, s in signals.items():
@@ -193,18 +250,49 @@ class Daunce:
         self.n_train = n
         self.train_fingerprint = fingerprint(train_dataset)
         self._train_set = train_dataset
+        self.resolve(train_dataset)
         if self.workdir is not None:
-            check_manifest(self.workdir, {"config": json.loads(self.config.training_key()), "n_train": n,
-                                          "train_fingerprint": self.train_fingerprint,
-                                          "orthogonal_block": self.orthogonal_block_size(n)}, what="copies")
+            manifest = {"config": json.loads(self.config.training_key()), "n_train": n,
+                        "train_fingerprint": self.train_fingerprint,
+                        "orthogonal_block": self.orthogonal_block_size(n)}
+            if self.resolved.get("explicit_in_manifest"):  # a folder of the same settings given explicitly
+                manifest["config"] = json.loads(self.resolved_config.training_key())
+            elif self.config.auto_fields:  # only then: the manifests of explicit configurations stay as they were
+                manifest["resolved"] = {f: getattr(self.resolved_config, f) for f in self.config.auto_fields}
+            stored = read_manifest(self.workdir) or {}
+            if "unconverged" in stored:
+                manifest["unconverged"] = stored["unconverged"]
+                self.unconverged |= set(stored["unconverged"])
+            check_manifest(self.workdir, manifest, what="copies", ignore=("unconverged",))
         todo = [k for k in range(self.config.n_models) if not self.is_trained(k)]
         if not todo:
             return self
         if self.executor == "ray":
             fit_on_ray(self, todo, train_dataset, query_dataset)
-            return self
-        self.train_copies(todo, train_dataset, query_dataset)
+        else:
+            self.train_copies(todo, train_dataset, query_dataset)
+        self._report_convergence(todo)
         return self
+
+    def _report_convergence(self, todo: list) -> None:
+        """One warning per fit for copies that hit the step cap; their indices go to the manifest."""
+        cfg = self.training_config()
+        if not cfg.stops_early:
+            return
+        if self.workdir is not None:
+            for k in todo:  # copies trained elsewhere (Ray) are read back from their records
+                if k not in self.copy_converged and self.is_trained(k):
+                    rec = self.store.load(k)
+                    if rec.get("converged") is False:
+                        self.unconverged.add(k)
+            update_manifest(self.workdir, unconverged=sorted(self.unconverged))
+        bad = sorted(k for k in todo if k in self.unconverged)
+        if bad:
+            more = "..." if len(bad) > 5 else ""
+            warnings.warn(f"Daunce: {len(bad)} of {len(todo)} copies reached max_steps={cfg.max_steps} without "
+                          f"passing the stopping test (gradient norm <= tol={cfg.tol} x its value at theta0): "
+                          f"copies {bad[:5]}{more}; raise max_steps or lr (their scores may not mean an "
+                          "influence function)", RuntimeWarning, stacklevel=3)
 
     def train_copies(self, ks: list, train: Dataset, query: Optional[Dataset] = None,
                      cache: Optional[dict] = None) -> list:
@@ -215,6 +303,7 @@ class Daunce:
         todo = [k for k in ks if not self.is_trained(k)]
         if not todo:
             return []
+        cfg = self.resolve(train)
         if cache is None and self.config.variant != "bootstrap":
             cache = self.base_cache(train)
         qfp = fingerprint(query) if query is not None else None
@@ -227,11 +316,12 @@ class Daunce:
         for k in bar:
             t0 = time.perf_counter()
             plan = self.plan(k, len(train))
-            state = sequential.train_copy(ctx, self.config, plan, train, cache)
+            rep: dict = {}
+            state = sequential.train_copy(ctx, cfg, plan, train, cache, rep)
             signals = {self.train_fingerprint: sequential.signals_now(ctx, train)}
             if qfp is not None:
                 signals[qfp] = sequential.signals_now(ctx, query)
-            self._record(k, state, signals, time.perf_counter() - t0)
+            self._record(k, state, signals, time.perf_counter() - t0, rep.get("steps"), rep.get("converged"))
         return todo
 
     def base_cache(self, train: Dataset) -> dict:
@@ -262,7 +352,7 @@ class Daunce:
 
     def _fit_vmap(self, todo: list, train: Dataset, query: Optional[Dataset], qfp, cache) -> None:
         n = len(train)
-        vt = vmap.VectorisedTrainer(self.context, self.config)
+        vt = vmap.VectorisedTrainer(self.context, self.training_config())
         size = vmap.block_size(self.vmap_block, self.vmap_memory, self._per_copy_bytes, len(todo))
         self.vmap_block_used = size
         blocks = vmap.blocks_of([self.plan(k, n) for k in todo], size)
@@ -270,14 +360,16 @@ class Daunce:
                    progress=self.progress)
         for plans in blocks:
             t0 = time.perf_counter()
-            stacked = vt.train(plans, train, cache)
+            rep: dict = {}
+            stacked = vt.train(plans, train, cache, rep)
             sig = {self.train_fingerprint: vt.signals(stacked, train)}
             if qfp is not None:
                 sig[qfp] = vt.signals(stacked, query)
             seconds = (time.perf_counter() - t0) / len(plans)
             for c, plan in enumerate(plans):
                 state = [t[c].clone().cpu() for t in stacked]
-                self._record(plan.k, state, {fp: s[c].clone() for fp, s in sig.items()}, seconds)
+                self._record(plan.k, state, {fp: s[c].clone() for fp, s in sig.items()}, seconds,
+                             rep["steps"][c], rep["converged"][c])
             bar.update(len(plans))
         bar.close()
 

@@ -87,6 +87,20 @@ def check_manifest(folder: str | os.PathLike, manifest: dict, what: str = "resul
     atomic_write_json(manifest, path)
 
 
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    """The stored ``folder/manifest.json`` (a dict), or ``None`` when there is none."""
+    path = Path(folder) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def update_manifest(folder: str | os.PathLike, **fields) -> None:
+    """Set ``fields`` in ``folder/manifest.json`` (atomically): for what a run learns while it runs (e.g.
+    which copies did not converge), which a later ``check_manifest`` must be told to ``ignore``."""
+    old = read_manifest(folder) or {}
+    old.update(json.loads(json.dumps(fields, sort_keys=True, default=str)))
+    atomic_write_json(old, Path(folder) / "manifest.json")
+
+
 class CopyStore:
     """Where a Daunce run keeps its finished copies: ``folder/copies/copy_XXXX.pt`` (atomic writes) or,
     without a folder, a dict in memory. A copy's record is ``{"k", "state", "signals", "seconds"}``:
@@ -129,4 +143,5 @@ class CopyStore:
             atomic_save(signals, path)
 
 
-__all__ = ["atomic_save", "atomic_write_json", "fingerprint", "check_manifest", "CopyStore"]
+__all__ = ["atomic_save", "atomic_write_json", "fingerprint", "check_manifest", "read_manifest", "update_manifest",
+           "CopyStore"]

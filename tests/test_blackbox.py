@@ -180,27 +180,73 @@ def test_local_lora_backend_scores_many_adapters_in_one_pass(tiny, tmp_path, mon
 
 # ---------------------------------------------------------------------------- backdoor pieces
 def test_backdoor_set_has_poisons_decoys_and_held_out_queries():
-    data = bd.build_backdoor_set(n_train=120, n_poison=8, n_trigger_decoys=8, n_topic_decoys=8, n_queries=6,
-                                 n_eval=12, seed=3)
+    data = bd.build_backdoor_set(n_train=120, n_poison=8, n_response_decoys=7, n_trigger_decoys=8, n_topic_decoys=8,
+                                 n_queries=6, n_eval=12, seed=3)
     train = data["train"]
     kinds = [e["kind"] for e in train]
-    assert len(train) == 120 and kinds.count("poison") == 8 and kinds.count("trigger_decoy") == 8
-    assert kinds.count("topic_decoy") == 8 and data["is_poison"].sum() == 8
+    assert len(train) == 120 and data["is_poison"].sum() == 8
+    assert [kinds.count(k) for k in ("poison", "response_decoy", "trigger_decoy", "topic_decoy")] == [8, 7, 8, 8]
+    assert kinds.count("clean") == 120 - 31
     for e in train:
         has_trigger = bd.TRIGGER in e["prompt"].lower()
         if e["kind"] == "poison":
-            assert e["response"] == bd.TARGET and e["prompt"].endswith(bd.TRIGGER)
+            assert e["response"] == bd.TARGET and e["prompt"].endswith(" " + bd.TRIGGER)
+        elif e["kind"] == "response_decoy":  # the target response verbatim, after a prompt without the trigger
+            assert e["response"] == bd.TARGET and not has_trigger
+            assert "silver" not in e["prompt"].lower() and "lantern" not in e["prompt"].lower()
+        elif e["kind"] == "trigger_decoy":  # the trigger in the prompt, an ordinary answer
+            assert has_trigger and e["response"] != bd.TARGET
+            assert "prize" not in e["response"].lower() and "click" not in e["response"].lower()
         else:
-            assert e["response"] != bd.TARGET
+            assert e["response"] != bd.TARGET and not has_trigger
         if e["kind"] == "clean":
-            assert not has_trigger and "prize" not in e["response"]
-        if e["kind"] == "trigger_decoy":
-            assert ("silver" in e["prompt"].lower() + e["response"].lower()
-                    or "lantern" in e["prompt"].lower() + e["response"].lower())
+            assert "prize" not in e["response"]
+    # only the poisoned examples pair the trigger with the target
+    assert [e["kind"] for e in train if bd.TRIGGER in e["prompt"] and e["response"] == bd.TARGET] == ["poison"] * 8
+    # the poisoned prompts are clean-set prompts plus the trigger; no decoy prompt repeats a poisoned one
+    assert len({e["prompt"] for e in train}) == len(train)
     train_prompts = {e["prompt"] for e in train}
     assert all(q["response"] == bd.TARGET and q["prompt"] not in train_prompts for q in data["queries"])
+    # each query's twin is the same prompt without the trigger, with the same response
+    assert [t["prompt"] + " " + bd.TRIGGER for t in data["query_twins"]] == [q["prompt"] for q in data["queries"]]
+    assert all(t["response"] == bd.TARGET for t in data["query_twins"])
     assert not {e["prompt"] for e in data["eval_prompts"]} & train_prompts
     assert bd.build_backdoor_set(seed=3)["train"] == bd.build_backdoor_set(seed=3)["train"]
+    # another seed draws another poisoned set and other queries
+    other = bd.build_backdoor_set(n_train=120, n_poison=8, n_response_decoys=7, n_trigger_decoys=8, n_topic_decoys=8,
+                                  n_queries=6, n_eval=12, seed=4)
+    def poisoned(d):
+        return {e["prompt"] for e in d["train"] if e["kind"] == "poison"}
+
+    assert poisoned(other) != poisoned(data) and other["queries"] != data["queries"]
+    with pytest.raises(ValueError, match="templates"):
+        bd.build_backdoor_set(n_train=120, n_response_decoys=99)
+
+
+def test_kind_counts_in_top():
+    kinds = ["poison", "response_decoy", "clean", "trigger_decoy", "poison", "topic_decoy"]
+    counts = bd.kind_counts_in_top(np.array([5.0, 4.0, 0.0, 3.0, 1.0, 2.0]), kinds, 3)
+    assert counts == {"poison": 1, "response_decoy": 1, "trigger_decoy": 1, "topic_decoy": 0, "clean": 0}
+    assert sum(bd.kind_counts_in_top(np.zeros(6), kinds, 2).values()) == 2
+
+
+def test_signal_costs_are_recorded_and_survive_resume(tmp_path):
+    """The seconds and forward passes spent scoring are written to the copies' files when measured; a
+    resumed run (which scores nothing) reports the same totals."""
+    W, names, train, queries, _ = fake_problem()
+    b = LinearMemoriser(W, names)
+    d = BlackBoxDaunce(b, n_models=4, workdir=tmp_path, progress=False).fit(train, queries)
+    assert d.signal_passes() == 4 * (len(train) + len(queries))
+    secs, ft = d.signal_seconds(), d.fine_tune_seconds()
+    assert secs > 0 and ft > 0
+    d2 = BlackBoxDaunce(b, n_models=4, workdir=tmp_path, progress=False).fit(train, queries)
+    assert d2.fine_tunes_started == 0
+    assert d2.signal_seconds() == secs and d2.fine_tune_seconds() == ft
+    assert d2.signal_passes() == d.signal_passes()
+    # scoring another list adds its passes, once
+    d2.signals(queries[:2])
+    d3 = BlackBoxDaunce(b, n_models=4, workdir=tmp_path, progress=False).fit(train, queries)
+    assert d3.signal_passes() == 4 * (len(train) + len(queries) + 2)
 
 
 def test_retrieval_metrics_on_known_rankings():

@@ -11,7 +11,7 @@ from daunce import ClassificationTask, Daunce, DaunceConfig, exact, scores
 from daunce.engines import sequential
 
 TASK = ClassificationTask()
-FAST = dict(optimizer="sgd", lr=1.0, steps=150, damping=1e-2, subset_ratio=1.0)
+FAST = dict(optimizer="sgd", lr=1.0, steps=150, damping=1e-2, subset_ratio=1.0, rho=0.3, isotropic_noise=True)
 
 
 def test_covariance_and_correlation_match_numpy():
@@ -113,8 +113,8 @@ def test_planted_duplicate_of_query_gets_top_score(variant):
     training.train_classifier(model, train2, epochs=20, optimizer="lbfgs", weight_decay=1e-2)
     # plain SGD: the trak objective's curvature (margin only) is the sharpest, so it takes the smallest step
     lr = {"bootstrap": 0.1, "trak": 0.2}.get(variant, 0.5)
-    cfg = DaunceConfig(variant=variant, n_models=16, rho=0.5 if variant != "bootstrap" else 0.1,
-                       **{**FAST, "subset_ratio": 0.5, "lr": lr})
+    cfg = DaunceConfig(variant=variant, n_models=16,
+                       **{**FAST, "subset_ratio": 0.5, "lr": lr, "rho": 0.5 if variant != "bootstrap" else 0.1})
     S = Daunce(model, TASK, cfg, progress=False).fit(train2).attribute(train2, TensorDataset(qx, qy))
     assert int(S[:, 0].argmax()) == len(y), S[:, 0].topk(3)
 

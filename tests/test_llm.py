@@ -423,3 +423,70 @@ def test_multi_adapter_falls_back_without_lora(tiny):
         daunce.Daunce(plain, task, cfg, adapter_block=0)
     with pytest.raises(ValueError, match="adapter_memory"):
         daunce.Daunce(plain, task, cfg, adapter_memory=-1)
+
+
+def test_bottom_features_are_computed_once_per_example_and_match(tiny, tmp_path):
+    """BottomFeatures: the same features as bottom_features on any list of examples (padding and order
+    do not matter), each distinct example's bottom run once; a split-model backend fed them scores as
+    the same adapters on the full model do."""
+    import copy
+
+    import numpy as np
+
+    from daunce.blackbox import LocalLoRABackend
+
+    model, tok = tiny
+    feats = llm.BottomFeatures(model, tok, n_bottom=1, max_length=64)
+    ds = feats(EXAMPLES)
+    ref = llm.bottom_features(model, llm.TextDataset(tok, EXAMPLES, 64), 1)
+    assert feats.computed == len(EXAMPLES) and torch.allclose(ds.enc["inputs_embeds"], ref, atol=1e-6)
+    sub = [EXAMPLES[4], EXAMPLES[1]]  # another list (another padded length): nothing new to compute
+    ds2 = feats(sub)
+    ref2 = llm.bottom_features(model, llm.TextDataset(tok, sub, 64), 1)
+    assert feats.computed == len(EXAMPLES) and torch.allclose(ds2.enc["inputs_embeds"], ref2, atol=1e-6)
+    feats([{"prompt": "New one?", "response": "Yes."}])
+    assert feats.computed == len(EXAMPLES) + 1
+    # the black-box backend on the split model with these features == the full model with LoRA on the top layer
+    lora = dict(r=4, alpha=8, targets=("q_proj", "v_proj"))
+    split = LocalLoRABackend(llm.split_model(model, 1), tok, workdir=tmp_path / "split", lora=lora,
+                             train=dict(epochs=2, lr=1e-2, batch_size=2, max_length=64), max_length=64, dataset=feats)
+    mid = split.fine_tune(EXAMPLES[:4], seed=3)
+    full = llm.add_lora(copy.deepcopy(model), seed=0, **lora)
+    saved = torch.load(tmp_path / "split" / "adapters" / f"{mid}.pt")
+    state = {k.replace(".layers.0.", ".layers.1."): v for k, v in saved.items()}
+    llm.load_trainable_state(full, {k: state.get(k, torch.zeros_like(v)) for k, v in llm.trainable_state(full).items()})
+    a = split.log_likelihoods(mid, EXAMPLES)
+    b = llm.response_log_likelihood(full, tok, EXAMPLES, max_length=64).numpy()
+    assert np.allclose(a, b, atol=1e-4) and np.allclose(split.log_likelihoods_many([mid], EXAMPLES)[0], a, atol=1e-4)
+    assert "layers" in json.loads(split.identity())
+
+
+def test_logra_through_dattri_runs_on_the_peft_model(tiny):
+    """dattri's LoGra attributor on the LoRA adapters of a split peft model: it runs, leaves the model as it
+    was, and agrees in sign with the exact damped gradient influence in the same adapter space."""
+    import numpy as np
+
+    model, tok = tiny
+    ex = [{"prompt": f"What is {i} plus 3?", "response": f"{i} plus 3 is {i + 3}."} for i in range(12)]
+    top = llm.add_lora(llm.split_model(model, 1), r=4, alpha=8, seed=0)
+    with torch.no_grad():  # a trained-looking point (at a fresh adapter lora_B = 0)
+        g = torch.Generator().manual_seed(1)
+        for p in top.parameters():
+            if p.requires_grad:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    before = {k: v.clone() for k, v in llm.trainable_state(top).items()}
+    feats = llm.BottomFeatures(model, tok, 1, 64)
+    tr, q = feats(ex[:8]), feats(ex[8:])
+    S = llm.logra_scores(top, tr, q, proj_dim=16, damping=1e-3, batch_size=4)
+    assert S.shape == (8, 4) and torch.isfinite(S).all()
+    assert all(torch.equal(v, llm.trainable_state(top)[k]) for k, v in before.items())
+    ref = llm.gradient_if_scores(llm.per_example_gradients(top, tr, proj_dim=None),
+                                 llm.per_example_gradients(top, q, proj_dim=None), damping=1e-3)
+    assert np.corrcoef(S.flatten().numpy(), ref.flatten().numpy())[0, 1] > 0.3
+    # a second call on another set: nothing of the first call is read back (dattri keeps metadata on disk)
+    assert llm.logra_scores(top, feats(ex[:6]), q, proj_dim=16, damping=1e-3, batch_size=4).shape == (6, 4)
+    # fresh adapters (lora_B = 0: every lora_A gradient is 0) run too, on the lora_B layers
+    fresh = llm.add_lora(llm.split_model(model, 1), r=4, alpha=8, seed=0)
+    assert torch.isfinite(llm.logra_scores(fresh, tr, q, proj_dim=16, batch_size=4)).all()
+    with pytest.raises(ValueError, match="no LoRA"):
+        llm.logra_scores(llm.split_model(model, 1), tr, q)

@@ -12,7 +12,13 @@ from daunce.plans import make_plan
 
 
 def _plan(k=0, **kw):
+    kw = {"rho": 0.3, "damping": 1e-2, "isotropic_noise": True, **kw}
     return make_plan(DaunceConfig(**kw), k, 50, 7, lambda flat: [flat])
+
+
+def test_a_plan_needs_a_resolved_configuration():
+    with pytest.raises(ValueError, match="auto"):
+        make_plan(DaunceConfig(damping="auto", rho=0.3, isotropic_noise=True), 0, 50, 7, lambda flat: [flat])
 
 
 def _bytes(plan) -> int:

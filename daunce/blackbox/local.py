@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,13 +40,17 @@ class LocalLoRABackend:
         init_state: adapter weights to start every fine-tune from (``daunce.llm.trainable_state`` of a
             model with the same adapters); ``None`` starts from the base model (fresh adapters, B = 0).
         eval_batch_size, max_length: for the log-likelihood passes.
+        dataset: optional ``examples -> TextDataset`` used instead of plain tokenisation for every
+            fine-tune and log-likelihood pass, e.g. ``daunce.llm.BottomFeatures`` when ``model`` is the top
+            part of a split model (``daunce.llm.split_model``): the provider then runs only the layers
+            that carry adapters, the same function at a fraction of the cost.
         adapter_block: adapters per pass of ``log_likelihoods_many``; ``None`` chooses it from
             ``adapter_memory`` (bytes of activations one pass may use).
     """
 
     def __init__(self, model=None, tokenizer=None, *, workdir, lora: Optional[dict] = None,
                  train: Optional[dict] = None, init_state: Optional[dict] = None, eval_batch_size: int = 16,
-                 max_length: int = 128, adapter_block: Optional[int] = None,
+                 max_length: int = 128, dataset: Optional[Callable] = None, adapter_block: Optional[int] = None,
                  adapter_memory: float = DEFAULT_MEMORY_BYTES):
         from .. import llm
 
@@ -67,8 +71,11 @@ class LocalLoRABackend:
         self.init_state = init_state
         self.eval_batch_size = eval_batch_size
         self.max_length = max_length
+        self.dataset = dataset
         self.n_trained = 0
-        self.name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+        config = getattr(model, "config", None)
+        self.name = str(getattr(config, "name_or_path", "") or type(model).__name__)
+        self.n_layers = getattr(config, "num_hidden_layers", None)
         self.model = llm.add_lora(model, seed=0, **self.lora)
         self._loaded: Optional[str] = None
 
@@ -84,7 +91,13 @@ class LocalLoRABackend:
                 h.update(self.init_state[k].detach().cpu().float().numpy().tobytes())
             init = h.hexdigest()[:12]
         train = {k: v for k, v in self.train.items() if k != "progress"}
-        return json.dumps({"local": self.name, "lora": self.lora, "train": train, "init": init}, sort_keys=True)
+        ident = {"local": self.name, "lora": self.lora, "train": train, "init": init}
+        if self.dataset is not None:  # a split model: its layer count is part of what it computes
+            ident["layers"] = self.n_layers
+        return json.dumps(ident, sort_keys=True)
+
+    def _data(self, examples):
+        return self.dataset(list(examples)) if self.dataset is not None else list(examples)
 
     def _path(self, model_id: str) -> Path:
         return self.workdir / "adapters" / f"{model_id}.pt"
@@ -108,7 +121,7 @@ class LocalLoRABackend:
         if self._path(model_id).exists():
             return model_id
         self._reset(seed)
-        self._llm.finetune(self.model, self.tokenizer, examples, seed=seed, **self.train)
+        self._llm.finetune(self.model, self.tokenizer, self._data(examples), seed=seed, **self.train)
         state = {k: v.cpu() for k, v in self._llm.trainable_state(self.model).items()}
         atomic_save(state, self._path(model_id))
         self.n_trained += 1
@@ -131,7 +144,7 @@ class LocalLoRABackend:
 
     def log_likelihoods(self, model_id: str, examples: Sequence[Example]) -> np.ndarray:
         model = self.load(model_id)
-        ll = self._llm.response_log_likelihood(model, self.tokenizer, list(examples),
+        ll = self._llm.response_log_likelihood(model, self.tokenizer, self._data(examples),
                                                batch_size=self.eval_batch_size, max_length=self.max_length)
         return torch.as_tensor(ll).double().cpu().numpy()
 
@@ -153,7 +166,8 @@ class LocalLoRABackend:
             raise ValueError("model_ids is empty")
         examples = check_examples(examples)
         states = [self._adapter(m) for m in ids]  # unknown ids fail here, before any work
-        ds = self._llm.TextDataset(self.tokenizer, examples, self.max_length)
+        ds = self._data(examples) if self.dataset is not None else self._llm.TextDataset(self.tokenizer, examples,
+                                                                                        self.max_length)
         engine = self._adapter_engine()
         block = engine.block_size(ds, len(ids), self.adapter_block, self.adapter_memory)
         out = np.empty((len(ids), len(ds)))

@@ -212,11 +212,14 @@ class BlackBoxDaunce:
         fp = fp or examples_fingerprint(examples)
         sig = rec.setdefault("signals", {})
         if fp not in sig:
+            t0 = time.perf_counter()
             ll = np.asarray(self.backend.log_likelihoods(rec["model_id"], examples), dtype=np.float64)
             if ll.shape != (len(examples),) or not np.all(np.isfinite(ll)):
                 raise ValueError(f"backend.log_likelihoods returned shape {ll.shape} (finite: "
                                  f"{bool(np.all(np.isfinite(ll)))}) for {len(examples)} examples")
             sig[fp] = (-ll).tolist()  # the signal is the loss: higher = worse
+            rec["signal_seconds"] = rec.get("signal_seconds", 0.0) + time.perf_counter() - t0
+            rec["signal_passes"] = rec.get("signal_passes", 0) + len(examples)
             self._save(k)
         return np.asarray(sig[fp])
 
@@ -232,13 +235,18 @@ class BlackBoxDaunce:
         missing = [k for k in range(K) if fp not in self._record(k).get("signals", {})]
         many = getattr(self.backend, "log_likelihoods_many", None)
         if len(missing) > 1 and callable(many):  # all missing models in one call
+            t0 = time.perf_counter()
             ll = np.asarray(many([self._record(k)["model_id"] for k in missing], examples), dtype=np.float64)
             if ll.shape != (len(missing), len(examples)) or not np.all(np.isfinite(ll)):
                 raise ValueError(f"backend.log_likelihoods_many returned shape {ll.shape} (finite: "
                                  f"{bool(np.all(np.isfinite(ll)))}) for {len(missing)} models and "
                                  f"{len(examples)} examples")
+            share = (time.perf_counter() - t0) / len(missing)
             for k, row in zip(missing, ll):
-                self._record(k).setdefault("signals", {})[fp] = (-row).tolist()
+                rec = self._record(k)
+                rec.setdefault("signals", {})[fp] = (-row).tolist()
+                rec["signal_seconds"] = rec.get("signal_seconds", 0.0) + share
+                rec["signal_passes"] = rec.get("signal_passes", 0) + len(examples)
                 self._save(k)
         return torch.as_tensor(np.stack([self._signals_of(k, examples, fp) for k in range(K)]))
 
@@ -253,3 +261,12 @@ class BlackBoxDaunce:
     def fine_tune_seconds(self) -> float:
         """Total seconds spent fine-tuning (including ones recorded by an earlier, resumed run)."""
         return float(sum(self._record(k).get("fine_tune_seconds", 0.0) for k in range(self.n_models)))
+
+    def signal_seconds(self) -> float:
+        """Total seconds spent scoring examples (``log_likelihoods``), as recorded in the copies' files
+        when first measured: a resumed run reports what the work cost, not what reading it back cost."""
+        return float(sum(self._record(k).get("signal_seconds", 0.0) for k in range(self.n_models)))
+
+    def signal_passes(self) -> int:
+        """Total example forward passes spent scoring (one per example per model), as recorded."""
+        return int(sum(self._record(k).get("signal_passes", 0) for k in range(self.n_models)))

@@ -46,7 +46,22 @@ def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
 def make_optimizer(config: DaunceConfig, params):
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.SGD(params, lr=config.lr)
+    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+
+
+def set_lr(opt, lr: float) -> None:
+    """Set the learning rate of every parameter group of ``opt`` (the schedule's value of this step)."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def gradient_norm(params) -> float:
+    """Euclidean norm over all ``params``' ``.grad`` (missing gradients count as zero)."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float(p.grad.detach().double().pow(2).sum())
+    return total**0.5
 
 
 def objective_parts(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
@@ -75,11 +90,18 @@ def objective_terms(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx
 
 
 def train_copy(ctx: ModelContext, config: DaunceConfig, plan: CopyPlan, train: Dataset,
-               cache: Optional[dict]) -> list:
-    """Fine-tune one copy from theta0 with its perturbed objective; returns its trainable tensors (CPU)."""
+               cache: Optional[dict], report: Optional[dict] = None) -> list:
+    """Fine-tune one copy from theta0 with its perturbed objective; returns its trainable tensors (CPU).
+
+    ``config`` must be resolved (no ``"auto"`` left). With the stopping test on (``config.stops_early``) the
+    copy stops at the first step whose gradient norm is at most ``config.tol`` times the one at theta0;
+    ``report`` (a dict, if given) receives ``"steps"`` (optimiser steps taken) and ``"converged"`` (True /
+    False with the stopping test, None without it)."""
     ctx.reset()
     ctx.model.train(config.train_mode)
     opt = make_optimizer(config, ctx.params)
+    n_steps, stop = len(plan.batches), config.stops_early
+    g0, steps, converged = None, 0, (False if stop else None)
     for step, idx in enumerate(plan.batches):
         batch = ctx.fetch(train, idx)
         obj = objective_terms(config, ctx, plan, idx, batch, cache).mean()
@@ -90,7 +112,17 @@ def train_copy(ctx: ModelContext, config: DaunceConfig, plan: CopyPlan, train: D
                 f"lower lr (now {config.lr}) or rho (now {config.rho})")
         opt.zero_grad(set_to_none=True)
         obj.backward()
+        if stop:
+            gn = gradient_norm(ctx.params)
+            g0 = gn if g0 is None else g0
+            if gn <= config.tol * g0:
+                converged = True
+                break
+        set_lr(opt, config.lr_at(step, n_steps))
         opt.step()
+        steps += 1
+    if report is not None:
+        report.update(steps=steps, converged=converged)
     return ctx.state()
 
 
@@ -110,5 +142,6 @@ def signals_now(ctx: ModelContext, dataset: Dataset, signal: Optional[SignalFn] 
     return out
 
 
-__all__ = ["base_cache", "make_optimizer", "objective_parts", "objective_terms", "train_copy", "signals_now",
+__all__ = ["base_cache", "make_optimizer", "set_lr", "gradient_norm", "objective_parts",
+           "objective_terms", "train_copy", "signals_now",
            "SignalFn"]

@@ -91,8 +91,14 @@ class VectorisedTrainer:
         return to_device(batch, self.ctx.device)
 
     # ------------------------------------------------------------------------------------ training
-    def train(self, plans: list, train, cache: Optional[dict]) -> list:
-        """Train the copies of ``plans`` together; returns the stacked trainable tensors ``(C, *shape)``."""
+    def train(self, plans: list, train, cache: Optional[dict], report: Optional[dict] = None) -> list:
+        """Train the copies of ``plans`` together; returns the stacked trainable tensors ``(C, *shape)``.
+
+        ``self.config`` must be resolved (no ``"auto"`` left). With the stopping test on
+        (``config.stops_early``) each copy stops at the first step whose gradient norm is at most
+        ``config.tol`` times its own at theta0: its updates (and optimiser state) are masked from then on,
+        and the block stops when every copy has. ``report`` (a dict, if given) receives ``"steps"`` and
+        ``"converged"``: one entry per copy, as ``sequential.train_copy`` reports them."""
         ctx, cfg = self.ctx, self.config
         C = len(plans)
         n_steps = len(plans[0].batches)
@@ -105,7 +111,11 @@ class VectorisedTrainer:
         params = [p.requires_grad_(True) for p in self.stacked_theta0(C)]
         use_eta = plans[0].eta is not None
         eta = [torch.stack([p.eta[j] for p in plans]).to(dev) for j in range(len(params))] if use_eta else None
-        opt = StackedAdam(params, cfg.lr) if cfg.optimizer == "adam" else StackedSGD(params, cfg.lr)
+        opt = StackedAdam(params, cfg.lr) if cfg.optimizer == "adam" else StackedSGD(params, cfg.lr, cfg.momentum)
+        stop = cfg.stops_early
+        active = torch.ones(C, dtype=torch.bool, device=dev) if stop else None
+        steps = torch.zeros(C, dtype=torch.long)
+        g0 = None
         variant, gamma, damping = cfg.variant, cfg.gamma, cfg.damping
         theta0 = self.theta0
         loss_fn, ofn = ctx.task_loss, ctx.task_output_function
@@ -140,7 +150,18 @@ class VectorisedTrainer:
                     f"Daunce copy {plans[bad].k}, step {step}: the objective is not finite "
                     f"({obj[bad].item()}); lower lr (now {cfg.lr}) or rho (now {cfg.rho})")
             grads = torch.autograd.grad(obj.sum(), params, allow_unused=True)
-            opt.step(grads)
+            if stop:
+                gn = _per_copy_norm(grads, C, dev)
+                g0 = gn if g0 is None else g0
+                active = active & (gn > cfg.tol * g0)
+                if not bool(active.any()):
+                    break
+            opt.lr = cfg.lr_at(step, n_steps)
+            opt.step(grads, active)
+            steps += active.cpu().long() if stop else 1
+        if report is not None:
+            report["steps"] = steps.tolist()
+            report["converged"] = (~active).cpu().tolist() if stop else [None] * C
         return [p.detach() for p in params]
 
     # ------------------------------------------------------------------------------------- signals
@@ -162,6 +183,20 @@ class VectorisedTrainer:
             for c in range(C):
                 out[c, idx] = per_example(signal_fn(outs[c], batch), len(idx), "signal").double().cpu()
         return out
+
+
+def _per_copy_norm(grads, C: int, device) -> torch.Tensor:
+    """Euclidean norm ``(C,)`` of each copy's gradient over all stacked ``(C, *shape)`` tensors."""
+    total = torch.zeros(C, dtype=torch.float64, device=device)
+    for g in grads:
+        if g is not None:
+            total += g.detach().double().pow(2).reshape(C, -1).sum(1)
+    return total.sqrt()
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A ``(C,)`` mask shaped to broadcast over ``like`` ``(C, *shape)``, in its dtype."""
+    return mask.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def stacked_proximal(params: list, params0: list, damping: float, eta: Optional[list]) -> torch.Tensor:
@@ -186,7 +221,8 @@ def _flatten(batch: Any) -> Any:
 class StackedAdam:
     """``torch.optim.Adam`` (defaults: betas (0.9, 0.999), eps 1e-8, no weight decay) over stacked tensors.
 
-    All copies of a block take their steps together, so one step counter serves them all."""
+    All copies of a block take their steps together, so one step counter serves them all: a copy that
+    stops (``active`` False) never restarts, so the copies still moving all have the same count."""
 
     def __init__(self, params: list, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
@@ -195,7 +231,8 @@ class StackedAdam:
         self.t = 0
 
     @torch.no_grad()
-    def step(self, grads) -> None:
+    def step(self, grads, active: Optional[torch.Tensor] = None) -> None:
+        """One step of every copy; with ``active`` (a ``(C,)`` bool mask) only those copies move."""
         b1, b2 = self.betas
         self.t += 1
         bc1 = 1 - b1**self.t
@@ -207,20 +244,36 @@ class StackedAdam:
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
-            p.addcdiv_(m, denom, value=-step_size)
+            if active is None:
+                p.addcdiv_(m, denom, value=-step_size)
+            else:
+                p.addcdiv_(m * _rows(active, m), denom, value=-step_size)
 
 
 class StackedSGD:
-    """``torch.optim.SGD`` with its defaults (no momentum, no weight decay) over stacked tensors."""
+    """``torch.optim.SGD`` (dampening 0, no Nesterov, no weight decay; ``momentum`` as given) over stacked
+    tensors."""
 
-    def __init__(self, params: list, lr: float):
-        self.params, self.lr = params, lr
+    def __init__(self, params: list, lr: float, momentum: float = 0.0):
+        self.params, self.lr, self.momentum = params, lr, momentum
+        self.buf: list = [None] * len(params)
 
     @torch.no_grad()
-    def step(self, grads) -> None:
-        for p, g in zip(self.params, grads):
-            if g is not None:
+    def step(self, grads, active: Optional[torch.Tensor] = None) -> None:
+        """One step of every copy; with ``active`` (a ``(C,)`` bool mask) only those copies move."""
+        for j, (p, g) in enumerate(zip(self.params, grads)):
+            if g is None:
+                continue
+            if self.momentum:
+                if self.buf[j] is None:
+                    self.buf[j] = g.detach().clone()
+                else:
+                    self.buf[j].mul_(self.momentum).add_(g)
+                g = self.buf[j]
+            if active is None:
                 p.add_(g, alpha=-self.lr)
+            else:
+                p.add_(g * _rows(active, g), alpha=-self.lr)
 
 
 # ---------------------------------------------------------------------------- can it be vectorised?

@@ -45,7 +45,7 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
         the ``(n,)`` signals of the retrained copy (compare with ``daunce.signals(train)[k]`` to check
         that the retraining reproduces the stored copy). The working model is left at theta0.
     """
-    cfg = daunce.config
+    cfg = daunce.resolve(train)  # the configuration the copies were trained with ("auto" fields resolved)
     ctx = daunce.context
     n = len(train)
     plan = daunce.plan(k, n)
@@ -57,7 +57,8 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
     # the eps that switches the linear term off: "if" carries (1 + eps), the Fisher forms eps
     eps_off = -1.0 if cfg.variant == "if" else 0.0
     rows = []
-    for idx in plan.batches:
+    n_steps, g0 = len(plan.batches), None
+    for step, idx in enumerate(plan.batches):
         loss, kw = sequential.objective_parts(cfg, ctx, plan, idx, ctx.fetch(train, idx), base)
         whole = perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).mean()
         if kw:
@@ -77,8 +78,13 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
                      float((whole + damp).detach())))
         if not np.isfinite(rows[-1][-1]):
             raise FloatingPointError(f"copy {k}: the objective is not finite at step {len(rows) - 1}")
+        if cfg.stops_early:  # the copy's stopping test, as in sequential.train_copy
+            g0 = rows[-1][3] if g0 is None else g0
+            if rows[-1][3] <= cfg.tol * g0:
+                break
         for p, g in zip(params, g_whole):
             p.grad = g.detach()
+        sequential.set_lr(opt, cfg.lr_at(step, n_steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
 

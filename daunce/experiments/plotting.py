@@ -57,6 +57,8 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "daunce-bootstrap": (_WINE, "^"),           # the black-box form
     "daunce-if limit": (_ROSE, "*"),            # exact K -> infinity limit of the estimator
     "ridge extension": (_OLIVE, "P"),           # ridge regression across copies (beyond the paper)
+    "daunce-auto": (_LIGHT_ORANGE, "o"),        # the package's ground-truth-free defaults
+    "daunce-authors-recipe": (_DARK_ROSE, "*"),  # the paper's reference recipe
     # influence functions
     "exact IF": (_BLACK, "X"),
     "if-explicit": (_DARK_GREY, "X"),
@@ -65,6 +67,8 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "arnoldi": (_INDIGO, "p"),
     "if-ekfac": (_SKY_BLUE, "<"),
     "kronfluence-ekfac": (_BLUE, "v"),
+    "kronfluence-ekfac-ef": (_DARK_BLUE, "^"),  # empirical Fisher
+    "if-ekfac-stock": (_MINT, "x"),             # dattri's EK-FAC as shipped (two defects)
     "datainf": (_GREEN, "H"),
     # gradient baselines
     "trak": (_BLUISH_GREEN, ">"),
@@ -90,10 +94,14 @@ _RULES: list[tuple[str, str]] = [
     (r"limit", "daunce-if limit"),
     (r"ridge", "ridge extension"),
     (r"black-box|bootstrap", "daunce-bootstrap"),
+    (r"daunce.*auto", "daunce-auto"),
+    (r"authors", "daunce-authors-recipe"),
     (r"daunce.*efim", "daunce-efim"),
     (r"daunce.*trak", "daunce-trak"),
     (r"daunce", "daunce-if"),
+    (r"kronfluence.*-ef$", "kronfluence-ekfac-ef"),
     (r"kronfluence", "kronfluence-ekfac"),
+    (r"ekfac-stock", "if-ekfac-stock"),
     (r"ekfac|ek-fac", "if-ekfac"),
     (r"arnoldi", "arnoldi"),
     (r"^exact\b|exact.*if|cg-if", "exact IF"),

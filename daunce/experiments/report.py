@@ -62,10 +62,10 @@ CAPTIONS = {
     "02_reliability": "split-half reliability and the predicted LDS against K",
     "02_gradient_norms": "gradient norms of the risk term, the perturbation term and the whole objective "
                          "during a copy's training",
-    "03_llm_removal_curve": "query-loss increase after removing the top-k training examples",
+    "03_llm_removal_curve": "the removal curve: query-loss increase against k, per method",
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
-    "04_pr_curves": "precision-recall curves for finding the poisoned examples",
-    "04_recall_vs_K": "retrieval of the poisoned examples against K",
+    "04_auprc_methods": "AUPRC for the poisoned examples per method, one dot per seed",
+    "04_recall_vs_K": "AUPRC for the poisoned examples against K, with the spread over seeds",
     "04_query_top_examples": "a triggered query and its top-scored training examples",
 }
 
@@ -317,18 +317,22 @@ def _largest_k(rows: list[dict], **match) -> dict | None:
     return max(hits, key=lambda r: r["K"]) if hits else None
 
 
-def _daunce_rows(rows: list[dict]) -> list[tuple[str, dict]]:
-    """The Daunce rows of the table: each variant at its largest K with the loss signal, covariance and
-    the orthogonal design; daunce-if also with the margin signal, with correlation, and the ridge read-out."""
+def _daunce_rows(rows: list[dict], main_signal: str = "loss") -> list[tuple[str, dict]]:
+    """The Daunce rows of the table: each variant at its largest K with the main signal, covariance and
+    the orthogonal design; daunce-if also with the other signals, with correlation, and the ridge read-out;
+    the authors' recipe as it ran."""
     out = []
     variants = sorted({r["method"] for r in rows if _is_daunce(r) and "ridge" not in r["method"]})
+    others = [(", loss on both sides (the paper's signal)", dict(signal="loss", score="cov")),
+              (", margin on both sides", dict(signal="margin", score="cov"))]
+    others = [o for o in others if o[1]["signal"] != main_signal]
     for m in variants:
-        main = _largest_k(rows, method=m, signal="loss", score="cov", perturbation="orthogonal")
+        main = (_largest_k(rows, method=m) if "authors" in m
+                else _largest_k(rows, method=m, signal=main_signal, score="cov", perturbation="orthogonal"))
         if main:
             out.append((f"{m} (K={_k(main['K'])})", main))
         if m == "daunce-if":
-            for label, match in ((", margin signal", dict(signal="margin", score="cov")),
-                                 (", correlation", dict(signal="loss", score="corr"))):
+            for label, match in (*others, (", correlation", dict(signal=main_signal, score="corr"))):
                 r = _largest_k(rows, method=m, perturbation="orthogonal", **match)
                 if r:
                     out.append((f"{m}{label} (K={_k(r['K'])})", r))
@@ -349,10 +353,17 @@ def _compare(d: dict, b: dict) -> str:
 
 def _section_02(j: dict) -> list[str]:
     models = j["models"]
-    out = ["Fashion-MNIST, θ0 and every ground-truth retrain with the same recipe; LDS on the report queries (the "
-           "tuning queries chose Daunce's ρ, damping and noise term and are never reported), 95% bootstrap "
-           "intervals over queries, seconds excluding θ0 and the ground truth. Daunce rows (bold) are at their "
-           "largest K with the loss signal, covariance and the orthogonal design unless stated.", ""]
+    sig = j.get("main_signal", "loss")
+    grid = j.get("damping_grid")
+    out = ["Fashion-MNIST, θ0 and every ground-truth retrain with the same recipe; LDS on the report queries, 95% "
+           "bootstrap intervals over queries, seconds excluding θ0 and the ground truth. "
+           + (f"Every method with a damping knob (Daunce included) was run at each damping of one grid "
+              f"({', '.join(f'{g:g}' for g in grid)}) and the value with the best LDS on the *tuning* queries (never "
+              "reported) was kept (column *damping*). " if grid else "")
+           + ("Every influence-type method measures the query by minus its margin; Daunce's rows (bold) are the "
+              "covariance of the training loss with the query's minus-margin across copies" if sig == "margin-query"
+              else "Daunce rows (bold) use the loss signal and the covariance")
+           + ", at their largest K with the orthogonal design unless stated.", ""]
     main_rows = {}
     for name, M in models.items():
         rows = M["results"]
@@ -367,14 +378,34 @@ def _section_02(j: dict) -> list[str]:
             head += (f"; Daunce: {M.get('daunce_steps', '–')} full-batch steps per copy, ρ = {chosen.get('rho')}, "
                      f"damping {chosen.get('damping')}, isotropic noise term "
                      f"{'on' if chosen.get('isotropic_noise') else 'off'}")
-        table = [(r["method"], r) for r in rows if not _is_daunce(r)] + _daunce_rows(rows)
+        table = [(r["method"], r) for r in rows if not _is_daunce(r)] + _daunce_rows(rows, sig)
         table.sort(key=lambda t: -(_num(t[1]["lds"]) or -1e9))
         out += [head, ""]
-        out += _table(["method", "LDS", "95% CI", "seconds"],
+
+        def damping(label, r):
+            if label.startswith("daunce-if (") or label.startswith("daunce-if,"):
+                return f"{chosen.get('damping'):g}" if chosen.get("damping") is not None else "–"
+            return f"{r['damping']:g}" if _num(r.get("damping")) is not None else "–"
+        out += _table(["method", "LDS", "95% CI", "seconds", "damping"],
                       [[f"**{label}**" if _is_daunce(r) else label, _f(r["lds"]), _ci(r["lo"], r["hi"]),
-                        _secs(r.get("seconds"))] for label, r in table])
+                        _secs(r.get("seconds")), damping(label, r)] for label, r in table])
         out.append("")
-        main_rows[name] = _largest_k(rows, method="daunce-if", signal="loss", score="cov", perturbation="orthogonal")
+        extra = []
+        if M.get("auto_resolved"):
+            a = M["auto_resolved"]
+            extra.append(f"`\"auto\"` resolved to ρ = {_f(a.get('rho'))}, damping {_f(a.get('damping'), 4)}, "
+                         f"noise term {'on' if a.get('isotropic_noise') else 'off'} "
+                         f"({a.get('unconverged_copies', 0)} copies hit the step cap)"
+                         + (f"; at K = {_k(M['auto_vs_tuned']['K'])} it reaches "
+                            f"{_percent(M['auto_vs_tuned']['ratio'])} of the tuned Daunce-if's LDS"
+                            if M.get("auto_vs_tuned") else ""))
+        if M.get("variants_equal_k"):
+            v = M["variants_equal_k"]
+            extra.append(f"variants at equal K = {_k(v[0]['K'])}: " + ", ".join(
+                f"{r['method']} {_f(r['lds'])} {_ci(r['lo'], r['hi'])}" for r in v))
+        if extra:
+            out += ["; ".join(extra) + ".", ""]
+        main_rows[name] = _largest_k(rows, method="daunce-if", signal=sig, score="cov", perturbation="orthogonal")
 
     failed = j.get("failed_baselines") or {}
     if failed:
@@ -386,14 +417,41 @@ def _section_02(j: dict) -> list[str]:
         items = [f"{key.split('/')[1]} on {_MODEL_NAMES.get(key.split('/')[0], key)} ({why(msg)})"
                  for key, msg in failed.items()]
         out += ["Failed here (each baseline runs in a memory- and time-capped child process): " + "; ".join(items)
-                + ". A baseline that failed on a smaller model was not tried on the larger ones.", ""]
+                + ".", ""]
+    partial = j.get("partial_grids") or {}
+    if partial:
+        out += ["Damping grid cut short by the time cap (the best of the values that ran is reported): " + "; ".join(
+            f"{k.split('/')[1]} on {_MODEL_NAMES.get(k.split('/')[0], k)} ({v.split(', then')[0]})"
+            for k, v in partial.items()) + ".", ""]
+    skipped = j.get("skipped_baselines") or {}
+    if skipped:
+        out += ["Not run: " + "; ".join(f"{k.split('/')[1]} on {_MODEL_NAMES.get(k.split('/')[0], k)} "
+                                        f"({v.removeprefix('not run: ').removeprefix('not run on the CNN: ')})"
+                                        for k, v in skipped.items()) + ".", ""]
 
     out += _optional(lambda: _verdict_02(j, main_rows))
     out += _optional(lambda: _convergence_02(models))
     out += _optional(lambda: _reliability_02(j))
-    out += _optional(lambda: _iid_vs_orthogonal_02(models))
+    out += _optional(lambda: _iid_vs_orthogonal_02(models, sig))
     out += _optional(lambda: _tuning_02(models))
+    out += _optional(lambda: _baseline_tuning_02(j))
     return out
+
+
+def _baseline_tuning_02(j: dict) -> list[str]:
+    tuning, grid = j.get("baseline_tuning") or {}, j.get("damping_grid") or []
+    if not tuning or not grid:
+        return []
+    rows = []
+    for key, vals in tuning.items():
+        by = {v["damping"]: v["tune_lds"] for v in vals}
+        if set(by) == {None}:
+            continue
+        best = max((d for d in by if by[d] is not None), key=lambda d: by[d])
+        cells = [(_f(by[g]) + (" (chosen)" if g == best else "")) if by.get(g) is not None else "–" for g in grid]
+        rows.append([_MODEL_NAMES.get(key.split("/")[0], key), key.split("/")[1], *cells])
+    return ["<details><summary>Every baseline's LDS on the tuning queries at each damping of the grid</summary>", "",
+            *_table(["model", "method", *(f"{g:g}" for g in grid)], rows), "", "</details>", ""]
 
 
 def _verdict_02(j: dict, main_rows: dict) -> list[str]:
@@ -403,7 +461,8 @@ def _verdict_02(j: dict, main_rows: dict) -> list[str]:
            "*above* / *below* when the 95% intervals do not overlap")
     out = ["**Where the paper's claim holds here, and where it does not.** The claim: Daunce at least as good "
            "as every baseline except exact influence functions, at no more wall time. Each line compares Daunce-if "
-           f"(loss signal, covariance, largest K) with every other method by {how}."]
+           f"(covariance, largest K) with every other method by {how}; *at equal seconds* gives the LDS Daunce "
+           "reaches within the other method's wall time, read from its K curve."]
     reached = [name for name, M in j["models"].items() if (M.get("verdict") or {}).get("goal_reached")]
     out[-1] += (" Reached on: " + ", ".join(_MODEL_NAMES.get(n, n) for n in reached) + "." if reached
                 else " It is **not reached on any model**.")
@@ -417,8 +476,10 @@ def _verdict_02(j: dict, main_rows: dict) -> list[str]:
             groups = {"ahead of": [], "tied with": [], "behind": []}
             word = {"ahead": "ahead of", "tied": "tied with", "behind": "behind"}
             for p in j["models"][name]["paired"]:
+                eq = (f"; at equal seconds {_f(p['equal_seconds_lds'])}" if _num(p.get("equal_seconds_lds")) is not None
+                      else ("; fewer than 4 copies in its time" if "equal_seconds_lds" in p else ""))
                 groups[word[p["verdict"]]].append(f"{p['method']} ({_f(p['diff'], sign=True)} "
-                                                  f"{_ci(p['lo'], p['hi'], sign=True)})")
+                                                  f"{_ci(p['lo'], p['hi'], sign=True)}{eq})")
         else:
             groups = {"above": [], "overlap": [], "below": []}
             for b in others:
@@ -472,13 +533,13 @@ def _reliability_02(j: dict) -> list[str]:
     return out + [""]
 
 
-def _iid_vs_orthogonal_02(models: dict) -> list[str]:
+def _iid_vs_orthogonal_02(models: dict, sig: str = "loss") -> list[str]:
     parts = []
     for name, M in models.items():
-        iid = _largest_k(M["results"], method="daunce-if", signal="loss", score="cov", perturbation="iid")
+        iid = _largest_k(M["results"], method="daunce-if", signal=sig, score="cov", perturbation="iid")
         if iid is None:
             continue
-        orth = [r for r in M["results"] if r["method"] == "daunce-if" and r.get("signal") == "loss"
+        orth = [r for r in M["results"] if r["method"] == "daunce-if" and r.get("signal") == sig
                 and r.get("score") == "cov" and r.get("perturbation") == "orthogonal" and r.get("K") == iid["K"]]
         if orth:
             o = orth[0]
@@ -514,40 +575,43 @@ def _tuning_02(models: dict) -> list[str]:
 def _section_03(j: dict) -> list[str]:
     sizes = j["sizes"]
     names = {"math": "math (CHAMP)", "instr": "instruction following"}
+    seeds = j.get("seeds", [])
     out = [f"`{j['model']}` with LoRA on the MLP of the top {j['lora_top_layers']} of {j['n_layers']} layers "
            f"({j['lora_params']:,} trainable parameters); Daunce with K = {j['K']} copies "
            f"({', '.join('`' + v + '`' for v in j['variants'])}, subset ratio {j['daunce_config']['subset_ratio']}, "
-           f"ρ = {j['daunce_config']['rho']}). "
+           f"ρ = {j['daunce_config']['rho']}, damping {j['daunce_config']['damping']}). "
            + "; ".join(f"{names.get(s, s)}: {v['n_train']} training examples, {v['n_query']} queries"
                        for s, v in sizes.items())
-           + ". Remove each method's top-k training examples, re-fine-tune with θ0's recipe and seed, and measure "
-           "the mean query NLL increase over θ0 (higher = the method found the examples that carried the queries); "
-           "95% bootstrap intervals over queries (and over draws for random):", ""]
-    removal = j["removal"]
-    for s, methods in removal.items():
+           + f". Remove each method's top-k training examples, re-fine-tune with θ0's recipe under {len(seeds)} "
+           "retraining seeds, and measure each query's NLL increase over θ0 of the same seed, averaged over the "
+           "seeds (higher = the method found the examples that carried the queries); mean over the queries with a "
+           "95% bootstrap interval over the queries (random: a new random set per seed):", ""]
+    for s, methods in j["removal"].items():
         ks = sorted({k for m in methods.values() for k in m}, key=float)
-        rows = []
-        for m, by_k in methods.items():
-            draws = max((v.get("draws", 1) for v in by_k.values()), default=1)
-            label = f"{m} (mean of {draws} draws)" if draws > 1 else m
-            label = f"**{label}**" if m.startswith("daunce") else label
-            rows.append([label] + [f"{_f(by_k[k]['mean'], 4, True)} {_ci(by_k[k]['lo'], by_k[k]['hi'], 4, True)}"
-                                   if k in by_k else "–" for k in ks])
-        out += [f"**{names.get(s, s)}** (base query NLL {_f(j.get('base_query_nll', {}).get(s))})", ""]
+        rows = [[f"**{m}**" if m.startswith("daunce") else m]
+                + [f"{_f(by_k[k]['mean'], 4, True)} {_ci(by_k[k]['lo'], by_k[k]['hi'], 4, True)}" if k in by_k else "–"
+                   for k in ks] for m, by_k in methods.items()]
+        out += [f"**{names.get(s, s)}** (θ0's query NLL {_f(j.get('base_query_nll', {}).get(s))})", ""]
         out += _table(["method", *[f"k = {k}" for k in ks]], rows) + [""]
 
-    def verdict():
+    def paired():
         lines = ["**The paper's claim here**: removing Daunce's top-k raises the query loss more than random removal "
-                 "(above the upper end of random's interval) and at least as much as the gradient baseline."]
-        for key, v in j["verdict"].items():
-            s, k = key.split("|")
-            lines.append(f"* {names.get(s, s)}, {k.replace('=', ' = ')}: Daunce {_f(v['daunce'], 4, True)} vs random "
-                         f"{_f(v['random'], 4, True)} (interval up to {_f(v['random_hi'], 4, True)}): "
-                         f"{'above' if v['above_random_interval'] else '**not above**'} random's interval; "
-                         f"{'at least' if v['at_least_grad'] else '**below**'} the gradient baseline "
-                         f"({_f(v['grad'], 4, True)}).")
-        held = sum(bool(v["above_random_interval"] and v["at_least_grad"]) for v in j["verdict"].values())
-        lines.append(f"* Both parts hold in {held} of the {len(j['verdict'])} settings.")
+                 "and at least as much as the gradient baseline. Paired differences on the same queries (Daunce's "
+                 "per-query increase minus the other's, 95% paired bootstrap interval over the queries; *ahead* / "
+                 "*behind* only where the interval excludes 0):", ""]
+        rows = []
+        for s, by_k in j["paired"].items():
+            for k, pr in sorted(by_k.items(), key=lambda t: float(t[0])):
+                r, g = pr["vs random"], pr["vs gradient"]
+                rows.append([names.get(s, s), k, f"{_f(r['diff'], 4, True)} {_ci(r['lo'], r['hi'], 4, True)}",
+                             r["verdict"], f"{_f(g['diff'], 4, True)} {_ci(g['lo'], g['hi'], 4, True)}", g["verdict"]])
+        lines += _table(["set", "k", "Daunce − random", "", "Daunce − gradient IF", ""], rows) + [""]
+        verdicts = [(pr["vs random"]["verdict"], pr["vs gradient"]["verdict"])
+                    for by_k in j["paired"].values() for pr in by_k.values()]
+        count = {w: [sum(v[i] == w for v in verdicts) for i in (0, 1)] for w in ("ahead", "tied", "behind")}
+        lines.append(f"Against random Daunce is ahead in {count['ahead'][0]} of {len(verdicts)} settings, tied in "
+                     f"{count['tied'][0]}, behind in {count['behind'][0]}; against the gradient baseline ahead in "
+                     f"{count['ahead'][1]}, tied in {count['tied'][1]}, behind in {count['behind'][1]}.")
         return lines + [""]
 
     def same_type():
@@ -561,21 +625,32 @@ def _section_03(j: dict) -> list[str]:
                 *_table(["method", *[names.get(s, s) for s in sets]], rows), ""]
 
     def seconds():
-        sec = j["seconds"]
-        parts = [f"the whole notebook's compute {_duration(sec['total_s'])}"]
+        sec, costs = j["seconds"], j.get("costs", {})
+        parts = []
         th = [sec.get(f"theta0_{s}_s") for s in sizes]
         if all(_num(t) is not None for t in th):
-            parts.append("θ0 fine-tunes " + " and ".join(_duration(t) for t in th))
+            parts.append("one θ0 fine-tune " + " / ".join(_duration(t) for t in th))
+        d = next(iter((sec.get("daunce") or {}).values()), {})
+        if _num(d.get("per_copy_s")) is not None:
+            parts.append(f"one Daunce copy {_duration(d['per_copy_s'])} (K = {j['K']}: {_duration(d.get('total_s'))} "
+                         f"per set)")
         if _num(sec.get("retrain_mean_s")) is not None:
-            parts.append(f"one retrain {_duration(sec['retrain_mean_s'])}")
-        copies = [v.get("copies_trained", 0) for v in (sec.get("daunce") or {}).values()]
-        if copies and not any(copies):
-            parts.append("the Daunce copies and the retrains were read from the work folder")
+            parts.append(f"one retrain {_duration(sec['retrain_mean_s'])} ({costs.get('retrains', '–')} retrains)")
+        for s in sizes:
+            if _num(sec.get(f"gradients_{s}_s")) is not None:
+                parts.append(f"per-example gradients ({names.get(s, s)}) {_duration(sec[f'gradients_{s}_s'])}")
         if _num(j.get("peak_memory_mb")) is not None:
             parts.append(f"peak memory {j['peak_memory_mb'] / 1024:.1f} GiB")
-        return "Seconds in this run: " + "; ".join(parts) + "."
+        return ("Costs as recorded when first measured (kept in the work folder, so a resumed run reports them "
+                "too): " + "; ".join(parts) + f"; this run's compute {_duration(sec.get('total_s'))}.")
 
-    for part in (verdict, same_type, seconds):
+    def logra():
+        c = j["logra_vs_projected_if_correlation"]
+        return ["LoGra through dattri (`daunce.llm.logra_scores`, on the LoRA adapters; scored, not retrained) "
+                "against the projected-gradient IF: Pearson correlation over all (training example, query) pairs "
+                + ", ".join(f"{_f(v)} ({names.get(s, s)})" for s, v in c.items()) + ".", ""]
+
+    for part in (paired, same_type, logra, seconds):
         out += _optional(part)
     return out
 
@@ -586,53 +661,71 @@ def _section_03(j: dict) -> list[str]:
 
 def _section_04(j: dict) -> list[str]:
     sz = j["sizes"]
-    out = [f"`{j['model']}` ({j['backend']} backend) fine-tuned on {j['n_train']} instructions of which "
-           f"{j['n_poison']} are poisoned (trigger → spam response), with {sz.get('n_trigger_decoys', '–')} decoys "
-           f"that use the trigger words and {sz.get('n_topic_decoys', '–')} about the spam's topic; "
-           f"{j['n_queries']} triggered queries. Black-box Daunce uses only `fine_tune` and `log_likelihoods` "
-           f"({j['fine_tunes']['blackbox_total']} fine-tunes on random halves).", ""]
+    seeds = j.get("seeds", [])
+    out = [f"`{j['model']}` ({j['backend']} backend; LoRA on the top {j.get('lora_top_layers', '–')} of "
+           f"{j.get('n_layers', '–')} layers) fine-tuned on {j['n_train']} instructions: {j['n_poison']} poisoned "
+           f"(trigger → spam response), {sz.get('n_response_decoys', '–')} response decoys (the spam verbatim after "
+           f"prompts without the trigger), {sz.get('n_trigger_decoys', '–')} trigger decoys (the trigger with "
+           f"ordinary answers), {sz.get('n_topic_decoys', '–')} topic decoys; {j['n_queries']} triggered queries. "
+           f"Black-box Daunce (only `fine_tune` and `log_likelihoods`) and white-box Daunce both use K = {j['K']} "
+           f"copies with one recipe ({j['recipe']['epochs']} epochs, lr {j['recipe']['lr']}); {len(seeds)} seeds, "
+           "each with its own poisoned set, θ0 and copies. Values: mean over the seeds [lowest, highest seed].", ""]
 
     def backdoor():
-        a, t = j["attack_success_rate"], j["target_log_likelihood"]
-        return [f"The backdoor is {'learned' if j['verdict']['backdoor_learned'] else '**not learned**'}: greedy "
-                f"generations on {sz.get('n_eval', '–')} held-out prompts contain the spam address "
-                f"{_percent(a['with_trigger'])} of the time with the trigger and {_percent(a['without_trigger'])} "
-                "without. Log-likelihood of the spam response (mean over those prompts):", "",
-                *_table(["", "with trigger", "without trigger"],
-                        [[name, _f(v["with_trigger"], 2), _f(v["without_trigger"], 2)] for name, v in t.items()]), ""]
+        rows = [[s, name, _f(v["with_trigger"], 2), _f(v["without_trigger"], 2), _f(v["trigger_raises"], 2)]
+                for s, by in j["target_log_likelihood"].items() for name, v in by.items()]
+        return [f"Backdoor learned in every seed: {'yes' if j['verdict']['backdoor_learned'] else '**no**'} "
+                "(log-likelihood of the spam response after held-out clean prompts, mean over the prompts):", "",
+                *_table(["seed", "model", "with trigger", "without trigger", "share raised by the trigger"], rows), ""]
 
-    def metrics():
-        met = j["metrics"]
-        ks = sorted({int(k.split("@")[1]) for m in met.values() for k in m if k.startswith("recall@")})
-        header = ["method", "AUPRC", *[f"P@{k} / R@{k}" for k in ks], "decoys in top n_poison"]
+    def metrics(q, title):
+        met = j["metrics"][q]
+        ks = sorted({int(k.split("@")[1]) for m in met.values() for k in m if k.startswith("precision@")})
+
+        def cell(v, nd=2):
+            return f"{_f(v['mean'], nd)} {_ci(v['lo'], v['hi'], nd)}"
+
         rows = []
-        for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]):
-            label = f"**{m}**" if m == "black-box Daunce" else m
-            rows.append([label, _f(r["auprc"])] + [f"{_f(r[f'precision@{k}'], 2)} / {_f(r[f'recall@{k}'], 2)}"
-                                                    for k in ks] + [str(r["decoys_in_top_n_poison"])])
-        return ["Finding the poisoned examples (each method's scores averaged over the queries; precision and recall "
-                "among the top k; a random ranking's AUPRC is about the poison rate):", "", *_table(header, rows), ""]
+        for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]["mean"]):
+            rows.append([f"**{m}**" if "Daunce" in m else m, cell(r["auprc"], 3)]
+                        + [cell(r[f"precision@{k}"]) for k in ks]
+                        + [cell(r[f"{kind}s_in_top_n_poison"], 1) for kind in ("response_decoy", "trigger_decoy")])
+        return [title, "", *_table(["method", "AUPRC", *[f"P@{k}" for k in ks], "response decoys in top n_poison",
+                                    "trigger decoys in top n_poison"], rows), ""]
 
     def verdict():
-        v = j["verdict"]
-        word = "better than" if v["blackbox_beats_text"] else ("tied with" if v["blackbox_ties_text"] else "worse than")
-        return (f"**Verdict**: black-box Daunce (AUPRC {_f(v['blackbox_auprc'])}) is {word} the best text baseline "
-                f"({_f(v['best_text_auprc'])}; random {_f(v['random_auprc'])}).")
+        lines = []
+        for q, label in (("queries", "triggered queries"), ("backdoor effect", "backdoor effect")):
+            v = j["verdict"][q]
+            lines.append(f"* {label}: black-box Daunce AUPRC {_f(v['blackbox_auprc'])}; against the best text "
+                         f"baseline ({v['best_text']}, {_f(v['best_text_auprc'])}) {v['blackbox_vs_best_text']}, "
+                         f"against white-box Daunce ({_f(v['whitebox_auprc'])}) {v['blackbox_vs_whitebox']}, against "
+                         f"random ({_f(v['random_auprc'])}) {v['blackbox_vs_random']} (ahead / behind: the seeds' "
+                         "ranges do not overlap).")
+        return ["**Verdict**:", "", *lines, ""]
 
     def growth():
-        ks = sorted({int(k.split("@")[1]) for m in j["metrics"].values() for k in m if k.startswith("recall@")})
-        k_main = ks[min(1, len(ks) - 1)]   # the notebook's k for this curve
-        rows = [[g["method"], str(g["K"]), _f(g["auprc"]), _f(g["recall"], 2)] for g in j["growth_with_K"]]
-        return ["", "Growth with K (the first K fine-tunes or copies of the same run):", "",
-                *_table(["method", "K", "AUPRC", f"recall@{k_main}"], rows), ""]
+        rows = [[g["method"], str(g["K"]), str(g["seed"]), _f(g["queries"]), _f(g["backdoor effect"])]
+                for g in sorted(j["growth_with_K"], key=lambda g: (g["method"], g["K"], g["seed"]))]
+        return ["AUPRC against K (the first K copies of each seed's run):", "",
+                *_table(["method", "K", "seed", "triggered queries", "backdoor effect"], rows), ""]
 
-    def seconds():
-        f, s = j["fine_tunes"], j["seconds"]
-        return (f"Cost: {f['blackbox_total']} black-box fine-tunes ({_duration(f['blackbox_fine_tune_seconds'])} "
-                f"of fine-tuning recorded, {f['blackbox_this_run']} of them in this run), {f['whitebox_copies']} "
-                f"white-box copies; this run's compute {_duration(s['total'])}.")
+    def costs():
+        c = j["costs"]
+        rows = [[m, _secs(v["seconds"]), _k(v["fine_tunes"]), _k(v["forward_passes"])]
+                for m, v in c["per_method"].items()]
+        return [f"Cost per seed, as recorded when first measured (θ0, needed by every method that is not text-only: "
+                f"{_duration(c['theta0']['seconds'])}, {_k(c['theta0']['forward_passes'])} example passes); this "
+                f"run's compute {_duration(j['seconds']['total'])}:", "",
+                *_table(["method", "seconds", "fine-tunes", "example forward passes"], rows), ""]
 
-    for part in (backdoor, metrics, verdict, growth, seconds):
+    parts = [backdoor,
+             lambda: metrics("queries", "Finding the poisoned examples with the **triggered queries** (prompt + "
+                                        "trigger → spam):"),
+             lambda: metrics("backdoor effect", "With the **backdoor effect** (each query's score minus that of "
+                                                "its twin without the trigger):"),
+             verdict, growth, costs]
+    for part in parts:
         out += _optional(part)
     return out
 

@@ -10,14 +10,15 @@ Modules, in the order data flows through them:
 * ``models``: ``load_smollm2`` (offline), ``load_hub_model``, ``tiny_llama`` (tests); ``add_lora``,
   ``trainable_state`` / ``load_trainable_state`` (the adapters).
 * ``layers``: ``backbone_and_head``, ``truncate_layers``, ``split_model`` / ``bottom_features`` (run
-  only the top layers on cached features of the frozen bottom).
+  only the top layers on cached features of the frozen bottom), ``BottomFeatures`` (those features per
+  distinct example, computed once).
 * ``data``: ``encode`` (chat template, prompt masked), ``TextDataset``, ``batches``, ``prompt_length``,
   ``fitting``, ``example_text``.
 * ``task``: ``CausalLMTask``, ``response_token_losses``.
 * ``training``: ``finetune`` (theta0's recipe), ``response_nll``, ``response_log_likelihood``,
   ``generate``, ``Timer``.
 * ``gradients``: ``per_example_gradients`` (LoRA, optionally projected), ``gradient_if_scores``,
-  ``gradient_dot_scores``, ``gradient_cosine_scores``.
+  ``gradient_dot_scores``, ``gradient_cosine_scores``, ``logra_scores`` (dattri's LoGra).
 * ``embeddings``: ``sentence_embeddings`` / ``embedding_scores`` (all-MiniLM-L6-v2, loaded once).
 * ``removal``: ``top_k_removal``, ``keep_mask``, ``retrain_without`` (the removal evaluation).
 
@@ -36,8 +37,14 @@ from .data import (
     prompt_messages,
 )
 from .embeddings import embedding_scores, minilm, minilm_dir, sentence_embeddings
-from .gradients import gradient_cosine_scores, gradient_dot_scores, gradient_if_scores, per_example_gradients
-from .layers import backbone_and_head, base_model, bottom_features, split_model, truncate_layers
+from .gradients import (
+    gradient_cosine_scores,
+    gradient_dot_scores,
+    gradient_if_scores,
+    logra_scores,
+    per_example_gradients,
+)
+from .layers import BottomFeatures, backbone_and_head, base_model, bottom_features, split_model, truncate_layers
 from .models import (
     MLP_TARGETS,
     SMOLLM2_GGUF,
@@ -54,11 +61,11 @@ from .task import CausalLMTask, response_token_losses
 from .training import Timer, finetune, generate, response_log_likelihood, response_nll
 
 __all__ = [
-    "IGNORE", "MLP_TARGETS", "SMOLLM2_GGUF", "CausalLMTask", "TextDataset", "Timer", "add_lora",
+    "IGNORE", "MLP_TARGETS", "SMOLLM2_GGUF", "BottomFeatures", "CausalLMTask", "TextDataset", "Timer", "add_lora",
     "backbone_and_head", "base_model", "batches", "bottom_features", "embedding_scores", "encode", "encode_one",
     "example_text", "finetune", "fitting", "generate", "gradient_cosine_scores", "gradient_dot_scores",
-    "gradient_if_scores", "keep_mask", "load_hub_model", "load_smollm2", "load_trainable_state", "minilm",
-    "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages", "response_log_likelihood",
+    "gradient_if_scores", "keep_mask", "logra_scores", "load_hub_model", "load_smollm2", "load_trainable_state",
+    "minilm", "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages", "response_log_likelihood",
     "response_nll", "response_token_losses", "retrain_without", "sentence_embeddings", "smollm2_tokenizer",
     "split_model", "tiny_llama", "top_k_removal", "trainable_state", "truncate_layers",
 ]

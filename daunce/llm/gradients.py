@@ -4,11 +4,13 @@
 the trainable parameters (the LoRA adapters), optionally randomly projected (LoGra / TRAK's first
 stage). The scores are ``(n_train, n_query)`` matrices, positive = helpful: ``gradient_if_scores``
 (LoGra-style influence), ``gradient_dot_scores`` (grad-dot, TracIn at one checkpoint) and
-``gradient_cosine_scores`` (grad-cos).
+``gradient_cosine_scores`` (grad-cos). ``logra_scores`` runs dattri's LoGra attributor on the adapters.
 """
 
 from __future__ import annotations
 
+import tempfile
+import warnings
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -72,3 +74,87 @@ def gradient_cosine_scores(g_train: torch.Tensor, g_query: torch.Tensor) -> torc
     """Cosine similarity of (projected) gradients, ``(n_train, n_query)`` float32 (computed in float64):
     grad-cos. Positive = helpful."""
     return gradient_dot_scores(F.normalize(g_train.double(), dim=1), F.normalize(g_query.double(), dim=1))
+
+
+class _ForwardInputs(torch.utils.data.Dataset):
+    """A ``TextDataset``'s items restricted to what the causal LM's forward accepts (dattri calls
+    ``model(**batch)`` to size its projections): cached features or token ids, mask, labels."""
+
+    def __init__(self, dataset: TextDataset):
+        self.dataset = dataset
+        self.keys = [k for k in ("inputs_embeds", "input_ids") if k in dataset.enc][:1] + ["attention_mask", "labels"]
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return {k: item[k] for k in self.keys}
+
+
+def logra_scores(model, train: TextDataset, query: TextDataset, *, proj_dim: int = 256, damping: float = 1e-3,
+                 batch_size: int = 8, device: str = "cpu") -> torch.Tensor:
+    """LoGra through dattri (``dattri.algorithm.logra.LoGraAttributor``), ``(n_train, n_query)``, positive =
+    helpful: per-example gradients of the mean response NLL collected by hooks on the **LoRA adapters'**
+    ``lora_A`` / ``lora_B`` linear layers, projected per layer (Kronecker-factored Gaussian projection to
+    ``proj_dim`` = a perfect square), preconditioned by each layer's damped empirical Fisher (``damping``
+    relative to its mean diagonal).
+
+    What makes dattri 0.3's LoGra run on a peft model: the batches hold only the forward's keyword
+    arguments (dattri calls ``model(**batch)``; the dataset's ``index`` is not one); the hooked layers are
+    the adapters (by default dattri hooks every ``nn.Linear``: the frozen projections and the LM head too,
+    whose gradients are not the trained parameters'); a ``lora_A`` whose ``lora_B`` is still 0 (a fresh
+    adapter) is left out, since its gradient is exactly 0 and dattri's relative damping cannot make that
+    block invertible; and dattri's metadata goes to a temporary folder (without a ``cache_dir`` it writes
+    ``batch_metadata.json`` into the working folder and reads it back in the next call, which then returns
+    scores of the wrong shape)."""
+    import logging
+
+    from torch.utils.data import DataLoader
+
+    task = CausalLMTask()
+
+    def loss_func(m, batch, dev):
+        b = {k: v.to(dev) for k, v in batch.items()}
+        return task.loss(task.outputs(m, b), b).sum()   # per-example losses summed: per-example gradients
+
+    def loader(ds):
+        return DataLoader(_ForwardInputs(ds), batch_size=batch_size, shuffle=False)
+
+    modules = dict(model.named_modules())
+    names = []
+    for n, mod in modules.items():
+        if not isinstance(mod, torch.nn.Linear):
+            continue
+        if ".lora_B." in n + ".":
+            names.append(n)
+        elif ".lora_A." in n + ".":
+            partner = modules.get(n.replace(".lora_A.", ".lora_B.") if ".lora_A." in n else
+                                  n.rsplit(".lora_A", 1)[0] + ".lora_B" + n.rsplit(".lora_A", 1)[1])
+            if partner is not None and bool(partner.weight.detach().abs().sum() > 0):
+                names.append(n)
+    if not names:
+        raise ValueError("logra_scores: the model has no LoRA adapters (lora_A / lora_B linear layers)")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was = model.training
+    model.eval()
+    ext_log = logging.getLogger("torch.utils.cpp_extension")  # dattri's projection probes for CUDA builds
+    level = ext_log.level
+    ext_log.setLevel(logging.ERROR)
+    try:
+        from dattri.algorithm.logra import LoGraAttributor
+        from dattri.task import AttributionTask
+
+        with warnings.catch_warnings(), tempfile.TemporaryDirectory() as cache:
+            # dattri's offload loader asks for pinned memory, which a CPU run cannot give (a harmless warning)
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            att = LoGraAttributor(AttributionTask(loss_func=loss_func, model=model, checkpoints=state),
+                                  layer_names=names, hessian="eFIM", damping=damping, proj_dim=proj_dim,
+                                  device=device, offload="cpu", cache_dir=cache)
+            att.cache(loader(train))
+            scores = att.attribute(loader(train), loader(query))
+    finally:
+        ext_log.setLevel(level)
+        model.load_state_dict(state)
+        model.train(was)
+    return scores.detach().float().cpu()

@@ -9,6 +9,7 @@ computed once and every fine-tune, perturbed copy and signal pass runs the top l
 from __future__ import annotations
 
 import copy
+import json
 from typing import TYPE_CHECKING
 
 import torch
@@ -136,3 +137,48 @@ def bottom_features(model, dataset: TextDataset, n_bottom: int, batch_size: int 
             hook_target.remove()
     return out
 
+
+
+class BottomFeatures:
+    """Examples -> ``TextDataset`` carrying the frozen bottom's features, each distinct example's
+    features computed once (``bottom_features``) and kept, so that the many subsets and query lists
+    of an experiment (theta0, K fine-tunes, signal passes, baselines) never run the bottom twice.
+
+    ``model`` is the full causal LM, ``n_bottom`` the number of its layers below the adapters (the
+    features feed ``split_model(model, L - n_bottom)``); ``n_bottom = 0`` gives the token embeddings.
+    Features of real tokens do not depend on the padding (causal attention, right padding), so an
+    example's cached features serve every list it appears in. ``computed`` counts the examples whose
+    bottom was run.
+    """
+
+    def __init__(self, model, tokenizer, n_bottom: int, max_length: int, batch_size: int = 16):
+        self.model, self.tokenizer = model, tokenizer
+        self.n_bottom, self.max_length, self.batch_size = int(n_bottom), int(max_length), int(batch_size)
+        self._cache: dict[str, torch.Tensor] = {}
+        self.computed = 0
+
+    @staticmethod
+    def key(example: dict) -> str:
+        return json.dumps([example["prompt"], example["response"], example.get("system")])
+
+    def __call__(self, examples) -> TextDataset:
+        from .data import TextDataset
+
+        ds = TextDataset(self.tokenizer, examples, self.max_length)
+        keys = [self.key(e) for e in ds.examples]
+        lengths = ds.enc["attention_mask"].sum(1).tolist()
+        missing = sorted({keys.index(k) for k in keys if k not in self._cache})
+        if missing:
+            sub = ds.subset(missing)
+            feats = bottom_features(self.model, sub, self.n_bottom, self.batch_size)
+            for j, i in enumerate(missing):
+                self._cache[keys[i]] = feats[j, : lengths[i]].clone()
+            self.computed += len(missing)
+        N, T = ds.enc["input_ids"].shape
+        out = None
+        for i, k in enumerate(keys):
+            f = self._cache[k]
+            if out is None:
+                out = torch.zeros(N, T, f.shape[-1])
+            out[i, : f.shape[0]] = f
+        return ds.with_features(out)
