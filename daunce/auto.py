@@ -50,6 +50,7 @@ from torch.utils.data import Dataset
 
 from .config import AUTO, DaunceConfig
 from .engines.context import ModelContext
+from .engines.sequential import theta0_values
 from .objectives import perturbed_objective
 
 #: Target of the damping rule, ``d_lambda = DIRECTIONS_PER_COPY * K``; 1/4 means a relative Monte-Carlo
@@ -81,14 +82,7 @@ class _Curvature:
         for s in range(0, len(idx), ctx.eval_batch_size):
             bi = idx[s : s + ctx.eval_batch_size]
             batch = ctx.fetch(train, bi)
-            with torch.enable_grad():
-                out = ctx.outputs(batch).detach().requires_grad_(True)
-                loss = ctx.loss(out, batch, len(bi))
-                (grad,) = torch.autograd.grad(loss.sum(), out)
-            base = {"loss0": loss.detach(), "outputs0": out.detach(), "grad0": grad.detach()}
-            if config.variant == "trak":
-                base["f0"] = ctx.output_function(out.detach(), batch, len(bi)).detach()
-            self.batches.append((bi, batch, base))
+            self.batches.append((bi, batch, theta0_values(ctx, config, batch, len(bi))))
 
     def _objective(self, batch, base, n: int) -> torch.Tensor:
         """Sum over the batch of the eps = 0 objective (its Hessian at theta0 is the copy's curvature)."""
@@ -97,10 +91,10 @@ class _Curvature:
         loss = ctx.loss(out, batch, n)
         if cfg.variant == "bootstrap":
             return loss.sum()
-        kw = dict(loss0=base["loss0"], outputs=out, outputs0=base["outputs0"], grad0=base["grad0"],
+        kw = dict(loss0=base["loss"], outputs=out, outputs0=base["outputs"], grad0=base["grad"],
                   eps=torch.zeros_like(loss))
         if cfg.variant == "trak":
-            kw["f"], kw["f0"] = ctx.output_function(out, batch, n), base["f0"]
+            kw["f"], kw["f0"] = ctx.output_function(out, batch, n), base["f"]
         return perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).sum()
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,21 @@ from .context import ModelContext, per_example
 SignalFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
+def theta0_values(ctx: ModelContext, config: DaunceConfig, batch, m: int) -> dict:
+    """The working model's outputs, dloss/doutputs and loss on one batch of ``m`` examples (and the output
+    function for the TRAK-like form), detached: ``{"outputs", "grad", "loss", ["f"]}``. Called with the model
+    at theta0, these are the cached values of every copy's objective."""
+    with torch.enable_grad():
+        out = ctx.outputs(batch).detach().requires_grad_(True)
+        loss = ctx.loss(out, batch, m)
+        (grad,) = torch.autograd.grad(loss.sum(), out)
+    vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
+    if config.variant == "trak":
+        with torch.no_grad():
+            vals["f"] = ctx.output_function(out.detach(), batch, m)
+    return vals
+
+
 def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
     """Outputs, dloss/doutputs and loss of theta0 on every training example (and the output function
     for the TRAK-like form): ``{"outputs": (n, ...), "grad": (n, ...), "loss": (n,), ["f": (n,)]}``."""
@@ -27,15 +42,7 @@ def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
     n = len(train)
     cache: dict[str, torch.Tensor] = {}
     for idx in ctx.index_batches(n):
-        batch = ctx.fetch(train, idx)
-        with torch.enable_grad():
-            out = ctx.outputs(batch).detach().requires_grad_(True)
-            loss = ctx.loss(out, batch, len(idx))
-            (grad,) = torch.autograd.grad(loss.sum(), out)
-        vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
-        if config.variant == "trak":
-            with torch.no_grad():
-                vals["f"] = ctx.output_function(out.detach(), batch, len(idx))
+        vals = theta0_values(ctx, config, ctx.fetch(train, idx), len(idx))
         for key, v in vals.items():
             if key not in cache:
                 cache[key] = v.new_empty((n,) + tuple(v.shape[1:]))

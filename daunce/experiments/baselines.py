@@ -366,18 +366,16 @@ def settings_key(method: str, model, train, query, grid) -> str:
     return h.hexdigest()[:12]
 
 
-def run_cached(method: str, model, train, query, *, cache_dir, grid=DAMPING_GRID, extra_key: str = "",
-               **kw) -> list[dict]:
+def run_cached(method: str, model, train, query, *, cache_dir, grid=DAMPING_GRID, **kw) -> list[dict]:
     """``run_isolated`` with its rows kept in ``cache_dir`` (one file per method and settings): a rerun reads
     the scores and the seconds measured when they were computed; a complete grid is not run again. An
     incomplete one (time cap) is kept and run again in full on the next call, so a rerun on a quieter
-    machine can complete it. ``extra_key`` adds what the caller's inputs depend on beyond theta0 and the data
-    (e.g. TracIn's checkpoints or TRAK's ensemble)."""
+    machine can complete it."""
     from pathlib import Path
 
     from ..store import atomic_save
 
-    path = Path(cache_dir) / f"{method}_{settings_key(method, model, train, query, grid)}{extra_key}.pt"
+    path = Path(cache_dir) / f"{method}_{settings_key(method, model, train, query, grid)}.pt"
     if path.exists():
         rows = torch.load(path, weights_only=False)
         if all(r["grid_complete"] for r in rows):
