@@ -1,4 +1,4 @@
-"""``"auto"`` settings: damping, rho and the isotropic term from theta0 and the training data alone.
+"""``"auto"`` settings: damping, rho, the isotropic term and the copies' optimiser from theta0 and the training data.
 
 A user without retraining ground truth cannot tune ``damping``, ``rho`` and ``isotropic_noise``. The rule
 here reads only theta0, the task and (a subsample of) the training set. In the terms of
@@ -12,21 +12,29 @@ here reads only theta0, the task and (a subsample of) the training set. In the t
   ``n_examples`` training examples, by double backward or, where the model has no second derivative,
   central differences of gradients; negative Ritz values are clipped to 0).
 
-* **damping.** Two lower bounds, the larger wins. (a) Approximation: the ground truth an attribution is
-  judged by (retraining on half the data) is far from theta0, where the low-curvature directions are the
-  least linear, so the damping is kept at a fixed fraction of the top curvature, ``lambda >= RELATIVE_DAMPING
-  * c_max`` (a fraction is invariant to the scale of the loss); on ``benchmarks/auto_settings.py`` the
-  grid-best damping sat at 0.035-0.31 times the top curvature, and the d_lambda bound alone (below) damped
-  far too little at K = 256. (b) Monte-Carlo noise: the score is a Monte-Carlo estimate of a quadratic form whose kernel
-  has effective rank ``d_lambda = tr(C (C + lambda I)^-1)``, the number of curvature directions above the
-  damping, and its relative noise falls like ``sqrt(d_lambda / K)``; ``lambda`` is kept at least the value
-  where ``d_lambda = DIRECTIONS_PER_COPY * K`` (relative noise about 1/2), which matters for small K.
+* **damping.** Two lower bounds, the larger wins. (a) Approximation, measured on a proxy ground truth: the
+  attribution is judged against retraining on half the data, so the rule retrains, cheaply: ``proxy_fine_tunes``
+  fine-tunes of theta0 on random halves of the training set (full batch: L-BFGS with a strong-Wolfe line search
+  until the gradient's largest entry is ``tol`` times its start; minibatches: the copies' own recipe), with
+  ``proxy_queries`` training examples held out of all of them as queries. The estimator's limit at damping
+  lambda predicts each fine-tune's change of a query's signal as ``-grad s_q^T K_lambda g_S``
+  (``g_S``: the half's mean loss gradient at theta0), with the kernel ``K_lambda = (C + lambda)^-1`` (isotropic term on)
+  or ``C (C + lambda)^-2`` (off); one Lanczos run per half, started at ``g_S``, gives these for every lambda at once
+  (``krylov_solves``). The proxy LDS (mean over the held-out queries of the Spearman correlation, across the
+  halves, of predicted and actual changes) is computed for lambda = c_max x 10^-6 ... 1 in half decades and for
+  both kernels; the largest lambda within ``PROXY_TIE`` of each kernel's best is kept. Retraining from theta0
+  rather than from scratch leaves out the seed's randomness; on ``benchmarks/auto_settings.py`` the proxy's
+  choice landed within a factor of 10 of the grid's best damping. (b) Monte-Carlo noise: the score is a
+  Monte-Carlo estimate of a quadratic form whose kernel has effective rank ``d_lambda = tr(C (C + lambda I)^-1)``,
+  and its relative noise falls like ``sqrt(d_lambda / K)``; ``lambda`` is kept at least the value where
+  ``d_lambda = DIRECTIONS_PER_COPY * K`` (relative noise about 1), which matters for small K.
 
 * **isotropic_noise.** The isotropic term makes the limit the damped influence function exactly, but
   adds noise in every one of the d directions: the kernel of the copies' displacement covariance changes
   from ``C (C + lambda)^-2`` to ``(C + lambda)^-1``, whose effective rank
   ``r_iso = (sum 1/(c_j + lambda))^2 / sum 1/(c_j + lambda)^2`` counts the flat directions too. It is
-  turned on when ``r_iso <= K`` (the K copies can resolve it), off otherwise.
+  turned on only when the K copies can resolve it (``r_iso <= K`` at its damping) and the proxy prefers its
+  kernel by more than ``PROXY_TIE``; otherwise the plain kernel's damping is taken.
 
 * **rho.** rho only sets the scale of the perturbation: in the linear regime the covariance is
   proportional to rho^2 and the ranking does not depend on it, so it should be as small as float
@@ -38,6 +46,14 @@ here reads only theta0, the task and (a subsample of) the training set. In the t
   ``rho = rho_p * NONLINEARITY / nl``, capped at 1 and raised if needed so the first-order loss change
   stays ``FLOAT_MARGIN`` times above float rounding of the losses.
 
+* **optimizer, lr, momentum.** The linear theory needs each copy at the minimum of its objective, reached
+  with a displacement proportional to its perturbation. Adam's steps have the size lr whatever the
+  gradient, so tiny perturbations get displacements of the step's size, not the perturbation's. Full-batch
+  copies with the stopping test therefore get heavy-ball SGD with the parameters that are optimal for a
+  quadratic with curvature in ``[lambda, CURVATURE_SAFETY * c_max + lambda]`` (``heavy_ball``): scale-free,
+  and about ``sqrt(condition number)`` steps per e-fold of the error. Minibatch copies and copies with fixed
+  ``steps`` keep Adam at lr ``ADAM_LR``.
+
 For ``"bootstrap"`` (no linear term, no eps) rho resolves to 1 and the isotropic term to False (both inert).
 """
 
@@ -46,20 +62,40 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from .config import AUTO, DaunceConfig
+from .config import ADAM_LR, AUTO, DaunceConfig
 from .engines.context import ModelContext
-from .engines.sequential import theta0_values
+from .engines.sequential import signals_now, theta0_values, train_copy
 from .objectives import perturbed_objective
+from .plans import make_plan
 
-#: Target of the damping rule, ``d_lambda = DIRECTIONS_PER_COPY * K``; 1/4 means a relative Monte-Carlo
-#: noise about sqrt(1/4) = 0.5 per score at K copies (the rule of thumb of docs/method.md).
-DIRECTIONS_PER_COPY = 0.25
-#: The damping's floor relative to the top curvature (the approximation bound of the rule). 0.1 is the
-#: geometric mean of grid-best damping / top curvature over the four wine and breast-cancer pairs of
-#: ``benchmarks/auto_settings.py`` (0.035-0.31); the make_classification pairs were not used to choose it.
-RELATIVE_DAMPING = 0.1
+#: The noise bound of the damping rule, ``d_lambda <= DIRECTIONS_PER_COPY * K``: a relative Monte-Carlo noise
+#: of about sqrt(d_lambda / K) <= 1 per score (the rule of thumb of docs/method.md). On notebook 02's MLP (K = 64,
+#: converged heavy-ball copies, report LDS) the proxy's damping 0.128 gave 0.356, heavier dampings less (0.4:
+#: 0.326; 1.05, where d_lambda = K / 4: 0.288), lighter ones too (0.04: 0.324, 0.01: 0.245): K / 4 was too strict.
+DIRECTIONS_PER_COPY = 1.0
+#: The proxy ground truth of the damping rule (module docstring): this many warm-started fine-tunes on half
+#: subsets, their signals measured on this many held-out training examples, predictions from this many Lanczos
+#: steps per half. Sized for cost (16 fine-tunes are 1/16 of a K = 256 fit when a fine-tune costs a copy), not
+#: tuned: on benchmarks/auto_settings.py the proxy's curves are smooth in lambda at this size.
+PROXY_FINE_TUNES = 16
+PROXY_QUERIES = 64
+KRYLOV_STEPS = 30
+#: Candidate dampings of the proxy, relative to the top curvature: 10^-6 ... 1 in half decades.
+PROXY_GRID = tuple(10 ** (e / 2) for e in range(-12, 1))
+#: A damping within this much proxy LDS of the best counts as tied; the largest tied one is taken (fewer
+#: directions for the copies to resolve, the same proxy accuracy).
+PROXY_TIE = 0.01
+#: Heavy-ball copies (``lr``/``momentum`` "auto", full batch): the curvature bound is this many times the top
+#: curvature measured at theta0 on a subsample (room for the subset's curvature and for curvature that grows
+#: along the path: heavy ball is unstable above its bound). On benchmarks/auto_settings.py's LR / wine (K = 256)
+#: 1.5 left 11 copies oscillating at the step cap (LDS 0.06); 3 and 6 gave the same LDS on the wine and
+#: breast-cancer pairs (0.671 / 0.667, 0.559 / 0.560, 0.534 / 0.530) with all copies converged; 6 keeps the margin.
+CURVATURE_SAFETY = 6.0
+#: The smallest curvature the heavy-ball parameters assume, relative to the bound (caps the condition number
+#: at 1e4 when the damping is 0).
+MIN_CURVATURE_RATIO = 1e-4
 #: Target curvature share of the probe's loss change (the rho rule): 5 % second order.
 NONLINEARITY = 0.05
 #: The first-order change of the losses must stay this many times above their float rounding.
@@ -68,6 +104,11 @@ FLOAT_MARGIN = 1e3
 
 def _flat(ts) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _flat_grads(grads, params) -> torch.Tensor:
+    """One flat vector of ``autograd.grad``'s output (``None``, an unused parameter, counts as zeros)."""
+    return _flat([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])
 
 
 class _Curvature:
@@ -121,8 +162,7 @@ class _Curvature:
                 if not torch.is_tensor(dot) or not dot.requires_grad:
                     continue
                 hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-                total += _flat([h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]
-                               ).to(total.dtype)
+                total += _flat_grads(hv, self.params).to(total.dtype)
         return total / len(self.idx)
 
     def _gradient_at(self, delta: torch.Tensor) -> torch.Tensor:
@@ -133,8 +173,7 @@ class _Curvature:
             for bi, batch, base in self.batches:
                 obj = self._objective(batch, base, len(bi))
                 grads = torch.autograd.grad(obj, self.params, allow_unused=True)
-                total += _flat([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, self.params)]
-                               ).to(total.dtype)
+                total += _flat_grads(grads, self.params).to(total.dtype)
         ctx.reset()
         return total / len(self.idx)
 
@@ -157,7 +196,7 @@ class _Curvature:
                 w = weights[s : s + len(bi)].to(loss.device, loss.dtype)
                 s += len(bi)
                 grads = torch.autograd.grad((w * loss).sum(), self.params, allow_unused=True)
-                g = _flat([gi if gi is not None else torch.zeros_like(p) for gi, p in zip(grads, self.params)])
+                g = _flat_grads(grads, self.params)
                 total = g if total is None else total + g
         return total / len(self.idx)
 
@@ -259,12 +298,172 @@ def conjugate_gradient(matvec, b: torch.Tensor, iters: int = 30, rtol: float = 1
     return x
 
 
+def krylov_solves(hvp, b: torch.Tensor, lams, steps: int = KRYLOV_STEPS, squared: bool = False) -> torch.Tensor:
+    """``(len(lams), d)``: ``(C + lambda I)^-1 b`` (``squared``: also ``C (C + lambda I)^-2 b``, stacked after) for
+    every lambda from one Lanczos run on ``C`` started at ``b`` (the Krylov space of ``C + lambda I`` does not
+    depend on lambda); full reorthogonalisation."""
+    beta0 = float(b.norm())
+    if beta0 == 0.0:
+        return torch.zeros(len(lams) * (2 if squared else 1), b.numel(), dtype=b.dtype, device=b.device)
+    Q = [b / beta0]
+    alpha, beta = [], []
+    for j in range(min(steps, b.numel())):
+        w = hvp(Q[-1])
+        a = float((w * Q[-1]).sum())
+        alpha.append(a)
+        w = w - a * Q[-1] - (beta[-1] * Q[-2] if j > 0 else 0)
+        for q in Q:
+            w = w - (w * q).sum() * q
+        nb = float(w.norm())
+        if nb < 1e-10 * max(1.0, abs(a)):
+            break
+        beta.append(nb)
+        Q.append(w / nb)
+    s = len(alpha)
+    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if s > 1:
+        off = torch.tensor(beta[: s - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    e1 = torch.zeros(s, dtype=torch.float64)
+    e1[0] = beta0
+    ev, U = torch.linalg.eigh(T)
+    ev = ev.clamp_min(0.0)
+    proj = U.T @ e1
+    funcs = [1.0 / (ev + lam) for lam in lams]
+    if squared:
+        funcs += [ev / (ev + lam) ** 2 for lam in lams]
+    coef = torch.stack([U @ (f * proj) for f in funcs])
+    return coef.to(b.dtype) @ torch.stack(Q[:s])
+
+
+def _rank_rows(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort(-1).argsort(-1).to(torch.float64)
+
+
+def _spearman_columns(pred: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
+    """Spearman correlation of every column of ``pred`` ``(..., M, Q)`` with the same column of ``actual``
+    ``(M, Q)`` (over the M rows); NaN where a column is constant."""
+    rp = _rank_rows(pred.transpose(-1, -2))
+    ra = _rank_rows(actual.T)
+    rp, ra = rp - rp.mean(-1, keepdim=True), ra - ra.mean(-1, keepdim=True)
+    den = rp.norm(dim=-1) * ra.norm(dim=-1)
+    return (rp * ra).sum(-1) / den
+
+
+def _fine_tune_lbfgs(ctx: ModelContext, config: DaunceConfig, train: Dataset, subset: torch.Tensor,
+                     report: dict) -> None:
+    """Warm-started full-batch fine-tune of the working model on ``train[subset]`` (mean loss) by L-BFGS with a
+    strong-Wolfe line search, until the gradient's largest entry is ``config.tol`` times its value at theta0 or
+    ``config.max_steps`` loss evaluations; ``report`` receives ``"steps"`` (evaluations) and ``"converged"``."""
+    ctx.reset()
+    ctx.model.train(config.train_mode)
+    params = ctx.params
+    m = len(subset)
+    evals = 0
+
+    def closure():
+        nonlocal evals
+        evals += 1
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for s in range(0, m, ctx.eval_batch_size):
+            bi = subset[s : s + ctx.eval_batch_size]
+            batch = ctx.fetch(train, bi)
+            loss = ctx.loss(ctx.outputs(batch), batch, len(bi)).sum() / m
+            loss.backward()
+            total += float(loss.detach())
+        return torch.tensor(total)
+
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
+    closure()
+    g0 = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=config.max_steps, max_eval=config.max_steps,
+                            tolerance_grad=config.tol * g0, tolerance_change=0.0, history_size=20,
+                            line_search_fn="strong_wolfe")
+    evals = 0
+    opt.step(closure)
+    g = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+    report.update(steps=evals, converged=g <= config.tol * g0)
+
+
+def _proxy_damping(ctx: ModelContext, config: DaunceConfig, train: Dataset, curv: _Curvature, top: float,
+                   g: torch.Generator, n_tunes: int = PROXY_FINE_TUNES, n_queries: int = PROXY_QUERIES,
+                   krylov_steps: int = KRYLOV_STEPS) -> dict:
+    """The damping whose limit best predicts warm-started fine-tunes on half subsets (module docstring)."""
+    n = len(train)
+    n_q = min(n_queries, max(2, n // 5))
+    perm = torch.randperm(n, generator=g)
+    q_idx, keep = perm[:n_q].sort().values, perm[n_q:].sort().values
+    queries, rest = Subset(train, q_idx.tolist()), Subset(train, keep.tolist())
+    n_rest = len(keep)
+    proxy = config.replace(variant="bootstrap", subset_ratio=0.5, damping=0.0, rho=1.0, isotropic_noise=False,
+                           perturbation="iid", n_models=n_tunes, seed=config.seed + 104_729)
+    proxy = proxy.static()
+    proxy = proxy.replace(**_optimizer_fields(proxy, top, 0.0))
+    params = ctx.params
+    d = sum(p.numel() for p in params)
+    ctx.reset()
+    s0 = signals_now(ctx, queries)
+    actual, masks, steps = [], [], []
+    for k in range(n_tunes):
+        plan = make_plan(proxy, k, n_rest, d, ctx.unflatten)
+        rep: dict = {}
+        if proxy.stops_early:
+            _fine_tune_lbfgs(ctx, proxy, rest, plan.subset, rep)
+        else:
+            train_copy(ctx, proxy, plan, rest, None, rep)
+        actual.append(signals_now(ctx, queries) - s0)
+        mask = torch.zeros(n_rest, dtype=torch.float64)
+        mask[plan.subset] = 1.0 / len(plan.subset)
+        masks.append(mask)
+        steps.append(rep.get("steps", 0))
+    ctx.reset()
+    actual_t, W = torch.stack(actual), torch.stack(masks)
+    # the fine-tunes' starting gradients g_S = (1/m) sum_{i in S} grad l_i(theta0): one forward pass per batch
+    ctx.model.train(False)
+    grads = torch.zeros(n_tunes, d, dtype=torch.float64)
+    with torch.enable_grad():
+        for bi in ctx.index_batches(n_rest):
+            batch = ctx.fetch(rest, bi)
+            loss = ctx.loss(ctx.outputs(batch), batch, len(bi))
+            for k in range(n_tunes):
+                w = W[k, bi].to(loss.device, loss.dtype)
+                gk = torch.autograd.grad((w * loss).sum(), params, retain_graph=True, allow_unused=True)
+                grads[k] += _flat_grads(gk, params).double().cpu()
+        # the query signals' gradients at theta0, one query at a time
+        gq = torch.zeros(n_q, d, dtype=torch.float64)
+        for j in range(n_q):
+            batch = ctx.fetch(queries, torch.tensor([j]))
+            sig = ctx.signal(ctx.outputs(batch), batch, 1).sum()
+            gj = torch.autograd.grad(sig, params, allow_unused=True)
+            gq[j] = _flat_grads(gj, params).double().cpu()
+    lams = [top * r for r in PROXY_GRID]
+    p0 = _flat([p.detach() for p in params])
+    pred = []
+    for k in range(n_tunes):
+        X = krylov_solves(curv.hvp, grads[k].to(p0.device, p0.dtype), lams, krylov_steps, squared=True)  # (2L, d)
+        pred.append(-(X.double().cpu() @ gq.T))  # (2L, Q): predicted signal change of every query
+    pred_t = torch.stack(pred, 1)  # (2L, M, Q)
+    score = torch.nanmean(_spearman_columns(pred_t, actual_t), dim=-1)  # (2L,)
+    L = len(lams)
+    out = {"proxy_fine_tunes": n_tunes, "proxy_queries": n_q,
+           "proxy_steps_mean": float(sum(steps)) / len(steps)}
+    for name, sc in (("isotropic", score[:L]), ("plain", score[L:])):
+        best = float(torch.nan_to_num(sc, nan=-2.0).max())
+        tied = [i for i, v in enumerate(sc.tolist()) if v == v and v >= best - PROXY_TIE]
+        out[name] = {"damping": lams[max(tied)] if tied else top * PROXY_GRID[-1], "proxy_lds": best,
+                     "curve": {f"{lam_:.3g}": float(v) for lam_, v in zip(lams, sc.tolist())}}
+    return out
+
+
 def resolve(ctx: ModelContext, config: DaunceConfig, train: Dataset, *, n_examples: int = 256,
-            lanczos_steps: int = 30, probes: int = 4, cg_iters: int = 30, seed: int = 0
-            ) -> tuple[DaunceConfig, dict]:
+            lanczos_steps: int = 30, probes: int = 4, cg_iters: int = 30, seed: int = 0,
+            proxy_fine_tunes: int = PROXY_FINE_TUNES, proxy_queries: int = PROXY_QUERIES,
+            krylov_steps: int = KRYLOV_STEPS) -> tuple[DaunceConfig, dict]:
     """``(resolved config, details)``: the config with every ``"auto"`` field replaced by its value (see the
     module docstring for the rule) and a dict of what the rule measured. Fields set explicitly are kept.
     The working model is left at theta0."""
+    config = config.static()
     autos = config.auto_fields
     if not autos:
         return config, {}
@@ -280,7 +479,8 @@ def resolve(ctx: ModelContext, config: DaunceConfig, train: Dataset, *, n_exampl
             changes["rho"] = 1.0
         if config.isotropic_noise == AUTO:
             changes["isotropic_noise"] = False
-    need_curv = config.damping == AUTO or (not bootstrap and AUTO in (config.rho, config.isotropic_noise))
+    heavy = config.lr == AUTO  # after static(): SGD copies whose heavy-ball step needs the curvature
+    need_curv = config.damping == AUTO or heavy or (not bootstrap and AUTO in (config.rho, config.isotropic_noise))
     lam = None if config.damping == AUTO else float(config.damping)
     if need_curv:
         curv = _Curvature(ctx, config, train, idx)
@@ -288,23 +488,62 @@ def resolve(ctx: ModelContext, config: DaunceConfig, train: Dataset, *, n_exampl
         d = p0.numel()
         nodes, weights = lanczos_spectrum(curv.hvp, d, p0.dtype, p0.device, lanczos_steps, probes, seed)
         info.update(d=d, top_curvature=float(nodes.max()), mean_curvature=float((weights * nodes).sum()) / d)
+        lam_noise = damping_for(nodes, weights, DIRECTIONS_PER_COPY * K)
+        info["noise_damping"] = lam_noise
+        iso = None if bootstrap or config.isotropic_noise == AUTO else bool(config.isotropic_noise)
         if lam is None:
-            lam = damping_for(nodes, weights, DIRECTIONS_PER_COPY * K, RELATIVE_DAMPING)
+            proxy = _proxy_damping(ctx, config, train, curv, float(nodes.max()), g, proxy_fine_tunes,
+                                   proxy_queries, krylov_steps)
+            info["proxy"] = proxy
+            if iso is None and not bootstrap:
+                on, off = proxy["isotropic"], proxy["plain"]
+                lam_on = max(on["damping"], lam_noise)
+                iso = bool(isotropic_rank(nodes, weights, lam_on) <= K
+                           and on["proxy_lds"] > off["proxy_lds"] + PROXY_TIE)
+            lam = max(proxy["isotropic" if iso or bootstrap else "plain"]["damping"], lam_noise)
             changes["damping"] = lam
         info["d_lambda"] = effective_dimension(nodes, weights, lam)
         if not bootstrap and config.isotropic_noise == AUTO:
             r_iso = isotropic_rank(nodes, weights, lam)
             info["isotropic_rank"] = r_iso
-            changes["isotropic_noise"] = bool(lam > 0 and r_iso <= K)
+            if iso is None:
+                iso = bool(lam > 0 and r_iso <= K)
+            changes["isotropic_noise"] = iso
         if not bootstrap and config.rho == AUTO:
             changes["rho"], more = _measure_rho(curv, config, lam, n, idx, cg_iters, g)
             info.update(more)
+    changes.update(_optimizer_fields(config, info.get("top_curvature"), lam))
     resolved = config.replace(**changes)
     if need_curv:
         info["hessian_vector_products"] = "double backward" if curv.exact else "central differences of gradients"
     info["resolved"] = {f: getattr(resolved, f) for f in autos}
     ctx.reset()
     return resolved, info
+
+
+def heavy_ball(top: float, lam: float, momentum=None) -> tuple[float, float]:
+    """``(lr, momentum)`` of the heavy-ball method for a quadratic with curvature in ``[mu, L]``,
+    ``L = CURVATURE_SAFETY * top + lam``, ``mu = max(lam, MIN_CURVATURE_RATIO * L)``: the optimal momentum
+    ``m = ((sqrt L - sqrt mu) / (sqrt L + sqrt mu))^2`` unless one is given, and ``lr = (1 + sqrt m)^2 / L``
+    (with the optimal m this is the optimal ``4 / (sqrt L + sqrt mu)^2``; with m = 0 it is 1 / L). The error
+    then shrinks by about ``sqrt m`` per step: ~ sqrt(L / mu) steps per e-fold."""
+    L = CURVATURE_SAFETY * max(top, 0.0) + lam
+    if not L > 0:
+        return ADAM_LR, 0.0 if momentum is None else momentum
+    if momentum is None:
+        mu = max(lam, MIN_CURVATURE_RATIO * L)
+        a, b = math.sqrt(L), math.sqrt(mu)
+        momentum = ((a - b) / (a + b)) ** 2
+    return (1.0 + math.sqrt(momentum)) ** 2 / L, momentum
+
+
+def _optimizer_fields(config: DaunceConfig, top, lam) -> dict:
+    """Heavy-ball ``lr`` / ``momentum`` where they are still "auto" after ``config.static()`` (SGD copies)."""
+    if config.lr != AUTO:
+        return {}
+    given = None if config.momentum == AUTO else float(config.momentum)
+    lr, mom = heavy_ball(top or 0.0, lam or 0.0, given)
+    return {"lr": lr, **({"momentum": mom} if config.momentum == AUTO else {})}
 
 
 def _measure_rho(curv: _Curvature, config: DaunceConfig, lam: float, n: int, idx: torch.Tensor, cg_iters: int,
@@ -334,4 +573,6 @@ def _measure_rho(curv: _Curvature, config: DaunceConfig, lam: float, n: int, idx
 
 
 __all__ = ["resolve", "lanczos_spectrum", "effective_dimension", "damping_for", "isotropic_rank",
-           "conjugate_gradient", "DIRECTIONS_PER_COPY", "RELATIVE_DAMPING", "NONLINEARITY", "FLOAT_MARGIN"]
+           "conjugate_gradient", "krylov_solves", "DIRECTIONS_PER_COPY", "NONLINEARITY", "FLOAT_MARGIN",
+           "PROXY_FINE_TUNES", "PROXY_QUERIES", "KRYLOV_STEPS", "PROXY_GRID", "PROXY_TIE", "heavy_ball",
+           "CURVATURE_SAFETY", "MIN_CURVATURE_RATIO", "ADAM_LR"]

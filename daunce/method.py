@@ -137,7 +137,7 @@ class Daunce:
         self.trained_copies: list[int] = []  # copies trained (not loaded) by this object
         #: the configuration the copies are trained with: ``config`` with every "auto" field resolved
         #: (``daunce.auto``) on the training set of ``fit``; ``resolved`` holds what the rule measured
-        self.resolved_config: Optional[DaunceConfig] = None if self.config.auto_fields else self.config
+        self.resolved_config: Optional[DaunceConfig] = None if self.config.auto_fields else self.config.static()
         self.resolved: dict = {}
         #: per copy trained or loaded by this object: optimiser steps taken and whether the stopping test passed
         #: (None: no stopping test); ``unconverged``: copies that reached ``max_steps`` without passing it
@@ -167,7 +167,11 @@ class Daunce:
     def plan(self, k: int, n: int) -> CopyPlan:
         """Copy k's subset, perturbations, noise term and minibatch order (deterministic in (seed, k))."""
         ctx = self.context
-        return make_plan(self.training_config(), k, n, ctx.n_params, ctx.unflatten, self._design)
+        cfg = self.resolved_config
+        if cfg is None and not self.config.plan_auto_fields:  # only the optimiser is "auto": the plan is known
+            cfg = self.config
+        return make_plan(cfg if cfg is not None else self.training_config(), k, n, ctx.n_params, ctx.unflatten,
+                         self._design)
 
     def training_config(self) -> DaunceConfig:
         """The resolved configuration (``resolved_config``); an error before ``resolve`` / ``fit`` when the
@@ -189,7 +193,7 @@ class Daunce:
             autos = self.config.auto_fields
             if old == key and "resolved" in stored:
                 self.resolved = {"resolved": stored["resolved"], "reused_from_manifest": True}
-                self.resolved_config = self.config.replace(**stored["resolved"])
+                self.resolved_config = self.config.static().replace(**stored["resolved"])
                 return self.resolved_config
             if set(old) == set(key) and all(old[f] == key[f] for f in key if f not in autos) \
                     and all(old[f] != "auto" for f in autos):
@@ -197,7 +201,7 @@ class Daunce:
                 # and the folder keeps its manifest
                 values = {f: old[f] for f in autos}
                 self.resolved = {"resolved": values, "reused_from_manifest": True, "explicit_in_manifest": True}
-                self.resolved_config = self.config.replace(**values)
+                self.resolved_config = self.config.static().replace(**values)
                 return self.resolved_config
         self.resolved_config, self.resolved = auto.resolve(self.context, self.config, train_dataset)
         return self.resolved_config

@@ -121,8 +121,8 @@ def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
         design: the orthogonal design, for ``perturbation="orthogonal"``.
     """
     cfg = config
-    if cfg.auto_fields:
-        raise ValueError(f"make_plan needs a resolved configuration; {cfg.auto_fields} are 'auto' "
+    if cfg.plan_auto_fields:
+        raise ValueError(f"make_plan needs a resolved configuration; {cfg.plan_auto_fields} are 'auto' "
                          "(daunce.auto.resolve, or Daunce.resolved_config after fit)")
     g = torch.Generator().manual_seed(copy_seed(cfg.seed, k))
     m = max(1, round(cfg.subset_ratio * n))

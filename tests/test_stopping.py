@@ -135,14 +135,25 @@ def test_config_fields_validate_clearly():
         with pytest.raises(ValueError, match=field):
             DaunceConfig(**{field: bad})
     with pytest.raises(ValueError, match="momentum"):
-        DaunceConfig(momentum=0.9)  # Adam
+        DaunceConfig(optimizer="adam", momentum=0.9)
+    with pytest.raises(ValueError, match="optimizer"):
+        DaunceConfig(optimizer="lbfgs")
     with pytest.raises(ValueError, match="lr_schedule"):
         DaunceConfig(lr_schedule="linear")
     with pytest.raises(ValueError, match="tol"):
         DaunceConfig(tol=0.0)
     with pytest.raises(ValueError, match="max_steps"):
         DaunceConfig(max_steps=0)
-    assert DaunceConfig().auto_fields == ("rho", "damping", "isotropic_noise")
+    # full batch with the stopping test: heavy-ball SGD whose step and momentum need the curvature
+    assert DaunceConfig().auto_fields == ("rho", "damping", "isotropic_noise", "lr", "momentum")
+    assert DaunceConfig().static().optimizer == "sgd"
+    # minibatches or fixed steps: Adam at the former defaults, nothing left to measure for the optimiser
+    for cfg in (DaunceConfig(batch_size=8), DaunceConfig(steps=100)):
+        assert cfg.static().optimizer == "adam" and cfg.static().lr == 1e-2 and cfg.static().momentum == 0.0
+        assert cfg.auto_fields == ("rho", "damping", "isotropic_noise")
+    # SGD with a learning rate given: plain SGD; the key of such a configuration is what it was before "auto"
+    assert DaunceConfig(optimizer="sgd", lr=0.1, rho=0.3, damping=0.1, isotropic_noise=True).auto_fields == ()
+    assert "momentum" not in json.loads(DaunceConfig(optimizer="sgd", lr=0.1).training_key())
 
 
 def test_auto_settings_are_resolved_recorded_and_reused(tiny, tmp_path):
@@ -155,7 +166,10 @@ def test_auto_settings_are_resolved_recorded_and_reused(tiny, tmp_path):
     assert d.resolved["d"] == 18 and d.resolved["top_curvature"] > 0
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["config"]["damping"] == "auto"
-    assert manifest["resolved"] == {"rho": res.rho, "damping": res.damping, "isotropic_noise": res.isotropic_noise}
+    assert manifest["resolved"] == {"rho": res.rho, "damping": res.damping, "isotropic_noise": res.isotropic_noise,
+                                    "lr": res.lr, "momentum": res.momentum}
+    assert res.optimizer == "sgd" and 0 < res.momentum < 1 and res.lr > 0  # heavy-ball copies
+    assert max(d.copy_steps.values()) < res.max_steps and d.n_unconverged == 0
     # the resolved damping follows the curvature: a model with 10x the curvature gets about 10x the damping
     x, y = train.tensors
     scaled = TensorDataset(x * 10 ** 0.5, y)
@@ -215,7 +229,8 @@ def test_auto_settings_resolve_on_lora_parameters_of_a_causal_lm():
     d = Daunce(pm, llm.CausalLMTask(), DaunceConfig(n_models=8, batch_size=2), progress=False, eval_batch_size=3)
     # fewer Lanczos steps than the default, for time (the test machine's attention has no double backward, so
     # every product is two gradient passes)
-    res, info = auto.resolve(d.context, d.config, train, lanczos_steps=6, probes=2, cg_iters=6)
+    res, info = auto.resolve(d.context, d.config, train, lanczos_steps=6, probes=2, cg_iters=6, proxy_fine_tunes=3,
+                             proxy_queries=2, krylov_steps=4)
     n_lora = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert info["d"] == n_lora and info["top_curvature"] > 0
     assert res.damping > 0 and 0 < res.rho <= 1 and isinstance(res.isotropic_noise, bool)
@@ -231,9 +246,41 @@ def test_auto_takes_the_explicit_values_of_an_existing_work_folder(tiny, tmp_pat
     first = Daunce(model, TASK, explicit, workdir=tmp_path, progress=False).fit(train)
     before = (tmp_path / "manifest.json").read_bytes()
     again = Daunce(model, TASK, explicit.replace(isotropic_noise="auto"), workdir=tmp_path, progress=False).fit(train)
-    assert again.trained_copies == [] and again.resolved_config == explicit
+    assert again.trained_copies == [] and again.resolved_config == explicit.static()
     assert (tmp_path / "manifest.json").read_bytes() == before
     torch.testing.assert_close(again.attribute(train, train), first.attribute(train, train))
     with pytest.raises(ValueError, match="another run"):  # a real difference is still refused
         Daunce(model, TASK, explicit.replace(isotropic_noise="auto", lr=0.2), workdir=tmp_path,
                progress=False).fit(train)
+
+
+def test_krylov_solves_equal_direct_solves_for_every_damping():
+    """One Lanczos run from b gives (C + lambda)^-1 b and C (C + lambda)^-2 b for every lambda (exact at d steps)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(12, 12, generator=g, dtype=torch.float64)
+    C = a @ a.T / 12
+    b = torch.randn(12, generator=g, dtype=torch.float64)
+    lams = [1e-3, 1e-1, 10.0]
+    X = auto.krylov_solves(lambda v: C @ v, b, lams, steps=12, squared=True)
+    for j, lam in enumerate(lams):
+        M = C + lam * torch.eye(12, dtype=torch.float64)
+        torch.testing.assert_close(X[j], torch.linalg.solve(M, b), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(X[len(lams) + j], C @ torch.linalg.solve(M, torch.linalg.solve(M, b)),
+                                   rtol=1e-6, atol=1e-9)
+
+
+def test_auto_damping_proxy_predicts_held_out_fine_tunes(tiny):
+    """The damping rule's proxy: warm-started half-subset fine-tunes (L-BFGS, converged well inside the cap) whose
+    held-out query changes the damped-IF limit predicts with the right sign and a clear correlation (predictions of
+    the wrong sign would give the same LDS negated); the chosen damping is a grid point below c_max."""
+    model, train = tiny
+    d = Daunce(model, TASK, DaunceConfig(n_models=64), progress=False)
+    res = d.resolve(train)
+    proxy, top = d.resolved["proxy"], d.resolved["top_curvature"]
+    assert proxy["proxy_steps_mean"] < DaunceConfig().max_steps / 4
+    for kernel in ("isotropic", "plain"):
+        assert proxy[kernel]["proxy_lds"] > 0.5, proxy[kernel]
+        assert proxy[kernel]["damping"] < top
+        assert any(abs(proxy[kernel]["damping"] / top - r) < 1e-9 * r for r in auto.PROXY_GRID)
+    assert res.damping == max(proxy["plain" if not res.isotropic_noise else "isotropic"]["damping"],
+                              d.resolved["noise_damping"])

@@ -3,7 +3,7 @@
 README.md holds blocks between marker lines::
 
     <!-- runtimes start -->    ...  <!-- runtimes end -->
-    <!-- results:01 start -->  ...  <!-- results:01 end -->      (and 02, 03, 04, gpu)
+    <!-- results:01 start -->  ...  <!-- results:01 end -->      (and 02, 03, 04, auto, gpu)
 
 :func:`render` rewrites the inside of every block from what the runs left behind and leaves everything
 outside the markers as it is:
@@ -15,6 +15,7 @@ outside the markers as it is:
   notebook its wall time and whether its cache folder ``runs/<notebook>/<profile>/`` already held
   something when it started (a *resumed* run) or not (a *cold* run);
 * ``figures/NN_*.png``: each notebook's block shows all of its figures;
+* ``benchmarks/results/auto_settings.md``: the "auto"-settings benchmark's table (block ``auto``);
 * ``benchmarks/results/gpu_check/gpu_check.md``: the GPU check's table (block ``gpu``), once it has run.
 
 Usage (from the repository root)::
@@ -44,9 +45,10 @@ __all__ = ["NOTEBOOKS", "BLOCKS", "render", "blocks", "marker", "record_timing",
 #: the numbered notebooks, in README order
 NOTEBOOKS = ("01_theory", "02_vision_lds", "03_llm_subset_removal", "04_blackbox_backdoor")
 #: the names of the README's generated blocks
-BLOCKS = ("runtimes", *(nb[:2] for nb in NOTEBOOKS), "gpu")
+BLOCKS = ("runtimes", *(nb[:2] for nb in NOTEBOOKS), "auto", "gpu")
 TIMINGS = "timings.json"
 GPU_CHECK = Path("benchmarks") / "results" / "gpu_check" / "gpu_check.md"
+AUTO_SETTINGS = Path("benchmarks") / "results" / "auto_settings.md"
 
 # what each figure shows (alt text); a figure without an entry is shown under its file name
 CAPTIONS = {
@@ -749,9 +751,18 @@ def _gpu_check(root: Path) -> list[str]:
     return [f"From `{GPU_CHECK.as_posix()}`:", "", *lines]
 
 
+def _auto_settings(root: Path) -> list[str]:
+    path = root / AUTO_SETTINGS
+    if not path.exists():
+        return [f"No run yet: `{AUTO_SETTINGS.as_posix()}` is missing "
+                "(`.venv/bin/python benchmarks/auto_settings.py` writes it)."]
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("# ")]
+    return [f"From `{AUTO_SETTINGS.as_posix()}`:", "", *lines]
+
+
 def blocks(root: Path) -> dict[str, str]:
     """The text of every generated block, keyed by block name (``"runtimes"``, ``"01"`` ... ``"04"``,
-    ``"gpu"``)."""
+    ``"auto"``, ``"gpu"``)."""
     root = Path(root)
     out = {"runtimes": "\n".join(_runtimes(root))}
     for nb in NOTEBOOKS:
@@ -771,6 +782,7 @@ def blocks(root: Path) -> dict[str, str]:
             lines += [""] + figs
         text = "\n".join(lines)
         out[key] = re.sub(r"\n{3,}", "\n\n", text).strip()
+    out["auto"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_auto_settings(root))).strip()
     out["gpu"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_gpu_check(root))).strip()
     return out
 
