@@ -211,6 +211,31 @@ class _Curvature:
         return out
 
 
+def _lanczos(hvp, q0: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q, T)``: at most ``steps`` Lanczos steps on ``C`` from the unit vector ``q0`` with full
+    reorthogonalisation (stopping early at a breakdown): the ``(s, d)`` basis and the ``(s, s)`` tridiagonal
+    ``T = Q C Q^T`` (float64)."""
+    Q = [q0]
+    alpha, beta = [], []
+    for j in range(steps):
+        w = hvp(Q[-1])
+        a = float((w * Q[-1]).sum())
+        alpha.append(a)
+        w = w - a * Q[-1] - (beta[-1] * Q[-2] if j > 0 else 0)
+        for q in Q:  # full reorthogonalisation
+            w = w - (w * q).sum() * q
+        b = float(w.norm())
+        if j == steps - 1 or b < 1e-10 * max(1.0, abs(a)):
+            break
+        beta.append(b)
+        Q.append(w / b)
+    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
+    if beta:
+        off = torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.stack(Q[: len(alpha)]), T
+
+
 def lanczos_spectrum(hvp, d: int, dtype, device, steps: int = 30, probes: int = 4, seed: int = 0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastic Lanczos quadrature: ``(nodes, weights)`` with ``tr f(C) ~ sum_j weights_j f(nodes_j)``
@@ -220,25 +245,7 @@ def lanczos_spectrum(hvp, d: int, dtype, device, steps: int = 30, probes: int = 
     nodes, weights = [], []
     for _ in range(probes):
         v = (torch.randint(0, 2, (d,), generator=g).to(torch.float64) * 2 - 1).to(device, dtype)
-        v = v / v.norm()
-        Q = [v]
-        alpha, beta = [], []
-        for j in range(steps):
-            w = hvp(Q[-1])
-            a = float((w * Q[-1]).sum())
-            alpha.append(a)
-            w = w - a * Q[-1] - (beta[-1] * Q[-2] if j > 0 else 0)
-            for q in Q:  # full reorthogonalisation
-                w = w - (w * q).sum() * q
-            b = float(w.norm())
-            if j == steps - 1 or b < 1e-10 * max(1.0, abs(a)):
-                break
-            beta.append(b)
-            Q.append(w / b)
-        T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-        if beta:
-            off = torch.tensor(beta[: len(alpha) - 1], dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        _, T = _lanczos(hvp, v / v.norm(), steps)
         ev, U = torch.linalg.eigh(T)
         nodes.append(ev.clamp_min(0.0))
         weights.append(U[0] ** 2 * d / probes)
@@ -305,26 +312,8 @@ def krylov_solves(hvp, b: torch.Tensor, lams, steps: int = KRYLOV_STEPS, squared
     beta0 = float(b.norm())
     if beta0 == 0.0:
         return torch.zeros(len(lams) * (2 if squared else 1), b.numel(), dtype=b.dtype, device=b.device)
-    Q = [b / beta0]
-    alpha, beta = [], []
-    for j in range(min(steps, b.numel())):
-        w = hvp(Q[-1])
-        a = float((w * Q[-1]).sum())
-        alpha.append(a)
-        w = w - a * Q[-1] - (beta[-1] * Q[-2] if j > 0 else 0)
-        for q in Q:
-            w = w - (w * q).sum() * q
-        nb = float(w.norm())
-        if nb < 1e-10 * max(1.0, abs(a)):
-            break
-        beta.append(nb)
-        Q.append(w / nb)
-    s = len(alpha)
-    T = torch.diag(torch.tensor(alpha, dtype=torch.float64))
-    if s > 1:
-        off = torch.tensor(beta[: s - 1], dtype=torch.float64)
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    e1 = torch.zeros(s, dtype=torch.float64)
+    Q, T = _lanczos(hvp, b / beta0, min(steps, b.numel()))
+    e1 = torch.zeros(len(T), dtype=torch.float64)
     e1[0] = beta0
     ev, U = torch.linalg.eigh(T)
     ev = ev.clamp_min(0.0)
@@ -333,7 +322,7 @@ def krylov_solves(hvp, b: torch.Tensor, lams, steps: int = KRYLOV_STEPS, squared
     if squared:
         funcs += [ev / (ev + lam) ** 2 for lam in lams]
     coef = torch.stack([U @ (f * proj) for f in funcs])
-    return coef.to(b.dtype) @ torch.stack(Q[:s])
+    return coef.to(b.dtype) @ Q
 
 
 def _rank_rows(x: torch.Tensor) -> torch.Tensor:
@@ -342,7 +331,10 @@ def _rank_rows(x: torch.Tensor) -> torch.Tensor:
 
 def _spearman_columns(pred: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     """Spearman correlation of every column of ``pred`` ``(..., M, Q)`` with the same column of ``actual``
-    ``(M, Q)`` (over the M rows); NaN where a column is constant."""
+    ``(M, Q)`` (over the M rows); NaN where a column is constant. Ties get ordinal ranks (``argsort``). This is
+    not ``daunce.metrics.columnwise_spearman`` (average ranks, 0 for a constant column): the two differ on the
+    proxy's held-out signals (with it, benchmarks/auto_settings.py's MLP / breast cancer resolves another
+    damping), and the committed "auto" results were made with this one."""
     rp = _rank_rows(pred.transpose(-1, -2))
     ra = _rank_rows(actual.T)
     rp, ra = rp - rp.mean(-1, keepdim=True), ra - ra.mean(-1, keepdim=True)
@@ -364,7 +356,8 @@ def _fine_tune_lbfgs(ctx: ModelContext, config: DaunceConfig, train: Dataset, su
     def closure():
         nonlocal evals
         evals += 1
-        opt.zero_grad(set_to_none=True)
+        for p in params:
+            p.grad = None
         total = 0.0
         for s in range(0, m, ctx.eval_batch_size):
             bi = subset[s : s + ctx.eval_batch_size]
@@ -374,7 +367,6 @@ def _fine_tune_lbfgs(ctx: ModelContext, config: DaunceConfig, train: Dataset, su
             total += float(loss.detach())
         return torch.tensor(total)
 
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=20, line_search_fn="strong_wolfe")
     closure()
     g0 = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=config.max_steps, max_eval=config.max_steps,
@@ -401,7 +393,7 @@ def _proxy_damping(ctx: ModelContext, config: DaunceConfig, train: Dataset, curv
     proxy = proxy.static()
     proxy = proxy.replace(**_optimizer_fields(proxy, top, 0.0))
     params = ctx.params
-    d = sum(p.numel() for p in params)
+    d = ctx.n_params
     ctx.reset()
     s0 = signals_now(ctx, queries)
     actual, masks, steps = [], [], []
@@ -438,10 +430,10 @@ def _proxy_damping(ctx: ModelContext, config: DaunceConfig, train: Dataset, curv
             gj = torch.autograd.grad(sig, params, allow_unused=True)
             gq[j] = _flat_grads(gj, params).double().cpu()
     lams = [top * r for r in PROXY_GRID]
-    p0 = _flat([p.detach() for p in params])
     pred = []
     for k in range(n_tunes):
-        X = krylov_solves(curv.hvp, grads[k].to(p0.device, p0.dtype), lams, krylov_steps, squared=True)  # (2L, d)
+        X = krylov_solves(curv.hvp, grads[k].to(params[0].device, params[0].dtype), lams, krylov_steps,
+                          squared=True)  # (2L, d)
         pred.append(-(X.double().cpu() @ gq.T))  # (2L, Q): predicted signal change of every query
     pred_t = torch.stack(pred, 1)  # (2L, M, Q)
     score = torch.nanmean(_spearman_columns(pred_t, actual_t), dim=-1)  # (2L,)

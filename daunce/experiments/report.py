@@ -740,24 +740,24 @@ _SECTIONS: dict[str, Callable[[dict], list[str]]] = {
 # the README
 
 
+def _benchmark_table(root: Path, path: Path, missing: str) -> list[str]:
+    """A benchmark's markdown results (title line dropped) under a line naming the file, or ``missing``."""
+    if not (root / path).exists():
+        return [missing]
+    lines = [line for line in (root / path).read_text().splitlines() if not line.startswith("# ")]
+    return [f"From `{path.as_posix()}`:", "", *lines]
+
+
 def _gpu_check(root: Path) -> list[str]:
-    path = root / GPU_CHECK
-    if not path.exists():
-        auto = '`"auto"`'
-        return ["**Results: none yet.** The script has not run on a GPU yet. Until it does, " + auto + "'s GPU choices "
-                "(the vmap trainer for conv nets, the multi-adapter signal pass for LoRA models) are unmeasured "
-                f"defaults. Once `{GPU_CHECK.as_posix()}` exists, `make readme` puts its table here."]
-    lines = [line for line in path.read_text().splitlines() if not line.startswith("# ")]
-    return [f"From `{GPU_CHECK.as_posix()}`:", "", *lines]
+    missing = ("**Results: none yet.** The script has not run on a GPU yet. Until it does, `\"auto\"`'s GPU choices "
+               "(the vmap trainer for conv nets, the multi-adapter signal pass for LoRA models) are unmeasured "
+               f"defaults. Once `{GPU_CHECK.as_posix()}` exists, `make readme` puts its table here.")
+    return _benchmark_table(root, GPU_CHECK, missing)
 
 
 def _auto_settings(root: Path) -> list[str]:
-    path = root / AUTO_SETTINGS
-    if not path.exists():
-        return [f"No run yet: `{AUTO_SETTINGS.as_posix()}` is missing "
-                "(`.venv/bin/python benchmarks/auto_settings.py` writes it)."]
-    lines = [line for line in path.read_text().splitlines() if not line.startswith("# ")]
-    return [f"From `{AUTO_SETTINGS.as_posix()}`:", "", *lines]
+    return _benchmark_table(root, AUTO_SETTINGS, f"No run yet: `{AUTO_SETTINGS.as_posix()}` is missing "
+                            "(`.venv/bin/python benchmarks/auto_settings.py` writes it).")
 
 
 def blocks(root: Path) -> dict[str, str]:
