@@ -75,6 +75,10 @@ from .plans import make_plan
 #: converged heavy-ball copies, report LDS) the proxy's damping 0.128 gave 0.356, heavier dampings less (0.4:
 #: 0.326; 1.05, where d_lambda = K / 4: 0.288), lighter ones too (0.04: 0.324, 0.01: 0.245): K / 4 was too strict.
 DIRECTIONS_PER_COPY = 1.0
+#: the version of this rule, kept in the manifest of every work folder whose settings it resolved: a folder resolved
+#: by another version (its copies were trained with that version's values) is refused. 1: the damping floor
+#: ``0.1 c_max``, Adam copies; 2: the proxy ground truth's damping and heavy-ball copies (the rule above)
+RULE_VERSION = 2
 #: The proxy ground truth of the damping rule (module docstring): this many warm-started fine-tunes on half
 #: subsets, their signals measured on this many held-out training examples, predictions from this many Lanczos
 #: steps per half. Sized for cost (16 fine-tunes are 1/16 of a K = 256 fit when a fine-tune costs a copy), not

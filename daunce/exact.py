@@ -9,8 +9,10 @@ Conventions (``IF[i, q]``, positive = training example i helped query q):
 * Fisher form   ``IF = grad_l_q^T (G + lambda I)^{-1} grad_l_i``,  G = mean of grad_l grad_l^T.
 
 ``daunce_limit`` gives the exact K -> infinity limit of the Daunce covariance in the linearised
-regime, for a given configuration; ``matched_damping`` says which damped influence function that
-limit is proportional to when the isotropic noise term is on.
+regime, for a given configuration, with the full data's curvature (exact at subset ratio 1);
+``daunce_subset_limit`` averages over the copies' own subsets, each with its own curvature (exact at any
+ratio); ``matched_damping`` says which damped influence function that limit is proportional to when the
+isotropic noise term is on.
 """
 
 from __future__ import annotations
@@ -205,6 +207,96 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *,
     X = torch.linalg.solve(A, Gi.T)  # A^{-1} g_i, (d, n)
     Y = torch.linalg.solve(A, Gq.T)
     return X.T @ C @ Y
+
+
+def _curvature_factors(model, task, train, config: DaunceConfig, Gi: torch.Tensor) -> torch.Tensor:
+    """Per-example factors ``F`` ``(n, d, P)`` of the copies' curvature: a subset S's curvature (without lambda) is
+    ``(1/|S|) sum_{i in S} F_i F_i^T``. "efim": ``sqrt(2 gamma) grad_l_i``; "trak": the same with the output
+    function's gradient; "if" (gamma = 1): ``J_i^T L_i`` with ``L_i L_i^T`` the loss's Hessian in the outputs
+    (the Gauss-Newton matrix of ``gauss_newton``)."""
+    gam = config.gamma
+    if config.variant == "efim":
+        return math.sqrt(2 * gam) * Gi[:, :, None]
+    if config.variant == "trak":
+        return math.sqrt(2 * gam) * per_example_grads(model, task, train, fn="output_function")[:, :, None]
+    if gam != 1.0:
+        raise ValueError("the subset limit of the 'if' form needs gamma = 1 (its curvature is then the Gauss-Newton "
+                         "matrix); use daunce_limit for the full-data formula")
+    flat = _Flat(model)
+    outputs_fn, loss_fn = task_method(task, "outputs"), task_method(task, "loss")
+    rows = []
+    for batch in _loader(task, train, 128):
+        def out_of(theta):
+            return outputs_fn(_Functional(flat.model, flat.unflatten(theta)), batch).double()
+
+        out = out_of(flat.theta0).detach()
+        B = out.shape[0]
+        J = jacrev(out_of)(flat.theta0).detach().reshape(B, -1, flat.d)  # (B, P, d)
+        o = out.reshape(B, -1)
+        Hf = _hessian(lambda v: loss_fn(v.reshape(out.shape).to(out.dtype), batch).double().sum())(o).detach()
+        Hf = torch.diagonal(Hf, dim1=0, dim2=2).permute(2, 0, 1)  # (B, P, P)
+        w, V = torch.linalg.eigh(Hf)
+        L = V * w.clamp_min(0).sqrt()[:, None, :]  # L L^T = Hf
+        rows.append(torch.einsum("bpd,bpq->bdq", J, L))
+    return torch.cat(rows)
+
+
+def daunce_subset_limit(model, task, train, query, config: DaunceConfig, *, n_subsets: int = 64,
+                        train_grads=None, query_grads=None, return_sem: bool = False):
+    """The K -> infinity limit of the Daunce covariance for copies that each train on their own subset, linearised
+    around theta0: ``(n, m)``, the average over the subsets of copies ``0 .. n_subsets - 1`` (drawn as
+    ``daunce.plans`` draws them) of
+
+        ``grad_l_i^T A_S^{-1} (sigma^2/m G_S + Cov(eta)) A_S^{-1} grad_l_q``,
+
+    with ``A_S`` the curvature of subset S's objective plus lambda I and ``G_S`` its examples' mean
+    ``grad_l grad_l^T`` (``Cov(b | S)``; b has mean zero given S, so the covariance over copies is the mean over
+    subsets). ``daunce_limit`` uses the full data's curvature instead; the two agree at r = 1 or where
+    ``|S| (C - 1)`` is much larger than d. With the noise term on, the subset curvature's null space (rank at most
+    ``|S|`` times the outputs per example) adds ``sigma^2 lambda / (c gamma m) A_S^{-2}``, i.e. a gradient-dot term
+    ``sigma^2 / (c gamma m lambda)`` on that null space, which the full-data formula leaves out.
+
+    ``return_sem``: also return the standard error of the mean over the subsets ``(n, m)``, to check that
+    ``n_subsets`` was enough. Forms per-example factors ``(n, d, outputs)``: for small models only.
+    """
+    if config.variant == "bootstrap":
+        raise ValueError("the bootstrap variant has no closed-form linear limit")
+    if not isinstance(n_subsets, int) or n_subsets < 2:
+        raise ValueError(f"n_subsets must be an integer >= 2, got {n_subsets!r}")
+    from .plans import copy_subset
+
+    Gi = per_example_grads(model, task, train) if train_grads is None else train_grads.double()
+    Gq = per_example_grads(model, task, query) if query_grads is None else query_grads.double()
+    n, d = Gi.shape
+    m = max(1, round(config.subset_ratio * n))
+    s2, lam, gam = config.sigma2, config.damping, config.gamma
+    c = 1.0 if config.variant == "if" else 2.0
+    F = _curvature_factors(model, task, train, config, Gi)  # (n, d, P)
+    total = torch.zeros(n, Gq.shape[0], dtype=torch.float64)
+    total_sq = torch.zeros_like(total) if return_sem else None
+    eye = torch.eye(d, dtype=torch.float64)
+    for k in range(n_subsets):
+        S = copy_subset(config, k, n)
+        FS = F[S].permute(1, 0, 2).reshape(d, -1) / math.sqrt(m)  # A_S = FS FS^T + lambda I
+        R = torch.cat([Gi.T, Gq.T], 1)  # (d, n + n_q)
+        if FS.shape[1] < d and lam > 0:  # Woodbury: (FS FS^T + lam I)^{-1} = (I - FS (lam I + FS^T FS)^{-1} FS^T) / lam
+            inner = lam * torch.eye(FS.shape[1], dtype=torch.float64) + FS.T @ FS
+            Z = (R - FS @ torch.linalg.solve(inner, FS.T @ R)) / lam
+        else:
+            Z = torch.linalg.solve(FS @ FS.T + lam * eye, R)
+        X, Y = Z[:, :n], Z[:, n:]
+        U = Gi[S]  # (m, d): sigma^2/m G_S = sigma^2/m^2 U^T U
+        score = (s2 / m**2) * (U @ X).T @ (U @ Y)
+        if config.isotropic_noise and lam > 0:
+            score = score + (s2 * lam / (c * gam * m)) * X.T @ Y
+        total += score
+        if return_sem:
+            total_sq += score * score
+    mean = total / n_subsets
+    if not return_sem:
+        return mean
+    var = (total_sq / n_subsets - mean * mean).clamp_min(0) * n_subsets / (n_subsets - 1)
+    return mean, (var / n_subsets).sqrt()
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,7 +13,8 @@ This class is a small front; the work is done elsewhere and handed one public ob
 * ``daunce.engines``: a ``ModelContext`` (the working copy of the model, theta0, the task's calls; the
   model passed in is never modified) and the engines that train copies and record signals with it:
   ``sequential`` (one copy after the other), ``vmap`` (blocks of copies at once with
-  ``torch.func.vmap``, the same copies up to float rounding), ``multiadapter`` (signals of LoRA copies
+  ``torch.func.vmap``, the same copies up to float rounding), ``stacked`` (blocks of full-batch copies in
+  shared-input passes: the first layer of every copy as one large matmul), ``multiadapter`` (signals of LoRA copies
   in peft mixed-adapter passes) and ``ray_executor`` (blocks of copies as Ray tasks);
 * ``daunce.store``: with a ``workdir``, every finished copy (its trainable weights and signals) is
   written atomically to ``workdir/copies/copy_XXXX.pt``; a rerun loads finished copies instead of
@@ -36,14 +37,14 @@ from torch.utils.data import Dataset
 from . import auto
 from . import scores as _scores
 from .config import DaunceConfig
-from .engines import multiadapter, sequential, vmap
+from .engines import multiadapter, sequential, stacked, vmap
 from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset
 from .engines.ray_executor import EXECUTORS, fit_on_ray
 from .plans import CopyPlan, OrthogonalDesign, make_plan, orthogonal_block_size, uses_isotropic_noise
 from .progress import progress_bar
 from .store import CopyStore, check_manifest, fingerprint, read_manifest, update_manifest
 
-TRAINERS = ("auto", "sequential", "vmap")
+TRAINERS = ("auto", "sequential", "vmap", "shared")
 SIGNAL_PATHS = ("auto", "sequential", "multi-adapter")
 SignalFn = Callable[[torch.Tensor, object], torch.Tensor]
 
@@ -61,10 +62,21 @@ class Daunce:
         progress: show tqdm progress bars.
         trainer: ``"sequential"`` trains one copy after the other; ``"vmap"`` trains blocks of copies at
             once with ``torch.func.vmap`` (``daunce.engines.vmap``), from the same plans, to the same copies
-            up to float rounding; ``"auto"`` uses vmap when the model can be vectorised and it is expected
-            to be faster, and says why not otherwise (``trainer_used``, ``trainer_reason``, a warning when
-            the model cannot be vectorised). The choice is made on the training set.
-        vmap_block: copies per vmap block; ``None`` chooses it from ``vmap_memory`` (bytes).
+            up to float rounding; ``"shared"`` trains blocks of full-batch copies in shared-input passes
+            (``daunce.engines.stacked``: the first layer of all copies of a block as one large matmul on the
+            union of their subsets, later layers as batched matmuls), the same copies up to float rounding.
+            ``"auto"`` uses "shared" where it applies (an ``nn.Sequential`` of supported layers, full batch) and
+            the model has no trainable convolution on a CPU, else vmap when the model can be vectorised and it
+            is expected to be faster, else the sequential loop, and says why (``trainer_used``,
+            ``trainer_reason``). The choice is made on the training set. From
+            ``benchmarks/results/copy_throughput.md``: on ``02_vision_lds``'s logistic regression and MLP "shared"
+            was several times faster than vmap; on its CNN the sequential loop stayed fastest (the copies'
+            convolutions are bound by memory traffic on their activations, which sharing does not reduce).
+        vmap_block: copies per vmap or shared-input block; ``None`` chooses it from ``vmap_memory`` (bytes).
+        shared_layout: the shared-input trainer's layout: ``"union"`` (the first layer on the union of the
+            block's subsets), ``"gather"`` (each copy's subset gathered once per block) or ``"auto"`` (by the
+            first trainable layer's width, ``daunce.engines.stacked.GATHER_MIN_WIDTH``; ``trainer_reason`` says
+            which and why).
         executor: ``"local"`` trains in this process; ``"ray"`` fans the copies out as Ray tasks
             (``daunce.engines.ray_executor``; needs a ``workdir`` that every worker can reach).
         ray_options: for ``executor="ray"``: ``copies_per_task`` (default: the vmap block, or 8),
@@ -94,7 +106,7 @@ class Daunce:
                  vmap_memory: float = DEFAULT_MEMORY_BYTES, executor: str = "local",
                  ray_options: Optional[dict] = None, orthogonal_block: Optional[int] = None,
                  signal_path: str = "auto", adapter_block: Optional[int] = None,
-                 adapter_memory: float = DEFAULT_MEMORY_BYTES):
+                 adapter_memory: float = DEFAULT_MEMORY_BYTES, shared_layout: str = "auto"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if trainer not in TRAINERS:
@@ -103,6 +115,8 @@ class Daunce:
             raise ValueError(f"vmap_block must be None (from the memory budget) or an integer >= 1, got {vmap_block!r}")
         if orthogonal_block is not None and (not isinstance(orthogonal_block, int) or orthogonal_block < 2):
             raise ValueError(f"orthogonal_block must be None or an integer >= 2, got {orthogonal_block!r}")
+        if shared_layout not in stacked.LAYOUTS:
+            raise ValueError(f"shared_layout must be one of {stacked.LAYOUTS}, got {shared_layout!r}")
         if signal_path not in SIGNAL_PATHS:
             raise ValueError(f"signal_path must be one of {SIGNAL_PATHS}, got {signal_path!r}")
         if executor not in EXECUTORS:
@@ -119,14 +133,14 @@ class Daunce:
         self.eval_batch_size, self.progress = eval_batch_size, progress
         self.trainer, self.vmap_block, self.vmap_memory = trainer, vmap_block, float(vmap_memory)
         self.executor, self.ray_options = executor, dict(ray_options or {})
-        self.orthogonal_block, self.signal_path = orthogonal_block, signal_path
+        self.orthogonal_block, self.signal_path, self.shared_layout = orthogonal_block, signal_path, shared_layout
         #: the keyword options of this object (what a Ray worker needs to build the same front)
         self.options = dict(eval_batch_size=eval_batch_size, trainer=trainer, vmap_block=vmap_block,
                             vmap_memory=vmap_memory, orthogonal_block=orthogonal_block, signal_path=signal_path,
-                            adapter_block=adapter_block, adapter_memory=adapter_memory)
-        self.trainer_used: Optional[str] = None  # "sequential" or "vmap", decided on the training set
+                            adapter_block=adapter_block, adapter_memory=adapter_memory, shared_layout=shared_layout)
+        self.trainer_used: Optional[str] = None  # "sequential", "vmap" or "shared", decided on the training set
         self.trainer_reason: str = ""
-        self.signal_path_used: Optional[str] = None  # "vmap", "multi-adapter" or "sequential"
+        self.signal_path_used: Optional[str] = None  # "vmap", "shared", "multi-adapter" or "sequential"
         self.signal_path_reason: str = ""
         self.vmap_block_used: Optional[int] = None
         self.adapter_block_used: Optional[int] = None
@@ -192,6 +206,12 @@ class Daunce:
             key, old = json.loads(self.config.training_key()), stored.get("config", {})
             autos = self.config.auto_fields
             if old == key and "resolved" in stored:
+                if stored.get("auto_rule") != auto.RULE_VERSION:
+                    raise ValueError(
+                        f"{self.workdir}: its copies' 'auto' settings {stored['resolved']} were resolved by "
+                        f"{'version ' + str(stored['auto_rule']) if 'auto_rule' in stored else 'an earlier version'}"
+                        f" of the rule (daunce.auto), this is version {auto.RULE_VERSION}: use a new folder (or delete "
+                        "this one) to resolve them again, or pass those values explicitly to keep these copies")
                 self.resolved = {"resolved": stored["resolved"], "reused_from_manifest": True}
                 self.resolved_config = self.config.static().replace(**stored["resolved"])
                 return self.resolved_config
@@ -263,6 +283,7 @@ class Daunce:
                 manifest["config"] = json.loads(self.resolved_config.training_key())
             elif self.config.auto_fields:  # only then: the manifests of explicit configurations stay as they were
                 manifest["resolved"] = {f: getattr(self.resolved_config, f) for f in self.config.auto_fields}
+                manifest["auto_rule"] = auto.RULE_VERSION
             stored = read_manifest(self.workdir) or {}
             if "unconverged" in stored:
                 manifest["unconverged"] = stored["unconverged"]
@@ -312,7 +333,7 @@ class Daunce:
             cache = self.base_cache(train)
         qfp = fingerprint(query) if query is not None else None
         self.choose_trainer(train)
-        if self.trainer_used == "vmap":
+        if self.trainer_used in ("vmap", "shared"):
             self._fit_vmap(todo, train, query, qfp, cache)
             return todo
         ctx = self.context
@@ -334,34 +355,46 @@ class Daunce:
 
     def choose_trainer(self, train: Dataset) -> str:
         """Decide the trainer on the training set ``train`` (once; ``fit`` calls it): sets and returns
-        ``trainer_used`` ("vmap" or "sequential") and sets ``trainer_reason``."""
+        ``trainer_used`` ("shared", "vmap" or "sequential") and sets ``trainer_reason``."""
         if self.trainer_used is not None:
             return self.trainer_used
         if self.trainer == "sequential":
             self.trainer_used, self.trainer_reason = "sequential", "trainer='sequential' was asked for"
             return self.trainer_used
-        ctx = self.context
+        ctx, reasons = self.context, []
+        if self.trainer in ("auto", "shared"):
+            ok, reason, per_copy = stacked.check(ctx, self.config, train, self.vmap_memory)
+            if ok and self.trainer == "auto":
+                ok, why = stacked.worthwhile(ctx)
+                reason = reason if ok else why
+            if ok:
+                self.trainer_used, self.trainer_reason, self._per_copy_bytes = "shared", reason, per_copy
+                return self.trainer_used
+            if self.trainer == "shared":
+                raise ValueError(f"trainer='shared' cannot be used: {reason}")
+            reasons.append(f"not shared: {reason}")
         ok, reason, per_copy = vmap.check(ctx, self.config, train, self.vmap_memory)
         if ok and self.trainer == "auto":
             ok, why = vmap.worthwhile(ctx)
             reason = reason if ok else why
         if ok:
-            self.trainer_used, self.trainer_reason, self._per_copy_bytes = "vmap", reason, per_copy
+            self.trainer_used, self._per_copy_bytes = "vmap", per_copy
+            self.trainer_reason = "; ".join(reasons + [reason])
             return self.trainer_used
         if self.trainer == "vmap":
             raise ValueError(f"trainer='vmap' cannot be used: {reason}")
         # an expected fallback (a model vmap cannot run, or would not speed up): the reason is recorded
-        self.trainer_used, self.trainer_reason = "sequential", reason
+        self.trainer_used, self.trainer_reason = "sequential", "; ".join(reasons + [reason])
         return self.trainer_used
 
     def _fit_vmap(self, todo: list, train: Dataset, query: Optional[Dataset], qfp, cache) -> None:
         n = len(train)
-        vt = vmap.VectorisedTrainer(self.context, self.training_config())
+        vt = self._block_trainer(self.training_config())
         size = vmap.block_size(self.vmap_block, self.vmap_memory, self._per_copy_bytes, len(todo))
         self.vmap_block_used = size
         blocks = vmap.blocks_of([self.plan(k, n) for k in todo], size)
-        bar = progress_bar(total=len(todo), desc=f"daunce-{self.config.variant} copies (vmap x{size})",
-                   progress=self.progress)
+        bar = progress_bar(total=len(todo), desc=f"daunce-{self.config.variant} copies ({self.trainer_used} x{size})",
+                           progress=self.progress)
         for plans in blocks:
             t0 = time.perf_counter()
             rep: dict = {}
@@ -375,7 +408,15 @@ class Daunce:
                 self._record(plan.k, state, {fp: s[c].clone() for fp, s in sig.items()}, seconds,
                              rep["steps"][c], rep["converged"][c])
             bar.update(len(plans))
+            if self.trainer_used == "shared" and vt.layout_report and "; layout " not in self.trainer_reason:
+                self.trainer_reason += f"; layout {vt.layout_report['chosen']}: {vt.layout_report['reason']}"
         bar.close()
+
+    def _block_trainer(self, config: DaunceConfig) -> vmap.VectorisedTrainer:
+        """The trainer of blocks of copies that ``trainer_used`` names (vmap or shared-input passes)."""
+        if self.trainer_used == "shared":
+            return stacked.SharedInputTrainer(self.context, config, self.shared_layout)
+        return vmap.VectorisedTrainer(self.context, config)
 
     def training_seconds(self, n_models: Optional[int] = None) -> float:
         """Seconds the first ``n_models`` copies (default: K) took to train and record their signals,
@@ -448,11 +489,11 @@ class Daunce:
                 self.store.save_extra_signals(fp, saved)
 
         path = self._choose_signal_path(dataset)
-        if path == "vmap":
-            # vectorised: the stored copies' weights stacked in blocks, one vmapped pass per eval batch
-            vt = vmap.VectorisedTrainer(ctx, self.config)
+        if path in ("vmap", "shared"):
+            # vectorised: the stored copies' weights stacked in blocks, one vmapped / shared-input pass per eval batch
+            vt = self._block_trainer(self.config)
             size = self.vmap_block or vmap.MAX_VMAP_BLOCK
-            for s in progress_bar(range(0, len(ks), size), desc="signals (vmap)", progress=self.progress):
+            for s in progress_bar(range(0, len(ks), size), desc=f"signals ({path})", progress=self.progress):
                 block = ks[s : s + size]
                 states = [self.state(k) for k in block]
                 stacked = [torch.stack([st[j] for st in states]).to(p.device, p.dtype)
@@ -499,9 +540,9 @@ class Daunce:
             if self.signal_path == "auto" and self.trainer != "sequential":
                 if self.trainer_used is None and self._train_set is not None:
                     self.choose_trainer(self._train_set)
-                vmap_ok = self.trainer_used == "vmap"
+                vmap_ok = self.trainer_used in ("vmap", "shared")
             if vmap_ok:
-                used, reason = "vmap", f"the trainer is vmap ({self.trainer_reason})"
+                used, reason = self.trainer_used, f"the trainer is {self.trainer_used} ({self.trainer_reason})"
             else:
                 ok, why = self._adapter_engine().check(dataset)
                 if not ok and self.signal_path == "multi-adapter":

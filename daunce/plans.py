@@ -108,6 +108,16 @@ class OrthogonalDesign:
         return self._cached[1][k % B]
 
 
+def _draw_subset(g: torch.Generator, n: int, m: int) -> torch.Tensor:
+    return torch.randperm(n, generator=g)[:m]
+
+
+def copy_subset(config: DaunceConfig, k: int, n: int) -> torch.Tensor:
+    """Copy k's subset of the ``n`` training examples, as ``make_plan`` draws it (its generator's first draw)."""
+    g = torch.Generator().manual_seed(copy_seed(config.seed, k))
+    return _draw_subset(g, n, max(1, round(config.subset_ratio * n)))
+
+
 def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
               unflatten: Callable[[torch.Tensor], list], design: Optional[OrthogonalDesign] = None) -> CopyPlan:
     """Copy k's subset, perturbations, noise term and minibatch order (deterministic in (seed, k)).
@@ -126,7 +136,7 @@ def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
                          "(daunce.auto.resolve, or Daunce.resolved_config after fit)")
     g = torch.Generator().manual_seed(copy_seed(cfg.seed, k))
     m = max(1, round(cfg.subset_ratio * n))
-    subset = torch.randperm(n, generator=g)[:m]
+    subset = _draw_subset(g, n, m)
     batches = BatchOrder(subset, cfg.batch_size or m, cfg.n_steps(m), g.get_state())
     for _ in range(batches.n_epochs):  # the order's draws come before the perturbations' (as they always did)
         torch.randperm(m, generator=g)
@@ -147,6 +157,5 @@ def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
     return CopyPlan(k, subset, eps, batches, unflatten(eta_flat) if use_eta else None)
 
 
-__all__ = ["BatchOrder", "CopyPlan", "OrthogonalDesign", "copy_seed", "make_plan", "orthogonal_block_size",
-           "uses_isotropic_noise",
-           "ORTHO_MAX_ENTRIES"]
+__all__ = ["BatchOrder", "CopyPlan", "OrthogonalDesign", "copy_seed", "copy_subset", "make_plan",
+           "orthogonal_block_size", "uses_isotropic_noise", "ORTHO_MAX_ENTRIES"]

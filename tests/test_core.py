@@ -222,23 +222,23 @@ def test_workdir_of_another_orthogonal_design_is_refused(digits_lr, tmp_path):
 def test_trainer_is_chosen_on_the_training_set_even_when_queries_come_first(digits_lr, tmp_path, monkeypatch):
     """A fresh object over a finished workdir: the first dataset that needs new signals is a query set,
     yet the trainer (and the signal path that follows it) is decided on the training set of ``fit``."""
-    from daunce.engines import vmap
+    from daunce.engines import stacked
 
     model, train, query = digits_lr
     cfg = DaunceConfig(n_models=3, **{**FAST, "steps": 5})
     Daunce(model, TASK, cfg, workdir=tmp_path, progress=False).fit(train)
 
     seen = []
-    real = vmap.check
+    real = stacked.check
 
     def spy(ctx, config, dataset, *a, **k):
         seen.append(len(dataset))
         return real(ctx, config, dataset, *a, **k)
 
-    monkeypatch.setattr(vmap, "check", spy)
+    monkeypatch.setattr(stacked, "check", spy)
     fresh = Daunce(model, TASK, cfg, workdir=tmp_path, progress=False).fit(train)  # nothing to train
     assert fresh.trained_copies == [] and seen == []
     S = fresh.signals(query)  # query signals were never recorded: computed from the stored weights
     assert S.shape == (3, len(query))
     assert seen == [len(train)] and len(train) != len(query)
-    assert fresh.trainer_used == "vmap" and fresh.signal_path_used == "vmap"
+    assert fresh.trainer_used == "shared" and fresh.signal_path_used == "shared"

@@ -64,8 +64,8 @@ def test_dry_run_on_cpu(tmp_path):
     assert sorted(auto) == ["cnn", "lora", "mlp", "resnet9"]
     for r in auto.values():
         assert "error" not in r, r
-        assert r["trainer_used"] in ("sequential", "vmap") and r["trainer_reason"], r
-        assert r["signal_path_used"] in ("sequential", "vmap", "multi-adapter") and r["signal_path_reason"], r
+        assert r["trainer_used"] in ("sequential", "vmap", "shared") and r["trainer_reason"], r
+        assert r["signal_path_used"] in ("sequential", "vmap", "shared", "multi-adapter") and r["signal_path_reason"], r
 
 
 def test_without_accelerator_it_stops_clearly(tmp_path):

@@ -41,7 +41,7 @@ def tiny():
 EXPLICIT = dict(rho=0.3, damping=1e-2, isotropic_noise=True)
 
 
-@pytest.mark.parametrize("trainer", ["sequential", "vmap"])
+@pytest.mark.parametrize("trainer", ["sequential", "vmap", "shared"])
 def test_copies_that_converge_stop_early_and_say_so(tiny, tmp_path, trainer):
     model, train = tiny
     cfg = DaunceConfig(n_models=4, optimizer="adam", lr=0.05, tol=0.05, max_steps=500, **EXPLICIT)
@@ -61,14 +61,16 @@ def test_sequential_and_vmap_stop_at_the_same_step(tiny):
     cfg = DaunceConfig(n_models=3, optimizer="adam", lr=0.05, tol=0.05, max_steps=400, **EXPLICIT)
     seq = Daunce(model, TASK, cfg, progress=False, trainer="sequential").fit(train)
     vm = Daunce(model, TASK, cfg, progress=False, trainer="vmap").fit(train)
-    assert seq.copy_steps == vm.copy_steps
+    sh = Daunce(model, TASK, cfg, progress=False, trainer="shared").fit(train)
+    assert seq.copy_steps == vm.copy_steps == sh.copy_steps
     assert len(set(seq.copy_steps.values())) > 1  # the copies stop on their own tests, not together
     for k in range(3):
-        for a, b in zip(seq.state(k), vm.state(k)):
+        for a, b, c in zip(seq.state(k), vm.state(k), sh.state(k)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("trainer", ["sequential", "vmap"])
+@pytest.mark.parametrize("trainer", ["sequential", "vmap", "shared"])
 def test_copies_that_hit_the_cap_are_counted_warned_and_recorded(tiny, tmp_path, trainer):
     model, train = tiny
     cfg = DaunceConfig(n_models=3, optimizer="sgd", lr=0.01, tol=1e-3, max_steps=5, **EXPLICIT)
@@ -180,6 +182,17 @@ def test_auto_settings_are_resolved_recorded_and_reused(tiny, tmp_path):
     # a rerun (here: with more copies) reuses the stored resolution instead of measuring again
     more = Daunce(model, TASK, cfg.replace(n_models=6), workdir=tmp_path, progress=False).fit(train)
     assert more.resolved_config == res.replace(n_models=6) and more.resolved.get("reused_from_manifest")
+    assert manifest["auto_rule"] == auto.RULE_VERSION
+    # a folder resolved by another version of the rule is refused, naming both versions
+    manifest["auto_rule"] = auto.RULE_VERSION - 1
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"resolved by version {auto.RULE_VERSION - 1} of the rule.*this is version "
+                                         f"{auto.RULE_VERSION}"):
+        Daunce(model, TASK, cfg.replace(n_models=6), workdir=tmp_path, progress=False).fit(train)
+    del manifest["auto_rule"]  # a folder from before the version was recorded
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="resolved by an earlier version of the rule"):
+        Daunce(model, TASK, cfg.replace(n_models=6), workdir=tmp_path, progress=False).fit(train)
     # explicit fields stay as given; bootstrap resolves the knobs it does not use to inert values
     boot = Daunce(model, TASK, DaunceConfig(variant="bootstrap", n_models=2, damping=1e-2), progress=False)
     assert boot.resolve(train).rho == 1.0 and boot.resolve(train).isotropic_noise is False

@@ -96,9 +96,11 @@ def test_batchnorm_model_falls_back_to_sequential(digits_mlp):
     assert d.trainer_used == "sequential" and "BatchNorm" in d.trainer_reason
     with pytest.raises(ValueError, match="BatchNorm"):
         Daunce(model, TASK, cfg, trainer="vmap", progress=False).fit(train)
-    # a plain model is vectorised by "auto"
+    # a plain model is vectorised by "auto": shared-input passes for full-batch copies, vmap for minibatches
     d2 = Daunce(models.seeded(models.mlp, 0, 64, 10, hidden=8), TASK, cfg, progress=False).fit(train)
-    assert d2.trainer_used == "vmap", d2.trainer_reason
+    assert d2.trainer_used == "shared", d2.trainer_reason
+    d3 = Daunce(models.seeded(models.mlp, 0, 64, 10, hidden=8), TASK, cfg.replace(batch_size=50), progress=False)
+    assert d3.fit(train).trainer_used == "vmap", d3.trainer_reason
 
 
 def test_auto_keeps_wide_layers_sequential_on_cpu(digits_mlp):
@@ -106,7 +108,7 @@ def test_auto_keeps_wide_layers_sequential_on_cpu(digits_mlp):
     _, train, _ = digits_mlp
     width = vec.CPU_MAX_VMAP_WEIGHT // 64 + 1
     wide = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
-    d = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1), progress=False)
+    d = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1, batch_size=50), progress=False)
     assert d.choose_trainer(train) == "sequential"
     assert d.trainer_used == "sequential" and f"{64 * width:,} elements" in d.trainer_reason
     forced = Daunce(wide, TASK, DaunceConfig(n_models=2, steps=1), trainer="vmap", progress=False)
@@ -124,9 +126,13 @@ def test_task_that_breaks_under_vmap_falls_back(digits_mlp):
                 raise RuntimeError
             return out
 
-    d = Daunce(model, ItemTask(), DaunceConfig(n_models=2, steps=2), progress=False)
+    # minibatches (no shared-input passes): vmap would be next, and its probe fails
+    d = Daunce(model, ItemTask(), DaunceConfig(n_models=2, steps=2, batch_size=50), progress=False)
     d.fit(train)
     assert d.trainer_used == "sequential"
+    # full batch: the shared-input passes call no model under vmap, so the task runs there
+    full = Daunce(model, ItemTask(), DaunceConfig(n_models=2, steps=2), progress=False)
+    assert full.choose_trainer(train) == "shared"
 
 
 def test_vmap_crash_resumes_per_copy(digits_mlp, tmp_path, monkeypatch):
@@ -165,7 +171,7 @@ def test_vmap_crash_resumes_per_copy(digits_mlp, tmp_path, monkeypatch):
 
 def test_block_size_follows_the_memory_budget(digits_mlp):
     model, train, _ = digits_mlp
-    cfg = DaunceConfig(n_models=64, steps=1)
+    cfg = DaunceConfig(n_models=64, steps=1, batch_size=50)
     d = Daunce(model, TASK, cfg, progress=False)
     ok, _, per_copy = vec.check(d.context, cfg, train, d.vmap_memory)
     assert ok and per_copy > 0

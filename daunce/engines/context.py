@@ -8,7 +8,7 @@ vmap, multi-adapter, Ray) read and call this object only; they never see the ``D
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -57,6 +57,10 @@ class ModelContext:
         eval_batch_size: batch size of the passes that cache base outputs and record signals.
         copy_model: work in a deep copy of ``model`` (the default: the target model is never modified);
             ``False`` works in ``model`` itself, for an owner that keeps one model and swaps its weights.
+        sort_by_length: evaluation passes over a dataset with per-example ``lengths`` batch examples of
+            similar length (``index_batches``); ``False`` keeps consecutive batches (the former path, kept for one
+            release). On ``03_llm_subset_removal``'s copies this cut the padding of the signal passes
+            (``benchmarks/results/copy_throughput.md``).
 
     Attributes:
         model: the working copy; ``load_state`` writes a copy's trainable tensors into it.
@@ -67,13 +71,15 @@ class ModelContext:
             (``outputs(model, batch)``, ``loss(outputs, batch)``, ...), or its defaults.
     """
 
-    def __init__(self, model: torch.nn.Module, task, eval_batch_size: int = 256, copy_model: bool = True):
+    def __init__(self, model: torch.nn.Module, task, eval_batch_size: int = 256, copy_model: bool = True,
+                 sort_by_length: bool = True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be an integer >= 1, got {eval_batch_size!r}")
         self.task = task
         self.eval_batch_size = eval_batch_size
+        self.sort_by_length = sort_by_length
         self.task_outputs = task_method(task, "outputs")
         self.task_loss = task_method(task, "loss")
         self.task_signal = task_method(task, "signal")
@@ -123,11 +129,16 @@ class ModelContext:
         """The batch of ``dataset`` at ``idx``, on the model's device."""
         return to_device(fetch(dataset, idx, self.collate), self.device)
 
-    def index_batches(self, n: int) -> Iterator[torch.Tensor]:
-        """Index tensors of consecutive evaluation batches over ``n`` examples."""
+    def index_batches(self, n: int, dataset: Optional[Dataset] = None) -> Iterator[torch.Tensor]:
+        """Index tensors of the evaluation batches over ``n`` examples: consecutive, or, for a ``dataset`` with
+        per-example ``lengths`` (``daunce.llm.TextDataset``) and ``sort_by_length`` on, runs of examples sorted
+        by length, so a batch trimmed to its longest example pads less (every caller writes results at the
+        batch's indices, so the order changes nothing else)."""
         bs = self.eval_batch_size
+        lengths = getattr(dataset, "lengths", None) if self.sort_by_length else None
+        order = torch.argsort(torch.as_tensor(lengths), stable=True) if lengths is not None else None
         for s in range(0, n, bs):
-            yield torch.arange(s, min(n, s + bs))
+            yield torch.arange(s, min(n, s + bs)) if order is None else order[s : s + bs]
 
     # ------------------------------------------------------------------------------- task calls
     def outputs(self, batch, model: torch.nn.Module | None = None) -> torch.Tensor:

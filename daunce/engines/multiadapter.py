@@ -296,7 +296,7 @@ class MultiAdapterPass:
         ctx.model.train(False)
         n = len(dataset)
         out = torch.empty(C, n, dtype=torch.float64)
-        for idx in ctx.index_batches(n):
+        for idx in ctx.index_batches(n, dataset):
             out[:, idx] = self.batch_signals(C, ctx.fetch(dataset, idx), len(idx), signal).double().cpu()
         return out
 

@@ -41,7 +41,7 @@ def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
     ctx.model.train(config.train_mode)
     n = len(train)
     cache: dict[str, torch.Tensor] = {}
-    for idx in ctx.index_batches(n):
+    for idx in ctx.index_batches(n, train):
         vals = theta0_values(ctx, config, ctx.fetch(train, idx), len(idx))
         for key, v in vals.items():
             if key not in cache:
@@ -140,7 +140,7 @@ def signals_now(ctx: ModelContext, dataset: Dataset, signal: Optional[SignalFn] 
     ctx.model.train(False)
     n = len(dataset)
     out = torch.empty(n, dtype=torch.float64)
-    for idx in ctx.index_batches(n):
+    for idx in ctx.index_batches(n, dataset):
         batch = ctx.fetch(dataset, idx)
         outputs = ctx.outputs(batch)
         s = ctx.signal(outputs, batch, len(idx)) if signal is None else per_example(signal(outputs, batch),

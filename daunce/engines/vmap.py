@@ -116,33 +116,12 @@ class VectorisedTrainer:
         active = torch.ones(C, dtype=torch.bool, device=dev) if stop else None
         steps = torch.zeros(C, dtype=torch.long)
         g0 = None
-        variant, gamma, damping = cfg.variant, cfg.gamma, cfg.damping
-        theta0 = self.theta0
-        loss_fn, ofn = ctx.task_loss, ctx.task_output_function
-
-        has_f = variant == "trak"
-        # Only the model runs under vmap; the per-example loss, output function and objective run on
-        # the (C * B, ...) flattened outputs (per-example functions need no vmap; cross-entropy under
-        # vmap falls back to a slow loop).
-        vout = vmap(self.outputs, in_dims=(0, 0))
+        damping = cfg.damping
         eps_all = torch.stack([p.eps for p in plans])  # (C, n) float64
-        rows = torch.arange(C)[:, None]
         for step in range(n_steps):
             idx = torch.stack([next(o) for o in orders])  # (C, B)
-            B = idx.shape[1]
-            batch = self.fetch_block(train, idx)
-            flat_batch = _flatten(batch)
-            out = vout(tuple(params), batch).flatten(0, 1)  # (C * B, ...)
-            loss = per_example(loss_fn(out, flat_batch), C * B, "loss")
-            kw = {}
-            if variant != "bootstrap":
-                cidx = idx.reshape(-1).to(cache["loss"].device)
-                kw = dict(loss0=cache["loss"][cidx], outputs=out, outputs0=cache["outputs"][cidx],
-                          grad0=cache["grad"][cidx], eps=eps_all[rows, idx].reshape(-1).to(loss.device, loss.dtype))
-                if has_f:
-                    kw["f"], kw["f0"] = per_example(ofn(out, flat_batch), C * B, "output_function"), cache["f"][cidx]
-            obj = perturbed_objective(variant, loss=loss, gamma=gamma, **kw).view(C, B).mean(1)
-            obj = obj + stacked_proximal(params, theta0, damping, eta)
+            prox, prox_grads = self.proximal(params, damping, eta)
+            obj = self.block_objective(params, idx, train, cache, eps_all) + prox
             finite = torch.isfinite(obj)
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
@@ -150,6 +129,8 @@ class VectorisedTrainer:
                     f"Daunce copy {plans[bad].k}, step {step}: the objective is not finite "
                     f"({obj[bad].item()}); lower lr (now {cfg.lr}) or rho (now {cfg.rho})")
             grads = torch.autograd.grad(obj.sum(), params, allow_unused=True)
+            if prox_grads is not None:
+                grads = [pg if g is None else g.add_(pg) for g, pg in zip(grads, prox_grads)]
             if stop:
                 gn = _per_copy_norm(grads, C, dev)
                 g0 = gn if g0 is None else g0
@@ -163,6 +144,36 @@ class VectorisedTrainer:
             report["steps"] = steps.tolist()
             report["converged"] = (~active).cpu().tolist() if stop else [None] * C
         return [p.detach() for p in params]
+
+    def proximal(self, params: list, damping: float, eta: Optional[list]) -> tuple[torch.Tensor, Optional[list]]:
+        """Every copy's proximal and isotropic-noise term ``(C,)`` and its gradient (``None``: autograd takes it
+        through the term, as here)."""
+        return stacked_proximal(params, self.theta0, damping, eta), None
+
+    def block_objective(self, params, idx: torch.Tensor, train, cache: Optional[dict], eps_all: torch.Tensor
+                        ) -> torch.Tensor:
+        """Every copy's objective ``(C,)`` (the mean of its perturbed objective over its batch ``idx[c]``; the
+        proximal term is added by ``train``): each copy's own examples gathered, ``(C, B, ...)``, and the model
+        run on them under vmap."""
+        ctx, cfg = self.ctx, self.config
+        C, B = idx.shape
+        batch = self.fetch_block(train, idx)
+        flat_batch = _flatten(batch)
+        # Only the model runs under vmap; the per-example loss, output function and objective run on the
+        # (C * B, ...) flattened outputs (per-example functions need no vmap; cross-entropy under vmap falls
+        # back to a slow loop).
+        out = vmap(self.outputs, in_dims=(0, 0))(tuple(params), batch).flatten(0, 1)  # (C * B, ...)
+        loss = per_example(ctx.task_loss(out, flat_batch), C * B, "loss")
+        kw = {}
+        if cfg.variant != "bootstrap":
+            cidx = idx.reshape(-1).to(cache["loss"].device)
+            rows = torch.arange(C)[:, None]
+            kw = dict(loss0=cache["loss"][cidx], outputs=out, outputs0=cache["outputs"][cidx],
+                      grad0=cache["grad"][cidx], eps=eps_all[rows, idx].reshape(-1).to(loss.device, loss.dtype))
+            if cfg.variant == "trak":
+                kw["f"] = per_example(ctx.task_output_function(out, flat_batch), C * B, "output_function")
+                kw["f0"] = cache["f"][cidx]
+        return perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).view(C, B).mean(1)
 
     # ------------------------------------------------------------------------------------- signals
     @torch.no_grad()
@@ -228,6 +239,7 @@ class StackedAdam:
         self.params, self.lr, self.betas, self.eps = params, lr, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
+        self.denom = [torch.empty_like(p) for p in params]  # reused: a new large tensor every step costs page faults
         self.t = 0
 
     @torch.no_grad()
@@ -238,12 +250,12 @@ class StackedAdam:
         bc1 = 1 - b1**self.t
         bc2_sqrt = (1 - b2**self.t) ** 0.5
         step_size = self.lr / bc1
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+        for p, g, m, v, denom in zip(self.params, grads, self.m, self.v, self.denom):
             if g is None:
                 continue
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            torch.sqrt(v, out=denom).div_(bc2_sqrt).add_(self.eps)
             if active is None:
                 p.addcdiv_(m, denom, value=-step_size)
             else:

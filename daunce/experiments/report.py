@@ -16,7 +16,8 @@ outside the markers as it is:
   something when it started (a *resumed* run) or not (a *cold* run);
 * ``figures/NN_*.png``: each notebook's block shows all of its figures;
 * ``benchmarks/results/auto_settings.md``: the "auto"-settings benchmark's table (block ``auto``);
-* ``benchmarks/results/gpu_check/gpu_check.md``: the GPU check's table (block ``gpu``), once it has run.
+* ``benchmarks/results/gpu_check/gpu_check.md``: the GPU check's table (block ``gpu``), once it has run;
+* ``benchmarks/results/copy_throughput.md``: seconds per copy against the arithmetic floor (block ``throughput``).
 
 Usage (from the repository root)::
 
@@ -45,10 +46,11 @@ __all__ = ["NOTEBOOKS", "BLOCKS", "render", "blocks", "marker", "record_timing",
 #: the numbered notebooks, in README order
 NOTEBOOKS = ("01_theory", "02_vision_lds", "03_llm_subset_removal", "04_blackbox_backdoor")
 #: the names of the README's generated blocks
-BLOCKS = ("runtimes", *(nb[:2] for nb in NOTEBOOKS), "auto", "gpu")
+BLOCKS = ("runtimes", *(nb[:2] for nb in NOTEBOOKS), "auto", "gpu", "throughput")
 TIMINGS = "timings.json"
 GPU_CHECK = Path("benchmarks") / "results" / "gpu_check" / "gpu_check.md"
 AUTO_SETTINGS = Path("benchmarks") / "results" / "auto_settings.md"
+THROUGHPUT = Path("benchmarks") / "results" / "copy_throughput.md"
 
 # what each figure shows (alt text); a figure without an entry is shown under its file name
 CAPTIONS = {
@@ -760,9 +762,14 @@ def _auto_settings(root: Path) -> list[str]:
                             "(`.venv/bin/python benchmarks/auto_settings.py` writes it).")
 
 
+def _throughput(root: Path) -> list[str]:
+    return _benchmark_table(root, THROUGHPUT, f"No run yet: `{THROUGHPUT.as_posix()}` is missing "
+                            "(`.venv/bin/python benchmarks/copy_throughput.py` writes it).")
+
+
 def blocks(root: Path) -> dict[str, str]:
     """The text of every generated block, keyed by block name (``"runtimes"``, ``"01"`` ... ``"04"``,
-    ``"auto"``, ``"gpu"``)."""
+    ``"auto"``, ``"gpu"``, ``"throughput"``)."""
     root = Path(root)
     out = {"runtimes": "\n".join(_runtimes(root))}
     for nb in NOTEBOOKS:
@@ -784,6 +791,7 @@ def blocks(root: Path) -> dict[str, str]:
         out[key] = re.sub(r"\n{3,}", "\n\n", text).strip()
     out["auto"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_auto_settings(root))).strip()
     out["gpu"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_gpu_check(root))).strip()
+    out["throughput"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_throughput(root))).strip()
     return out
 
 

@@ -191,6 +191,7 @@ def make_daunce(model, config, workdir=None, *, signal: str = "loss", orthogonal
     matrix, which dominated the run time here for K <= 512)."""
     from ..method import Daunce
 
-    # vmap_block bounds memory: 16 copies at a time (256 at once took > 12 GB when recomputing signals)
-    return Daunce(model, ClassificationTask(signal), config, workdir, progress=False, trainer=trainer, vmap_block=16,
-                  orthogonal_block=orthogonal_block)
+    # the vmap trainer is bounded to 16 copies at a time (256 at once took > 12 GB when recomputing signals); the
+    # shared-input trainer sizes its blocks from its memory estimate (its signal passes hold no per-copy inputs)
+    return Daunce(model, ClassificationTask(signal), config, workdir, progress=False, trainer=trainer,
+                  vmap_block=16 if trainer == "vmap" else None, orthogonal_block=orthogonal_block)

@@ -122,6 +122,12 @@ class TextDataset(Dataset):
         return new
 
     @property
+    def lengths(self) -> torch.Tensor:
+        """``(N,)`` number of tokens of each example (its attention mask): evaluation passes batch examples of
+        similar length together (``ModelContext.index_batches``), so a batch pads less."""
+        return self.enc["attention_mask"].sum(1)
+
+    @property
     def n_response_tokens(self) -> torch.Tensor:
         """``(N,)`` number of loss-carrying tokens per example."""
         return (self.enc["labels"][:, 1:] != IGNORE).sum(1)
