@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from daunce import ClassificationTask, Daunce, DaunceConfig, exact
+from daunce.experiments import training
 
 TASK = ClassificationTask()
 
@@ -21,16 +22,8 @@ def wide_lr():
     y = (x @ W + 0.5 * torch.randn(n, C, generator=g)).argmax(1)
     xq = torch.randn(20, d_in, generator=g)
     torch.manual_seed(0)
-    model = nn.Linear(d_in, C)
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y) + 5e-3 * sum((p * p).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    model = training.train_classifier(nn.Linear(d_in, C), TensorDataset(x, y), epochs=3, optimizer="lbfgs",
+                                      weight_decay=1e-2)
     return model, TensorDataset(x, y), TensorDataset(xq, (xq @ W).argmax(1))
 
 

@@ -217,19 +217,16 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
           ) -> tuple[bool, str, int]:
     """Can the copies be trained with shared-input passes? ``(ok, reason, per_copy_bytes)``.
 
-    Needs a supported model (``supported``), a task whose ``outputs(model, batch)`` is ``model(batch[0])``, a
-    full batch (``batch_size=None``: every copy's batch is its subset) and a subset ratio of at least
-    ``1 / MAX_UNION_RATIO``. ``per_copy_bytes`` bounds one copy's memory in a block: weights and optimiser
-    state, and the activations of the union of the batches (the training set)."""
+    Needs a supported model (``supported``), a task whose ``outputs(model, batch)`` is ``model(batch[0])`` and a
+    full batch (``batch_size=None``: every copy's batch is its subset). ``per_copy_bytes`` bounds one copy's
+    memory in a block: weights and optimiser state, the activations of the union of the batches (the training
+    set) and its subset's inputs (gathered layout)."""
     ok, why = supported(ctx.model, config.train_mode)
     if not ok:
         return False, why, 0
     if config.batch_size is not None:
         return False, ("copies train on minibatches of their own subsets: the union of a block's batches is not "
                        "shared, so there is no input to share"), 0
-    if config.subset_ratio * MAX_UNION_RATIO < 1:
-        return False, (f"subset_ratio {config.subset_ratio} < 1/{MAX_UNION_RATIO:g}: the union of the copies' "
-                       "subsets would cost more arithmetic than sharing it saves"), 0
     probe = torch.arange(min(3, len(train)))
     batch = ctx.fetch(train, probe)
     ctx.reset()
@@ -353,12 +350,13 @@ class SharedInputTrainer(VectorisedTrainer):
             batch, examples = self.ctx.fetch(train, U), U.expand(C, -1)
         else:
             weights, batch, examples = None, self.fetch_block(train, key), key
-        inputs = dict(x=batch[0], batch=batch, weights=weights, shared=layout == "union", n=examples.shape[1])
+        inputs = dict(x=batch[0], batch=batch, weights=weights, shared=layout == "union")
         if self.config.variant != "bootstrap":
             cidx = examples.reshape(-1).to(cache["loss"].device)
             inputs["kw"] = dict(loss0=cache["loss"][cidx], outputs0=cache["outputs"][cidx],
                                 grad0=cache["grad"][cidx],
-                                eps=eps_all[torch.arange(C)[:, None], examples.cpu()].reshape(-1))
+                                eps=eps_all[torch.arange(C)[:, None], examples.cpu()].reshape(-1).to(
+                                    self.theta0[0].device, self.theta0[0].dtype))
             if self.config.variant == "trak":
                 inputs["kw"]["f0"] = cache["f"][cidx]
         self._inputs = (layout, key, inputs)
@@ -380,7 +378,6 @@ class SharedInputTrainer(VectorisedTrainer):
         kw = {}
         if cfg.variant != "bootstrap":
             kw = dict(inputs["kw"], outputs=out.reshape(C * N, *out.shape[2:]))
-            kw["eps"] = kw["eps"].to(loss.device, loss.dtype)
             if cfg.variant == "trak":
                 kw["f"] = each(ctx.task_output_function, "output_function")
         return perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).view(C, N)

@@ -33,6 +33,10 @@ from .context import DEFAULT_MEMORY_BYTES, ModelContext, fetch, per_example, to_
 
 #: Never put more copies than this in one vmap block.
 MAX_VMAP_BLOCK = 256
+#: With the stopping test, the copies that have stopped leave the working tensors once at most this fraction of
+#: those still there are training (each removal copies the block's state once; until then a stopped copy is
+#: masked but still computed)
+COMPACT_AT = 0.75
 
 
 class _TaskOutputs(nn.Module):
@@ -96,9 +100,11 @@ class VectorisedTrainer:
 
         ``self.config`` must be resolved (no ``"auto"`` left). With the stopping test on
         (``config.stops_early``) each copy stops at the first step whose gradient norm is at most
-        ``config.tol`` times its own at theta0: its updates (and optimiser state) are masked from then on,
-        and the block stops when every copy has. ``report`` (a dict, if given) receives ``"steps"`` and
-        ``"converged"``: one entry per copy, as ``sequential.train_copy`` reports them."""
+        ``config.tol`` times its own at theta0: its updates (and optimiser state) are masked from then on, and
+        once a quarter of the copies still in the working tensors have stopped, those are taken out of them
+        (``COMPACT_AT``), so the copies still training no longer pay for the finished ones; the block stops when
+        every copy has. ``report`` (a dict, if given) receives ``"steps"`` and ``"converged"``: one entry per
+        copy, as ``sequential.train_copy`` reports them."""
         ctx, cfg = self.ctx, self.config
         C = len(plans)
         n_steps = len(plans[0].batches)
@@ -115,35 +121,55 @@ class VectorisedTrainer:
         stop = cfg.stops_early
         active = torch.ones(C, dtype=torch.bool, device=dev) if stop else None
         steps = torch.zeros(C, dtype=torch.long)
+        alive = torch.arange(C)  # the block's copies still in the working tensors, in their order
+        final = [p.detach().clone() for p in params]  # every copy's weights, written when it leaves (or at the end)
         g0 = None
         damping = cfg.damping
         eps_all = torch.stack([p.eps for p in plans])  # (C, n) float64
         for step in range(n_steps):
-            idx = torch.stack([next(o) for o in orders])  # (C, B)
+            idx = torch.stack([next(o) for o in orders])  # (C alive, B)
             prox, prox_grads = self.proximal(params, damping, eta)
             obj = self.block_objective(params, idx, train, cache, eps_all) + prox
             finite = torch.isfinite(obj)
             if not bool(finite.all()):
                 bad = int((~finite).nonzero()[0, 0])
                 raise FloatingPointError(
-                    f"Daunce copy {plans[bad].k}, step {step}: the objective is not finite "
+                    f"Daunce copy {plans[int(alive[bad])].k}, step {step}: the objective is not finite "
                     f"({obj[bad].item()}); lower lr (now {cfg.lr}) or rho (now {cfg.rho})")
             grads = torch.autograd.grad(obj.sum(), params, allow_unused=True)
             if prox_grads is not None:
                 grads = [pg if g is None else g.add_(pg) for g, pg in zip(grads, prox_grads)]
             if stop:
-                gn = _per_copy_norm(grads, C, dev)
+                gn = _per_copy_norm(grads, len(alive), dev)
                 g0 = gn if g0 is None else g0
                 active = active & (gn > cfg.tol * g0)
                 if not bool(active.any()):
                     break
             opt.lr = cfg.lr_at(step, n_steps)
             opt.step(grads, active)
-            steps += active.cpu().long() if stop else 1
+            if not stop:
+                steps += 1
+                continue
+            steps[alive] += active.cpu().long()
+            if int(active.sum()) <= COMPACT_AT * len(alive):  # take the stopped copies out of the working tensors
+                keep, done = active.nonzero().squeeze(1), (~active).nonzero().squeeze(1)
+                for f, p in zip(final, params):
+                    f[alive[done.cpu()].to(f.device)] = p.detach()[done]
+                params = [p.detach()[keep].requires_grad_(True) for p in params]
+                opt.keep(keep, params)
+                eta = [e[keep] for e in eta] if eta is not None else None
+                keep_cpu = keep.cpu()
+                eps_all, alive, g0, active = eps_all[keep_cpu], alive[keep_cpu], g0[keep], active[keep]
+                orders = [orders[i] for i in keep_cpu.tolist()]
+        for f, p in zip(final, params):
+            f[alive.to(f.device)] = p.detach()
         if report is not None:
+            converged = torch.ones(C, dtype=torch.bool)
+            if stop:
+                converged[alive] = ~active.cpu()
             report["steps"] = steps.tolist()
-            report["converged"] = (~active).cpu().tolist() if stop else [None] * C
-        return [p.detach() for p in params]
+            report["converged"] = converged.tolist() if stop else [None] * C
+        return final
 
     def proximal(self, params: list, damping: float, eta: Optional[list]) -> tuple[torch.Tensor, Optional[list]]:
         """Every copy's proximal and isotropic-noise term ``(C,)`` and its gradient (``None``: autograd takes it
@@ -242,6 +268,11 @@ class StackedAdam:
         self.denom = [torch.empty_like(p) for p in params]  # reused: a new large tensor every step costs page faults
         self.t = 0
 
+    def keep(self, rows: torch.Tensor, params: list) -> None:
+        """Keep the state of the copies ``rows`` only, now training the stacked tensors ``params``."""
+        self.params = params
+        self.m, self.v, self.denom = ([t[rows] for t in ts] for ts in (self.m, self.v, self.denom))
+
     @torch.no_grad()
     def step(self, grads, active: Optional[torch.Tensor] = None) -> None:
         """One step of every copy; with ``active`` (a ``(C,)`` bool mask) only those copies move."""
@@ -269,6 +300,11 @@ class StackedSGD:
     def __init__(self, params: list, lr: float, momentum: float = 0.0):
         self.params, self.lr, self.momentum = params, lr, momentum
         self.buf: list = [None] * len(params)
+
+    def keep(self, rows: torch.Tensor, params: list) -> None:
+        """Keep the state of the copies ``rows`` only, now training the stacked tensors ``params``."""
+        self.params = params
+        self.buf = [None if b is None else b[rows] for b in self.buf]
 
     @torch.no_grad()
     def step(self, grads, active: Optional[torch.Tensor] = None) -> None:
@@ -421,4 +457,5 @@ def blocks_of(plans: list, size: int) -> list:
 
 
 __all__ = ["VectorisedTrainer", "StackedAdam", "StackedSGD", "check", "worthwhile", "block_size", "blocks_of",
+           "COMPACT_AT",
            "activation_numel", "stacked_proximal", "MAX_VMAP_BLOCK", "CPU_MAX_VMAP_WEIGHT"]
