@@ -156,8 +156,7 @@ class StackedForward:
                 h = m(h)
         if layout == "shared":
             return h.unsqueeze(0).expand(C, *h.shape)
-        # contiguous: the task's per-example functions (log-softmax over the last dimension) run several times
-        # slower on the transposed views the layouts leave
+        # contiguous, as a plain forward pass gives them: the task's per-example functions run on these outputs
         return (_chan_to_copy(h, C) if layout == "chan" else h).contiguous()
 
     def _linear(self, j, m, params, C, h, layout):
