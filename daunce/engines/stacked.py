@@ -40,7 +40,7 @@ from torch.func import vmap as _vmap
 from ..config import DaunceConfig
 from ..objectives import perturbed_objective
 from .context import DEFAULT_MEMORY_BYTES, ModelContext, per_example
-from .vmap import VectorisedTrainer
+from .vmap import VectorisedTrainer, _flatten
 
 LAYOUTS = ("auto", "union", "gather")
 #: union layout only where the union of a step's batches is at most this many times one copy's batch: beyond it
@@ -370,7 +370,7 @@ class SharedInputTrainer(VectorisedTrainer):
             if inputs["shared"]:
                 vals = _vmap(lambda o: fn(o, batch))(out)
             else:
-                vals = fn(out.flatten(0, 1), _flat(batch))
+                vals = fn(out.flatten(0, 1), _flatten(batch))
             return per_example(vals.reshape(-1), C * N, what)
 
         loss = each(ctx.task_loss, "loss")
@@ -415,13 +415,6 @@ class SharedInputTrainer(VectorisedTrainer):
             vals = _vmap(lambda o: signal_fn(o, batch))(outs)
             out[:, idx] = per_example(vals.reshape(-1), C * len(idx), "signal").view(C, -1).double().cpu()
         return out
-
-
-def _flat(batch):
-    """Merge the copy and example dimensions of a stacked batch: ``(C, N, ...) -> (C * N, ...)``."""
-    if torch.is_tensor(batch):
-        return batch.flatten(0, 1)
-    return type(batch)(_flat(b) for b in batch)
 
 
 __all__ = ["GATHER_MIN_WIDTH", "LAYOUTS", "MAX_UNION_RATIO", "SharedInputTrainer", "StackedForward", "check",
