@@ -40,7 +40,7 @@ from torch.func import vmap as _vmap
 from ..config import DaunceConfig
 from ..objectives import perturbed_objective
 from .context import DEFAULT_MEMORY_BYTES, ModelContext, per_example
-from .vmap import VectorisedTrainer, _flatten
+from .vmap import VectorisedTrainer, flatten_batch
 
 LAYOUTS = ("auto", "union", "gather")
 #: union layout only where the union of a step's batches is at most this many times one copy's batch: beyond it
@@ -370,7 +370,7 @@ class SharedInputTrainer(VectorisedTrainer):
             if inputs["shared"]:
                 vals = _vmap(lambda o: fn(o, batch))(out)
             else:
-                vals = fn(out.flatten(0, 1), _flatten(batch))
+                vals = fn(out.flatten(0, 1), flatten_batch(batch))
             return per_example(vals.reshape(-1), C * N, what)
 
         loss = each(ctx.task_loss, "loss")

@@ -184,7 +184,7 @@ class VectorisedTrainer:
         ctx, cfg = self.ctx, self.config
         C, B = idx.shape
         batch = self.fetch_block(train, idx)
-        flat_batch = _flatten(batch)
+        flat_batch = flatten_batch(batch)
         # Only the model runs under vmap; the per-example loss, output function and objective run on the
         # (C * B, ...) flattened outputs (per-example functions need no vmap; cross-entropy under vmap falls
         # back to a slow loop).
@@ -243,14 +243,14 @@ def stacked_proximal(params: list, params0: list, damping: float, eta: Optional[
     return torch.vmap(lambda p, e: proximal_term(p, params0, damping, e))(params, eta)
 
 
-def _flatten(batch: Any) -> Any:
+def flatten_batch(batch: Any) -> Any:
     """Merge the copy and example dimensions of a stacked batch: ``(C, B, ...) -> (C * B, ...)``."""
     if torch.is_tensor(batch):
         return batch.flatten(0, 1)
     if isinstance(batch, dict):
-        return {k: _flatten(v) for k, v in batch.items()}
+        return {k: flatten_batch(v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_flatten(v) for v in batch)
+        return type(batch)(flatten_batch(v) for v in batch)
     raise TypeError(f"cannot flatten batch elements of type {type(batch).__name__}")
 
 
