@@ -159,3 +159,82 @@ def test_kronfluence_covers_the_cnns_convolutions():
     kinds = {n: type(m).__name__ for n, m in cnn.named_modules()}
     tracked = get_tracked_module_names(prepare_model(cnn, CE()))
     assert sorted(kinds[n] for n in tracked) == ["Conv2d", "Conv2d", "Linear"], tracked
+
+
+def test_cpu_device_changes_nothing(digits_lr):
+    """``device="cpu"`` (and any spelling of it) gives the scores of the call without it, bit for bit."""
+    model, train, query = digits_lr
+    S, _ = baselines.run("grad-dot", model, train, query)
+    for device in ("cpu", torch.device("cpu")):
+        S_dev, _ = baselines.run("grad-dot", model, train, query, device=device)
+        assert S_dev.device.type == "cpu" and S_dev.dtype == torch.float32
+        assert torch.equal(S, S_dev)
+    assert [p.device.type for p in model.parameters()] == ["cpu", "cpu"]  # the caller's model is not moved
+    with pytest.raises(ValueError, match="device must be"):
+        baselines.run("grad-dot", model, train, query, device="tpu-bogus")
+
+
+def test_settings_key_of_the_cpu_is_the_key_before_the_device_knob(digits_lr):
+    """Existing caches stay valid: the CPU's key is the hash the key was before ``device`` existed."""
+    import hashlib
+    import json
+
+    from daunce.store import fingerprint
+
+    model, train, query = digits_lr
+    grid = (1e-3, 1e-1)
+    h = hashlib.sha1(json.dumps({"method": "if-cg", "grid": list(grid), "lissa": baselines.LISSA,
+                                 "cg": baselines.CG_ITERATIONS, "arnoldi": baselines.ARNOLDI,
+                                 "trak": baselines.TRAK_PROJ_DIM, "train": fingerprint(train),
+                                 "query": fingerprint(query)}, sort_keys=True).encode())
+    for v in model.state_dict().values():
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    before = h.hexdigest()[:12]
+    assert baselines.settings_key("if-cg", model, train, query, grid) == before
+    assert baselines.settings_key("if-cg", model, train, query, grid, device="cpu") == before
+    assert baselines.settings_key("if-cg", model, train, query, grid, device=torch.device("cpu")) == before
+
+
+def test_spawned_child_returns_the_grid(digits_lr):
+    """The path ``run_isolated`` takes on CUDA (a spawned child that gets its arguments as one pickle), run here on
+    the CPU: the same rows as ``run_grid``."""
+    import multiprocessing as mp
+
+    model, train, query = digits_lr
+    payload, why = baselines._spawn_payload(("grad-dot", model, train, query, {"grid": (1e-3,), "device": "cpu"}))
+    assert why is None
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=baselines._spawned_child, args=(child, payload))
+    p.start()
+    child.close()
+    assert parent.poll(120), "no answer from the spawned child"
+    kind, row = parent.recv()
+    assert kind == "row", row
+    assert parent.recv() == ("done", None)
+    p.join()
+    expected = baselines.run_grid("grad-dot", model, train, query, grid=(1e-3,))[0]["scores"]
+    assert torch.equal(torch.from_numpy(row["scores"]), expected)
+
+
+def test_spawn_payload_refuses_what_a_spawned_process_cannot_load(digits_lr, monkeypatch):
+    import sys
+
+    model, train, query = digits_lr
+    Local = type("Local", (torch.nn.Module,), {"__module__": "__main__", "forward": lambda self, x: x})
+    monkeypatch.setattr(sys.modules["__main__"], "Local", Local, raising=False)  # picklable here, not in a child
+    payload, why = baselines._spawn_payload(("grad-dot", torch.nn.Sequential(Local()), train, query, {}))
+    assert payload is None and "__main__" in why
+    payload, why = baselines._spawn_payload(("grad-dot", model, train, query, {"f": lambda: 0}))
+    assert payload is None and why
+
+
+def test_run_here_has_run_isolateds_rows(digits_lr):
+    """The in-process fallback of ``run_isolated`` (CUDA with arguments a spawned process cannot get)."""
+    model, train, query = digits_lr
+    with pytest.warns(UserWarning, match="in this process"):
+        rows = baselines._run_here("grad-dot", model, train, query, {"grid": (1e-3,), "device": "cpu"}, "a test")
+    assert [(r["damping"], r["grid_complete"], r["grid_error"]) for r in rows] == [(None, True, None)]
+    assert torch.equal(rows[0]["scores"], baselines.run("grad-dot", model, train, query)[0])
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="grad-dot: ValueError"):
+        baselines._run_here("grad-dot", model, train, query, {"grid": (1e-3,), "device": "tpu-bogus"}, "a test")

@@ -19,6 +19,28 @@ from ..task import task_method
 DEFAULT_MEMORY_BYTES = 2 * 2**30
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The ``torch.device`` that ``device`` names; the default ``"auto"`` is CUDA when ``torch.cuda.is_available()``,
+    else the CPU.
+
+    Raises ``ValueError`` for a string torch does not read as a device, and for a CUDA device (or CUDA index) that
+    this machine does not have."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or a torch.device, "
+                         f"got {device!r}") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asks for CUDA, but torch.cuda.is_available() is False on this "
+                             "machine; use device='auto' or 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def to_device(batch: Any, device) -> Any:
     """Move every tensor in a (nested) batch to ``device``."""
     if torch.is_tensor(batch):
@@ -169,4 +191,5 @@ def check_dataset(dataset, what: str) -> int:
     return n
 
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "check_dataset", "fetch", "per_example", "to_device"]
+__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "check_dataset", "fetch", "per_example", "resolve_device",
+           "to_device"]

@@ -35,6 +35,13 @@ kronfluence (``daunce.experiments.models`` wraps every model in ``nn.Sequential`
 order; dattri's LiSSA casts labels to float (the loss casts them back); dattri's projector defaults are
 a module-level dict that ``TRAKAttributor`` updates in place, so full projector arguments are passed
 every time; DataInf's peak memory grows with (query batch)^2 x (largest layer), so its queries go in batches of 32.
+
+**Device.** Every entry point takes ``device`` (``"cpu"``, the default, ``"cuda"``, ``"auto"``; see
+``daunce.engines.context.resolve_device``): the model's deep copy is moved there, every dattri attributor gets it as its
+``device`` (TRAK and TracIn their projector's as well: dattri 0.3.0 builds a ``CudaProjector`` on CUDA, whose random
+matrix differs from the CPU one), kronfluence's ``Analyzer`` runs on the CPU only for ``device="cpu"``; the data stay on
+the CPU (the libraries move each batch) and the scores come back on the CPU. ``device="cpu"`` gives what the code
+gave before the knob existed, bit for bit.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+from ..engines.context import resolve_device
 from ..task import margin
 
 DATTRI_METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-ekfac", "if-ekfac-stock", "datainf", "trak",
@@ -70,6 +78,18 @@ CG_ITERATIONS = 10  # dattri's benchmark
 # directions and the planted-duplicate test fails (a duplicate ranks in the top 26%, not 5%)
 ARNOLDI = dict(max_iter=100, proj_dim=100)
 TRAK_PROJ_DIM = 512  # dattri's benchmark; min(d, 512) for smaller models
+# dattri 0.3.0's TracIn projector (its ``DEFAULT_PROJECTOR_KWARGS``; TracIn always projects): passed in full with the
+# device, since ``TracInAttributor`` updates that module-level dict in place (a CUDA run would leave "cuda" in it)
+TRACIN_PROJECTOR = dict(proj_dim=512, proj_max_batch_size=32, proj_seed=0)
+
+
+def baseline_device(device: str | torch.device = "cpu") -> torch.device:
+    """``resolve_device(device)``, limited to what both libraries run on (dattri's projectors and kronfluence take
+    the CPU or CUDA only)."""
+    dev = resolve_device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"the baselines run on the CPU or CUDA, got device {device!r}")
+    return dev
 
 
 def library_damping(method: str, damping: float, n_train: int) -> float:
@@ -118,8 +138,9 @@ def _prob_fn(model: torch.nn.Module, sample_ndim: int):
     return p
 
 
-def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw):
-    """dattri's attributor object for one method and one damping (not yet cached)."""
+def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw, device="cpu"):
+    """dattri's attributor object for one method and one damping (not yet cached), on ``device`` (where ``model``
+    is)."""
     from dattri.algorithm import (
         IFAttributorArnoldi,
         IFAttributorCG,
@@ -134,44 +155,46 @@ def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints,
 
     from .dattri_ekfac import corrected_ekfac
 
+    dev = str(device)  # dattri types its device as a string ("cpu", "cuda", "cuda:1")
     loss, measure = _loss_fn(model, sample_ndim), _margin_fn(model, sample_ndim, -1.0)
     lam = library_damping(method, damping, len(train)) if damping is not None else None
     if method == "trak":
         task = AttributionTask(loss_func=_margin_fn(model, sample_ndim), model=model, checkpoints=ensemble or [theta0])
         d = sum(p.numel() for p in model.parameters())
         proj = {"proj_dim": int(kw.get("proj_dim", min(TRAK_PROJ_DIM, d))), "proj_max_batch_size": 32, "proj_seed": 0,
-                "device": "cpu"}
+                "device": dev}
         return TRAKAttributor(task=task, correct_probability_func=_prob_fn(model, sample_ndim), projector_kwargs=proj,
-                              device="cpu", regularization=lam)
+                              device=dev, regularization=lam)
     if method in ("tracin", "grad-dot", "grad-cos"):
         cks = (checkpoints or [{"state": theta0, "lr": 1.0}]) if method == "tracin" else [{"state": theta0, "lr": 1.0}]
         task = AttributionTask(loss_func=loss, model=model, checkpoints=[c["state"] for c in cks], target_func=measure)
         return TracInAttributor(task=task, weight_list=torch.tensor([float(c["lr"]) for c in cks]),
-                                normalized_grad=(method == "grad-cos"), device="cpu")
+                                normalized_grad=(method == "grad-cos"),
+                                projector_kwargs={**TRACIN_PROJECTOR, "device": dev}, device=dev)
     task = AttributionTask(loss_func=loss, model=model, checkpoints=theta0, target_func=measure)
     if method == "if-explicit":
-        return IFAttributorExplicit(task=task, device="cpu", regularization=lam)
+        return IFAttributorExplicit(task=task, device=dev, regularization=lam)
     if method == "if-cg":
-        return IFAttributorCG(task=task, device="cpu", max_iter=int(kw.get("max_iter", CG_ITERATIONS)),
+        return IFAttributorCG(task=task, device=dev, max_iter=int(kw.get("max_iter", CG_ITERATIONS)),
                               regularization=lam)
     if method == "if-lissa":
-        return IFAttributorLiSSA(task=task, device="cpu", batch_size=LISSA["batch_size"],
+        return IFAttributorLiSSA(task=task, device=dev, batch_size=LISSA["batch_size"],
                                  recursion_depth=int(kw.get("recursion_depth", LISSA["recursion_depth"])),
                                  damping=lam, scaling=LISSA["scaling"])
     if method == "if-arnoldi":
-        return IFAttributorArnoldi(task=task, device="cpu", proj_dim=int(kw.get("proj_dim", ARNOLDI["proj_dim"])),
+        return IFAttributorArnoldi(task=task, device=dev, proj_dim=int(kw.get("proj_dim", ARNOLDI["proj_dim"])),
                                    max_iter=ARNOLDI["max_iter"], regularization=lam)
     if method == "if-ekfac":
-        return corrected_ekfac()(task=task, device="cpu", damping=lam)
+        return corrected_ekfac()(task=task, device=dev, damping=lam)
     if method == "if-ekfac-stock":  # dattri's class as shipped: its Fisher comes from the target, so give it the loss
-        return IFAttributorEKFAC(task=AttributionTask(loss_func=loss, model=model, checkpoints=theta0), device="cpu",
+        return IFAttributorEKFAC(task=AttributionTask(loss_func=loss, model=model, checkpoints=theta0), device=dev,
                                  damping=lam)
-    return IFAttributorDataInf(task=task, device="cpu", regularization=lam)
+    return IFAttributorDataInf(task=task, device=dev, regularization=lam)
 
 
 def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query: TensorDataset, *,
                 grid=DAMPING_GRID, checkpoints: Optional[list] = None, ensemble: Optional[list] = None,
-                on_row=None, **kw) -> list[dict]:
+                on_row=None, device: str | torch.device = "cpu", **kw) -> list[dict]:
     """One dattri method at every damping of ``grid`` (a single run, damping ``None``, for methods without
     the knob): ``[{"damping", "scores" (n_train, n_query), "seconds"}]``. The curvature is cached from the
     full training set in one batch; the training set is attributed in one batch and the queries in as few
@@ -182,11 +205,14 @@ def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query
         checkpoints: for ``tracin``: ``[{"state": state_dict, "lr": float}, ...]`` along the trajectory.
         ensemble: for ``trak``: state dicts of independently trained models (theta0 first).
         on_row: called with each row as soon as it is computed.
+        device: where the attributors run (the model's copy is moved there; ``checkpoints`` and ``ensemble`` may be
+            on any device); the scores come back on the CPU.
         kw: overrides (``max_iter``, ``proj_dim``, ``recursion_depth``).
     """
     if method not in DATTRI_METHODS:
         raise ValueError(f"method must be one of {DATTRI_METHODS}, got {method!r}")
-    model = copy.deepcopy(model).eval()
+    dev = baseline_device(device)
+    model = copy.deepcopy(model).eval().to(dev)
     sample_ndim = train.tensors[0].ndim - 1
     theta0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     full = DataLoader(train, batch_size=len(train), shuffle=False)
@@ -198,7 +224,7 @@ def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query
     for damping in values:
         t0 = time.perf_counter()
         if att is None or not reuse:
-            att = _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw)
+            att = _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw, dev)
             if method != "tracin" and not method.startswith("grad-"):
                 att.cache(full)
             cache_s = time.perf_counter() - t0
@@ -209,21 +235,37 @@ def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query
             att.damping = damping
         with torch.no_grad():
             s = att.attribute(queries) if method == "trak" else att.attribute(full, queries)
-        out.append({"damping": damping, "scores": s.detach().float(), "seconds": cache_s + time.perf_counter() - t0})
+        out.append({"damping": damping, "scores": s.detach().float().cpu(),
+                    "seconds": cache_s + time.perf_counter() - t0})
         if on_row is not None:
             on_row(out[-1])
     return out
 
 
 def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: TensorDataset, *, grid=DAMPING_GRID,
-                     empirical_fisher: bool = False, batch_size: int = 128, workdir=None, on_row=None) -> list[dict]:
+                     empirical_fisher: bool = False, batch_size: int = 128, workdir=None, on_row=None,
+                     device: str | torch.device = "cpu") -> list[dict]:
     """kronfluence's EK-FAC influence scores ``(n_train, n_query)`` (positive = helpful) at every damping of
     ``grid`` (``None`` in the grid: kronfluence's own heuristic, 0.1 x the mean eigenvalue): the factors are
     fitted once and each value's seconds are fitting + scoring. The query measurement is minus the margin,
-    as in kronfluence's CIFAR-10 example; ``empirical_fisher`` uses the true labels for the factors."""
+    as in kronfluence's CIFAR-10 example; ``empirical_fisher`` uses the true labels for the factors. ``device``: the
+    CPU (``Analyzer(cpu=True)``) or CUDA (``cpu=False``); the scores come back on the CPU."""
+    import contextlib
+
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task as KTask
+    from kronfluence.utils.state import State
+
+    dev = baseline_device(device)
+    # kronfluence keeps its device in a process-wide singleton (``State``): the first one made in a process fixes it,
+    # and a later ``Analyzer(cpu=...)`` does not change it. Make it here with the device asked for (what the Analyzer
+    # would do), and refuse a process where it already holds another device.
+    state = State(cpu=(dev.type == "cpu"))
+    if state.device.type != dev.type:
+        raise RuntimeError(f"kronfluence already runs on {state.device} in this process (the first use of kronfluence "
+                           f"in a process fixes its device), so it cannot run on {dev} here; run it in a fresh process "
+                           "(run_isolated and run_cached start one per grid)")
 
     class _Task(KTask):
         def compute_train_loss(self, batch, model, sample=False):
@@ -238,54 +280,63 @@ def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: Tensor
             x, y = batch
             return -margin(model(x), y).sum()
 
-    model = prepare_model(copy.deepcopy(model).eval(), _Task())
+    model = prepare_model(copy.deepcopy(model).eval().to(dev), _Task())
     tmp = tempfile.TemporaryDirectory() if workdir is None else None
     where = str(workdir) if workdir is not None else tmp.name
     out = []
+    # on CUDA kronfluence works on torch.device("cuda"), the current CUDA device: make it the one asked for
+    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
     try:
-        t0 = time.perf_counter()
-        analyzer = Analyzer("daunce_baseline", model, _Task(), cpu=True, disable_tqdm=True, output_dir=where)
-        fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
-        analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size, factor_args=fargs,
-                                 overwrite_output_dir=True)
-        fit_s = time.perf_counter() - t0
-        for damping in grid:
+        with on_device:
             t0 = time.perf_counter()
-            analyzer.compute_pairwise_scores("scores", "ekfac", query, train, per_device_query_batch_size=batch_size,
-                                             per_device_train_batch_size=batch_size,
-                                             score_args=ScoreArguments(damping_factor=damping),
-                                             overwrite_output_dir=True)
-            s = analyzer.load_pairwise_scores("scores")["all_modules"]  # (n_query, n_train)
-            out.append({"damping": damping, "scores": s.T.contiguous().float(),
-                        "seconds": fit_s + time.perf_counter() - t0})
-            if on_row is not None:
-                on_row(out[-1])
+            analyzer = Analyzer("daunce_baseline", model, _Task(), cpu=(dev.type == "cpu"), disable_tqdm=True,
+                                output_dir=where)
+            fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
+            analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size, factor_args=fargs,
+                                     overwrite_output_dir=True)
+            fit_s = time.perf_counter() - t0
+            for damping in grid:
+                t0 = time.perf_counter()
+                analyzer.compute_pairwise_scores("scores", "ekfac", query, train,
+                                                 per_device_query_batch_size=batch_size,
+                                                 per_device_train_batch_size=batch_size,
+                                                 score_args=ScoreArguments(damping_factor=damping),
+                                                 overwrite_output_dir=True)
+                s = analyzer.load_pairwise_scores("scores")["all_modules"]  # (n_query, n_train), read onto the CPU
+                out.append({"damping": damping, "scores": s.T.contiguous().float().cpu(),
+                            "seconds": fit_s + time.perf_counter() - t0})
+                if on_row is not None:
+                    on_row(out[-1])
     finally:
         if tmp is not None:
             tmp.cleanup()
     return out
 
 
-def run_grid(method: str, model, train, query, *, grid=DAMPING_GRID, on_row=None, **kw) -> list[dict]:
-    """``[{"damping", "scores", "seconds"}]`` of one baseline (``METHODS``) over the damping grid; ``on_row``
-    is called with each row as soon as it is computed (a row may be sent again when Arnoldi is retried)."""
+def run_grid(method: str, model, train, query, *, grid=DAMPING_GRID, on_row=None, device: str | torch.device = "cpu",
+             **kw) -> list[dict]:
+    """``[{"damping", "scores", "seconds"}]`` of one baseline (``METHODS``) over the damping grid, run on ``device``
+    (scores on the CPU); ``on_row`` is called with each row as soon as it is computed (a row may be sent again when
+    Arnoldi is retried)."""
     if method in KRONFLUENCE_METHODS:
         return kronfluence_grid(model, train, query, grid=grid, empirical_fisher=method.endswith("-ef"),
-                                batch_size=kw.get("batch_size", 128), on_row=on_row)
+                                batch_size=kw.get("batch_size", 128), on_row=on_row, device=device)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    out = dattri_grid(method, model, train, query, grid=grid, on_row=on_row, **kw)
+    out = dattri_grid(method, model, train, query, grid=grid, on_row=on_row, device=device, **kw)
     # dattri's Arnoldi returns NaN when proj_dim reaches the Hessian's numerical rank: halve it
     while method == "if-arnoldi" and not all(torch.isfinite(r["scores"]).all() for r in out) and kw.get(
             "proj_dim", ARNOLDI["proj_dim"]) > 10:
         kw = {**kw, "proj_dim": kw.get("proj_dim", ARNOLDI["proj_dim"]) // 2}
-        out = dattri_grid(method, model, train, query, grid=grid, on_row=on_row, **kw)
+        out = dattri_grid(method, model, train, query, grid=grid, on_row=on_row, device=device, **kw)
     return out
 
 
-def run(method: str, model, train, query, damping: Optional[float] = 1e-3, **kw) -> tuple[torch.Tensor, float]:
-    """``(scores (n_train, n_query), seconds)`` of one baseline at one damping (ignored without the knob)."""
-    r = run_grid(method, model, train, query, grid=(damping,), **kw)[0]
+def run(method: str, model, train, query, damping: Optional[float] = 1e-3, *, device: str | torch.device = "cpu",
+        **kw) -> tuple[torch.Tensor, float]:
+    """``(scores (n_train, n_query), seconds)`` of one baseline at one damping (ignored without the knob), run on
+    ``device`` (scores on the CPU)."""
+    r = run_grid(method, model, train, query, grid=(damping,), device=device, **kw)[0]
     return r["scores"], r["seconds"]
 
 
@@ -313,18 +364,100 @@ def _child(conn, method, model, train, query, kw, mem_bytes):
         conn.close()
 
 
+def _spawned_child(conn, payload: bytes):
+    """``_child`` in a spawned process. The arguments come as one pickle of plain bytes, not through the sharing of
+    torch's multiprocessing pickler (which would put every tensor in shared memory, and a container's small /dev/shm
+    breaks that)."""
+    import pickle
+
+    try:
+        method, model, train, query, kw = pickle.loads(payload)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        conn.send(("error", f"the arguments did not unpickle: {type(e).__name__}: {str(e)[:300]}"))
+        conn.close()
+        return
+    _child(conn, method, model, train, query, kw, 0)
+
+
+def _spawn_payload(args) -> tuple[Optional[bytes], Optional[str]]:
+    """``(pickle of args, None)``, or ``(None, why)`` when a spawned process could not get them: something that does
+    not pickle, or a class or function defined in ``__main__`` (a notebook's own model class), which the spawned
+    interpreter does not have."""
+    import io
+    import pickle
+    import types
+
+    class _Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            if isinstance(obj, (type, types.FunctionType)) and getattr(obj, "__module__", None) == "__main__":
+                raise pickle.PicklingError(f"{obj.__qualname__} is defined in __main__")
+            return NotImplemented
+
+    buf = io.BytesIO()
+    try:
+        _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(args)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not spawn
+        return None, f"{type(e).__name__}: {str(e)[:300]}"
+    return buf.getvalue(), None
+
+
+def _run_here(method, model, train, query, kw, why: str) -> list[dict]:
+    """``run_grid`` in this process (no time or memory cap), with ``run_isolated``'s rows and errors."""
+    import warnings
+
+    warnings.warn(f"{method}: run in this process, without the time or memory cap of run_isolated, because {why}",
+                  stacklevel=3)
+    rows, error = {}, None
+
+    def keep(row):  # by damping: Arnoldi's retry sends its rows again
+        rows[row["damping"]] = row
+
+    try:
+        run_grid(method, model, train, query, on_row=keep, **kw)
+    except Exception as e:  # noqa: BLE001 - reported like the child's errors
+        error = f"{type(e).__name__}: {str(e)[:300]} (in this process: {why})"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if error is not None and not rows:
+        raise RuntimeError(f"{method}: {error}")
+    return [{**r, "grid_complete": error is None, "grid_error": error} for r in rows.values()]
+
+
 def run_isolated(method: str, model, train, query, *, timeout: float = 120.0, memory_gb: float = 4.0,
-                 **kw) -> list[dict]:
+                 device: str | torch.device = "cpu", **kw) -> list[dict]:
     """``run_grid`` in a forked child process with a memory cap (address space grown by at most ``memory_gb``)
     and a wall-clock ``timeout`` for the whole grid: a baseline that blows up on a shared machine fails alone,
     with a reason. Returns ``run_grid``'s rows; when the time runs out after some dampings, the rows finished
     so far, each marked ``"grid_complete": False`` with the reason in ``"grid_error"``. Raises ``RuntimeError``
-    with the reason when no row came."""
+    with the reason when no row came.
+
+    On CUDA (``device``) the child is spawned, not forked, and has no memory cap (see the comments); where the
+    arguments cannot go to a spawned process (a model class defined in the notebook itself, something that does not
+    pickle), the grid runs in this process, with a warning and without the time and memory caps."""
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork")
+    dev = baseline_device(device)
+    kw = {**kw, "device": str(dev)}
+    # the child gets the model on the CPU (a forked child must not touch CUDA; see below); ``checkpoints`` and
+    # ``ensemble`` are expected there already (``daunce.experiments.vision`` keeps them on the CPU)
+    on_cpu = all(t.device.type == "cpu" for t in model.state_dict().values())
+    cpu_model = model if on_cpu else copy.deepcopy(model).cpu()
+    if dev.type == "cpu":
+        ctx, mem_bytes = mp.get_context("fork"), memory_gb * 2**30
+        target, args = _child, (method, cpu_model, train, query, kw, mem_bytes)
+    else:
+        # CUDA does not survive fork: a forked child cannot initialise CUDA once this process has, so the child is a
+        # spawned interpreter that gets the arguments pickled. It gets no address-space cap: CUDA reserves far more
+        # virtual memory than the cap would allow, and GPU memory is not covered by it anyway.
+        payload, why = _spawn_payload((method, cpu_model, train, query, kw))
+        if payload is None:
+            # no spawned child can get these arguments, and a forked one cannot use CUDA: run here
+            return _run_here(method, model, train, query, kw, f"its arguments cannot go to a spawned process ({why})")
+        ctx, mem_bytes = mp.get_context("spawn"), 0
+        target, args = _spawned_child, (payload,)
+    cap = f"memory cap {memory_gb} GB" if mem_bytes else f"on {dev}, no memory cap"
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, method, model, train, query, kw, memory_gb * 2**30))
+    p = ctx.Process(target=target, args=(child, *args))
     p.start()
     child.close()
     rows, deadline, error = {}, time.monotonic() + timeout, None
@@ -336,13 +469,13 @@ def run_isolated(method: str, model, train, query, *, timeout: float = 120.0, me
         try:
             kind, payload = parent.recv()
         except EOFError:
-            error = "the child process died (memory cap or signal)"
+            error = "the child process died (memory cap or signal)" if mem_bytes else "the child process died"
             break
         if kind == "row":
             rows[payload["damping"]] = {**payload, "scores": torch.from_numpy(payload["scores"])}
         else:
             if kind == "error":
-                error = f"{payload} (memory cap {memory_gb} GB)"
+                error = f"{payload} ({cap})"
             break
     p.join()
     if error is not None and not rows:
@@ -350,38 +483,44 @@ def run_isolated(method: str, model, train, query, *, timeout: float = 120.0, me
     return [{**r, "grid_complete": error is None, "grid_error": error} for r in rows.values()]
 
 
-def settings_key(method: str, model, train, query, grid) -> str:
-    """A hash of everything a baseline's scores depend on: the method and its library settings, the grid, theta0
-    and both datasets (names the cache file of ``run_cached``)."""
+def settings_key(method: str, model, train, query, grid, device: str | torch.device = "cpu") -> str:
+    """A hash of everything a baseline's scores depend on: the method and its library settings, the grid, theta0,
+    both datasets and, when it is not the CPU, the device type (the key of the CPU is the one it was before the
+    device knob, so existing caches stay valid); it names the cache file of ``run_cached``."""
     import hashlib
     import json
 
     from ..store import fingerprint
 
-    h = hashlib.sha1(json.dumps({"method": method, "grid": list(grid), "lissa": LISSA, "cg": CG_ITERATIONS,
-                                 "arnoldi": ARNOLDI, "trak": TRAK_PROJ_DIM, "train": fingerprint(train),
-                                 "query": fingerprint(query)}, sort_keys=True).encode())
+    settings = {"method": method, "grid": list(grid), "lissa": LISSA, "cg": CG_ITERATIONS, "arnoldi": ARNOLDI,
+                "trak": TRAK_PROJ_DIM, "train": fingerprint(train), "query": fingerprint(query)}
+    dev = baseline_device(device)
+    if dev.type != "cpu":  # another device gives other numbers (TRAK's and TracIn's projections, float rounding)
+        settings["device"] = dev.type
+    h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     for v in model.state_dict().values():
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
 
 
-def run_cached(method: str, model, train, query, *, cache_dir, grid=DAMPING_GRID, **kw) -> list[dict]:
+def run_cached(method: str, model, train, query, *, cache_dir, grid=DAMPING_GRID, device: str | torch.device = "cpu",
+               **kw) -> list[dict]:
     """``run_isolated`` with its rows kept in ``cache_dir`` (one file per method and settings): a rerun reads
     the scores and the seconds measured when they were computed; a complete grid is not run again. An
     incomplete one (time cap) is kept and run again in full on the next call, so a rerun on a quieter
-    machine can complete it."""
+    machine can complete it. ``device`` is where the grid runs (``run_isolated``); the cache of a CUDA run is kept
+    apart from the CPU one (``settings_key``)."""
     from pathlib import Path
 
     from ..store import atomic_save
 
-    path = Path(cache_dir) / f"{method}_{settings_key(method, model, train, query, grid)}.pt"
+    path = Path(cache_dir) / f"{method}_{settings_key(method, model, train, query, grid, device)}.pt"
     if path.exists():
         rows = torch.load(path, weights_only=False)
         if all(r["grid_complete"] for r in rows):
             return rows
     try:
-        rows = run_isolated(method, model, train, query, grid=grid, **kw)
+        rows = run_isolated(method, model, train, query, grid=grid, device=device, **kw)
     except RuntimeError:
         if path.exists():  # an earlier partial grid is better than none
             return torch.load(path, weights_only=False)

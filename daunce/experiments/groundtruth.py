@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from ..engines.context import resolve_device
 from ..progress import progress_bar
 from ..store import atomic_save, check_manifest, fingerprint
 from ..task import margin
+from .training import model_device
 
 OUTPUTS = ("margin", "neg_loss")
 
@@ -39,23 +41,26 @@ def half_subsets(n_train: int, n_subsets: int, ratio: float = 0.5, seed: int = 0
 
 @torch.no_grad()
 def goodness(model: torch.nn.Module, data: TensorDataset, kind: str = "margin", batch_size: int = 1024) -> torch.Tensor:
-    """Per-example goodness ``(n,)``: the margin (``kind="margin"``) or minus the cross-entropy."""
+    """Per-example goodness ``(n,)``, float64 on the CPU: the margin (``kind="margin"``) or minus the cross-entropy,
+    evaluated in batches on the model's device."""
     if kind not in OUTPUTS:
         raise ValueError(f"kind must be one of {OUTPUTS}, got {kind!r}")
     model.eval()
+    dev = model_device(model)
     x, y = data.tensors[:2]
     out = []
     for s in range(0, len(y), batch_size):
-        logits = model(x[s : s + batch_size])
-        yy = y[s : s + batch_size]
+        logits = model(x[s : s + batch_size].to(dev))
+        yy = y[s : s + batch_size].to(dev)
         out.append(margin(logits, yy) if kind == "margin" else -F.cross_entropy(logits, yy, reduction="none"))
-    return torch.cat(out).double()
+    return torch.cat(out).cpu().double()
 
 
 def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Callable, train: TensorDataset,
                     query: TensorDataset, subsets: torch.Tensor, n_seeds: int = 2, *, kind: str = "margin",
                     workdir: Optional[str | os.PathLike] = None, key: Optional[dict] = None,
-                    progress: bool = True, map_fn: Optional[Callable] = None) -> dict:
+                    progress: bool = True, map_fn: Optional[Callable] = None,
+                    device: Optional[str | torch.device] = None) -> dict:
     """Retrain on every subset with ``n_seeds`` seeds and record the queries' goodness.
 
     Args:
@@ -68,6 +73,11 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
             stored in the cache's manifest so that a cache of another setting is never reused.
         map_fn: optional ``map_fn(fn, items) -> list`` to run the retrains in parallel
             (e.g. a ``daunce.engines.ray_executor.map_tasks`` wrapper); default: a sequential loop.
+        device: where each retrain runs (``"auto"``, ``"cpu"``, ``"cuda"``, ...): the fresh model of ``make_model`` is
+            moved there before ``train_fn``; ``None`` leaves it where ``make_model`` put it. The outputs are kept
+            on the CPU. The device is not part of the cache's manifest, so retrains finished on another device are
+            reused: they follow the same subsets, seeds and batch order, and differ only by floating-point
+            rounding (which training may amplify; the LDS averages over retrains anyway).
     Returns: ``{"outputs": (M, S, Q) float64, "subsets": (M, n_train) bool, "seconds": total training
         seconds (summed over retrains, including cached ones), "trained": number trained in this call}``.
     """
@@ -82,12 +92,15 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
         # more subsets than before is fine only if the first ones are the same: the subsets' hash may change
         check_manifest(folder, manifest, what="retrains", ignore=("subsets",))
     x, y = train.tensors[:2]
+    dev = resolve_device(device) if device is not None else None
 
     def one(job):
         m, s = job
         t0 = time.perf_counter()
         idx = subsets[m].nonzero().squeeze(1)
         model = make_model(1000 * s + m)
+        if dev is not None:
+            model.to(dev)
         train_fn(model, TensorDataset(x[idx], y[idx]), 1000 * s + m)
         rec = {"outputs": goodness(model, query, kind), "seconds": time.perf_counter() - t0}
         if folder is not None:
