@@ -38,3 +38,21 @@ def test_cifar10_loader_reads_written_files(tmp_path):
     # normalised with CIFAR-10's channel statistics
     raw = (xtr.astype(np.float32) / 255.0 - data.CIFAR_MEAN) / data.CIFAR_STD
     assert np.isclose(x.numpy().mean(), raw.mean(), atol=0.5)
+
+
+def test_downsample_average_pools_images_and_refuses_what_it_cannot():
+    import pytest
+    import torch
+    from torch.utils.data import TensorDataset
+
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    y = torch.tensor([0, 1])
+    small = data.downsample(TensorDataset(x, y), 2)
+    xs, ys = small.tensors
+    assert xs.shape == (2, 1, 2, 2) and torch.equal(ys, y)
+    assert xs[0, 0, 0, 0] == x[0, 0, :2, :2].mean()  # the mean of its 2 x 2 block
+    assert data.downsample(small, 2) is small  # already that size
+    with pytest.raises(ValueError, match="divisor"):
+        data.downsample(TensorDataset(x, y), 3)
+    with pytest.raises(ValueError, match="images"):
+        data.downsample(TensorDataset(x.reshape(2, 16), y), 2)

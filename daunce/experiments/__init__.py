@@ -4,6 +4,8 @@
 * ``vision``: notebook 02's settings, target models, ground truth and Daunce helpers;
 * ``groundtruth``: LDS ground truth (retrains on half subsets, resumable);
 * ``baselines``: dattri / kronfluence attribution baselines, each in an isolated process;
+* ``tuning``: one tuning rule for every method, grids extended until they contain their best value;
+* ``copyruns``: sets of Daunce copies for a benchmark, trained two at a time and kept on disk;
 * ``textdata``: math and instruction-following sets; ``backdoor``: the poisoned set of notebook 04;
 * ``paths``: where outputs go.
 """

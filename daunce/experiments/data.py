@@ -148,3 +148,16 @@ def cifar10(root: Path | str, n_train: int = 5000, n_query: int = 500, seed: int
         return a.transpose(0, 3, 1, 2)
 
     return _split(prep(xtr), ytr, n_train, n_query, seed, prep(xte), yte)
+
+
+def downsample(data: TensorDataset, size: int) -> TensorDataset:
+    """Images ``(N, C, H, W)`` average-pooled to ``(N, C, size, size)`` (``H`` and ``W`` multiples of ``size``);
+    the other tensors unchanged."""
+    x, *rest = data.tensors
+    if x.ndim != 4:
+        raise ValueError(f"downsample needs images (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return data
+    if x.shape[-2] % size or x.shape[-1] % size:
+        raise ValueError(f"cannot average-pool {tuple(x.shape[-2:])} images to {size} x {size}: not a divisor")
+    return TensorDataset(torch.nn.functional.avg_pool2d(x, (x.shape[-2] // size, x.shape[-1] // size)), *rest)

@@ -13,6 +13,13 @@ gradient norm of each part of the copy's objective (the paper's Figure 3):
 
 A converged copy is one where the whole objective's gradient has fallen far below its parts': the
 risk and damping terms balance the perturbation.
+
+``linear_response`` checks the same thing against each copy's exact answer in the linear regime (small models
+only: it forms d x d matrices): the minimiser of the copy's objective to second order around theta0 is
+``Delta_k = A_S^{-1} (b_k + eta_k)`` with ``b_k = (1/m) sum_{i in S} eps_i grad l_i`` and ``A_S`` the curvature of
+the subset's objective plus lambda I (Gauss-Newton for ``"if"``, ``2 gamma`` times the empirical Fisher for
+``"efim"``); the Pearson correlation between the losses' changes it predicts, ``grad l_i^T Delta_k``, and the
+trained copy's actual changes is close to 1 only for a copy at the minimum of its objective.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from ..engines import sequential
 from ..objectives import perturbed_objective, proximal_term
 
-__all__ = ["gradient_norms"]
+__all__ = ["gradient_norms", "linear_response"]
 
 
 def _flat_norm(grads) -> float:
@@ -93,3 +100,51 @@ def gradient_norms(daunce, train, k: int = 0) -> dict:
     cols = np.array(rows, dtype=float).T
     return {"risk": cols[0], "perturbation": cols[1], "damping": cols[2], "objective": cols[3], "value": cols[4],
             "signals": signals}
+
+
+def linear_response(daunce, train, ks=(0, 1), *, train_grads=None) -> list[dict]:
+    """``[{"copy", "linear_response_r", "steps"}]`` for the copies ``ks`` of a fitted ``daunce`` (module docstring).
+
+    Variants ``"if"`` (gamma = 1) and ``"efim"``; without damping the subset's curvature is singular and its
+    pseudo-inverse is used (for ``"efim"`` through the SVD of the subset's gradients, which also makes it cheap).
+    ``train_grads``: the per-example loss gradients ``(n, d)`` if already computed."""
+    from torch.utils.data import TensorDataset
+
+    from .. import exact
+    from ..task import ClassificationTask
+
+    cfg = daunce.resolve(train)
+    if cfg.variant not in ("if", "efim"):
+        raise ValueError(f"linear_response covers the 'if' and 'efim' variants, not {cfg.variant!r}")
+    model, task = daunce.model, ClassificationTask()
+    x, y = train.tensors[:2]
+    Gi = (exact.per_example_grads(model, task, train) if train_grads is None else train_grads).double()
+    ctx = daunce.context
+    ctx.reset()
+    loss0 = sequential.signals_now(ctx, train, task.loss).double()
+    out = []
+    for k in ks:
+        plan = daunce.plan(k, len(train))
+        sub = plan.subset
+        rhs = (plan.eps[sub].double()[:, None] * Gi[sub]).mean(0)
+        if plan.eta is not None:
+            rhs = rhs + torch.cat([e.reshape(-1).double() for e in plan.eta])
+        if cfg.variant == "if":
+            A = exact.gauss_newton(model, task, TensorDataset(x[sub], y[sub]), batch_size=50).double()
+            A = A + cfg.damping * torch.eye(A.shape[0], dtype=A.dtype)
+            delta = torch.linalg.solve(A, rhs) if cfg.damping > 0 else torch.linalg.pinv(A, hermitian=True) @ rhs
+        else:  # A = (2 gamma / m) U^T U + lambda I with U the subset's gradients: solved in U's row space
+            _, sv, Vh = torch.linalg.svd(Gi[sub], full_matrices=False)
+            keep = sv > sv[0] * 1e-10
+            sv, Vh = sv[keep], Vh[keep]
+            inside = Vh @ rhs
+            delta = Vh.T @ (inside / (2 * cfg.gamma * sv**2 / len(sub) + cfg.damping))
+            if cfg.damping > 0:  # the rest of rhs (the noise term) meets the damping alone
+                delta = delta + (rhs - Vh.T @ inside) / cfg.damping
+        ctx.load_state(daunce.state(k))
+        change = sequential.signals_now(ctx, train, task.loss).double() - loss0
+        ctx.reset()
+        rec = daunce.store.load(k)
+        out.append({"copy": int(k), "linear_response_r": float(np.corrcoef((Gi @ delta).numpy(), change.numpy())[0, 1]),
+                    "steps": rec.get("steps")})
+    return out

@@ -1,0 +1,104 @@
+"""Sets of copies trained side by side (``daunce.experiments.copyruns``), the tuning rule's grid extension
+(``daunce.experiments.tuning``) and the linear-response convergence check (``diagnostics.linear_response``)."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from daunce import DaunceConfig
+from daunce.experiments import copyruns, diagnostics, training, tuning
+
+
+@pytest.fixture(scope="module")
+def small_lr():
+    g = torch.Generator().manual_seed(0)
+    n, d_in, C = 80, 12, 3
+    x, W = torch.randn(n, d_in, generator=g), torch.randn(d_in, C, generator=g)
+    y = (x @ W + 0.5 * torch.randn(n, C, generator=g)).argmax(1)
+    xq = torch.randn(10, d_in, generator=g)
+    torch.manual_seed(0)
+    model = training.train_classifier(nn.Sequential(nn.Linear(d_in, C)), TensorDataset(x, y), epochs=3,
+                                      optimizer="lbfgs", weight_decay=1e-2)
+    return model, TensorDataset(x, y), TensorDataset(xq, (xq @ W).argmax(1))
+
+
+def _job(tag, model, train, query, tmp, cfg, **kw):
+    return copyruns.CopyJob(tag, model, cfg, tmp / tag, train, query, orthogonal_block=16, **kw)
+
+
+def test_two_workers_give_the_copies_of_one_and_a_rerun_reads_them_back(small_lr, tmp_path):
+    model, train, query = small_lr
+    cfg = DaunceConfig(n_models=8, damping=0.1, isotropic_noise=False, perturbation="orthogonal")
+    jobs = [_job("a", model, train, query, tmp_path / "two", cfg, stages=[4, 8]),
+            _job("b", model, train, query, tmp_path / "two", cfg.replace(variant="efim"), signal="margin")]
+    two = copyruns.run_jobs(jobs, workers=2)
+    one = copyruns.run_jobs([_job(j.tag, model, train, query, tmp_path / "one", j.config, signal=j.signal)
+                             for j in jobs], workers=1)
+    for tag in ("a", "b"):
+        assert two[tag].K == 8 and two[tag].all_converged
+        for sig in copyruns.SIGNALS:
+            torch.testing.assert_close(two[tag].train[sig], one[tag].train[sig], rtol=1e-5, atol=1e-7)
+            assert two[tag].query[sig].shape == (8, len(query))
+        assert two[tag].seconds_for(8) >= two[tag].seconds_for(4) > 0
+    # the recorded signal of a margin job is minus the margin; its "loss" is the cross-entropy
+    assert not torch.allclose(two["b"].train["loss"], two["b"].train["margin"])
+    stamp = jobs[0].result_path.stat().st_mtime_ns
+    again = copyruns.run_jobs(jobs, workers=2)
+    assert jobs[0].result_path.stat().st_mtime_ns == stamp  # read back, not trained again
+    torch.testing.assert_close(again["a"].train["loss"], two["a"].train["loss"])
+    assert again["a"].seconds == two["a"].seconds
+
+
+def test_a_set_whose_copies_fail_the_stopping_test_stops_at_that_stage(small_lr, tmp_path):
+    model, train, query = small_lr
+    cfg = DaunceConfig(n_models=16, damping=1e-3, isotropic_noise=False, max_steps=2, tol=1e-6)
+    run = copyruns.run_jobs([_job("c", model, train, query, tmp_path, cfg, stages=[4, 8, 16], stop_unconverged=True)],
+                            workers=1)["c"]
+    assert run.stopped_at == 4 and run.K == 4 and run.all_converged is False
+    assert run.steps_per_copy()["max"] == 2
+
+
+def test_job_validation(small_lr, tmp_path):
+    model, train, query = small_lr
+    with pytest.raises(ValueError, match="stages"):
+        _job("x", model, train, query, tmp_path, DaunceConfig(n_models=8), stages=[4, 16])
+    with pytest.raises(ValueError, match="signal"):
+        _job("x", model, train, query, tmp_path, DaunceConfig(n_models=8), signal="prob")
+    j = _job("x", model, train, query, tmp_path, DaunceConfig(n_models=8))
+    with pytest.raises(ValueError, match="unique"):
+        copyruns.run_jobs([j, j])
+
+
+def test_grid_extension_goes_past_an_end_and_stops_inside_or_at_a_failure():
+    grid = [1e-4, 1e-3, 1e-2]
+    assert tuning.extension(grid, 1e-3, grid) is None
+    assert tuning.extension(grid, 1e-4, grid) == pytest.approx(1e-5)
+    assert tuning.extension(grid, 1e-2, grid) == pytest.approx(1e-1)
+    tried = [1e-7, 1e-6, 1e-5, *grid]  # three extensions below: the limit
+    assert tuning.extension(tried, 1e-7, grid) is None
+    st = tuning.grid_status(tried, 1e-7, grid)
+    assert not st["interior"] and "limit" in st["why"] and len(st["extended"]) == 3
+    # the value past the chosen one failed (e.g. copies that did not converge): the search ends, and says why
+    st = tuning.grid_status([1e-5, *grid], 1e-4, grid, failed={1e-5: "did not converge"})
+    assert not st["interior"] and "did not converge" in st["why"]
+    assert tuning.grid_status(grid, 1e-3, grid)["interior"]
+    rows = [dict(d=1, s=0.2, ok=True), dict(d=2, s=0.5, ok=False), dict(d=3, s=None, ok=True),
+            dict(d=4, s=0.3, ok=True)]
+    assert tuning.choose(rows, key="s", eligible=lambda r: r["ok"])["d"] == 4
+    assert tuning.choose(rows, key="s")["d"] == 2
+
+
+def test_linear_response_is_one_for_converged_copies_and_lower_for_copies_stopped_early(small_lr):
+    from daunce.experiments.vision import make_daunce
+
+    model, train, query = small_lr
+    for variant in ("if", "efim"):
+        done = DaunceConfig(variant=variant, n_models=2, rho=0.05, damping=0.05, isotropic_noise=True, tol=1e-4,
+                            max_steps=3000)
+        d = make_daunce(model, done).fit(train)
+        r_done = [c["linear_response_r"] for c in diagnostics.linear_response(d, train)]
+        early = make_daunce(model, done.replace(steps=2, optimizer="sgd", lr=0.05)).fit(train)
+        r_early = [c["linear_response_r"] for c in diagnostics.linear_response(early, train)]
+        assert min(r_done) > 0.99, (variant, r_done)
+        assert max(r_early) < min(r_done) - 0.01, (variant, r_early, r_done)
