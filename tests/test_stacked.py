@@ -68,6 +68,21 @@ def test_shared_input_copies_equal_the_sequential_loop(digits, name, case, layou
     assert sh.signal_path_used == "shared"
 
 
+@pytest.mark.parametrize("layout", ["union", "gather"])
+def test_copies_on_the_whole_training_set_keep_their_own_perturbations_in_every_block(digits, layout):
+    """At subset ratio 1 every block sees the same examples: a block must still use its own copies' perturbations
+    (they were once taken from the previous block's cached step inputs: notebook 01's copies 256+ were wrong)."""
+    mods, train, query = digits
+    cfg = DaunceConfig(variant="efim", n_models=5, subset_ratio=1.0, rho=0.1, damping=2e-2, optimizer="sgd", lr=1.0,
+                       steps=30, isotropic_noise=True, perturbation="orthogonal")
+    seq, s_seq = _fit(mods["lr"], train, query, cfg, "sequential")
+    sh, s_sh = _fit(mods["lr"], train, query, cfg, "shared", vmap_block=2, shared_layout=layout)  # blocks 2 + 2 + 1
+    _assert_same(s_seq, s_sh)
+    for k in range(cfg.n_models):
+        for a, b in zip(seq.state(k), sh.state(k)):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # SGD at lr 1: rounding grows
+
+
 def test_stacked_forward_evaluates_distinct_copies_of_every_supported_layer():
     """Each copy's outputs equal its own model's, for copies with different weights (the layouts' reshapes and
     transposes are the point), through convolutions, pooling, flatten, linear layers and a frozen layer."""

@@ -292,7 +292,7 @@ class SharedInputTrainer(VectorisedTrainer):
         self.layout = layout
         self.forward = StackedForward(ctx)
         self.layout_report: dict = {}
-        self._inputs: Optional[tuple] = None  # (layout, sorted batch indices, step inputs) of the last step
+        self._inputs: Optional[tuple] = None  # (layout, sorted batch indices, step inputs, eps_all) of the last step
         self._prox_buffers: list = []
 
     # ------------------------------------------------------------------------------ one step's objective
@@ -335,9 +335,13 @@ class SharedInputTrainer(VectorisedTrainer):
     def _step_inputs(self, layout: str, idx, train, cache, eps_all) -> dict:
         """What a step needs besides the weights: the examples (the union, or each copy's gathered), each copy's
         weight on them and theta0's cached values and the perturbations at them. A full batch has the same
-        examples at every step (only their order changes): built once per block, then reused."""
+        examples at every step (only their order changes): built once per block (the same examples and the same
+        block's perturbations), then reused."""
         key = idx.sort(1).values
-        if self._inputs is not None and self._inputs[0] == layout and torch.equal(self._inputs[1], key):
+        # the same examples are not enough: at subset ratio 1 every block has them, with its own copies'
+        # perturbations (eps_all is built once per block, and anew when stopped copies leave it)
+        if (self._inputs is not None and self._inputs[0] == layout and self._inputs[3] is eps_all
+                and torch.equal(self._inputs[1], key)):
             return self._inputs[2]
         self._inputs = None  # free the previous block's before building this one's
         C, B = key.shape
@@ -358,7 +362,7 @@ class SharedInputTrainer(VectorisedTrainer):
                                     self.theta0[0].device, self.theta0[0].dtype))
             if self.config.variant == "trak":
                 inputs["kw"]["f0"] = cache["f"][cidx]
-        self._inputs = (layout, key, inputs)
+        self._inputs = (layout, key, inputs, eps_all)
         return inputs
 
     def _terms(self, out, inputs: dict) -> torch.Tensor:
