@@ -4,23 +4,18 @@
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from daunce import DaunceConfig
-from daunce.experiments import copyruns, diagnostics, training, tuning
+from daunce.experiments import copyruns, data, diagnostics, training, tuning
 
 
 @pytest.fixture(scope="module")
 def small_lr():
-    g = torch.Generator().manual_seed(0)
-    n, d_in, C = 80, 12, 3
-    x, W = torch.randn(n, d_in, generator=g), torch.randn(d_in, C, generator=g)
-    y = (x @ W + 0.5 * torch.randn(n, C, generator=g)).argmax(1)
-    xq = torch.randn(10, d_in, generator=g)
+    train, query = data.synthetic_classification(80, 12, 3, 10, seed=0)
     torch.manual_seed(0)
-    model = training.train_classifier(nn.Sequential(nn.Linear(d_in, C)), TensorDataset(x, y), epochs=3,
-                                      optimizer="lbfgs", weight_decay=1e-2)
-    return model, TensorDataset(x, y), TensorDataset(xq, (xq @ W).argmax(1))
+    model = training.train_classifier(nn.Sequential(nn.Linear(12, 3)), train, epochs=3, optimizer="lbfgs",
+                                      weight_decay=1e-2)
+    return model, train, query
 
 
 def _job(tag, model, train, query, tmp, cfg, **kw):

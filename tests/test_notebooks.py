@@ -41,6 +41,25 @@ def test_notebook_smoke_run(notebook, tmp_path):
     assert numbers, "the metrics JSON holds no numbers"
     assert all(math.isfinite(x) or math.isnan(x) for x in numbers)
     assert list(out.rglob("*.png")), "the notebook saved no figure under out_dir"
+    if notebook.stem == "02_vision_lds":
+        _check_vision_rows(data)
+
+
+def _check_vision_rows(data):
+    """Notebook 02's contract: per model the tuned Daunce row (with its options, its tuning rows at the same K and
+    its convergence check), "auto", the authors' recipe as written and at the authors' step count, and a paired
+    comparison of the tuned row with every other row."""
+    for name, m in data["models"].items():
+        rows = {r["method"]: r for r in m["results"]}
+        for method in ("daunce-best", "daunce-auto", "daunce-authors-recipe", "daunce-authors-recipe-one-epoch"):
+            assert method in rows, f"{name}: no {method} row"
+            r = rows[method]
+            assert r["K"] >= 2 and r["steps_per_copy"] and ("converged" in r or "linear_response_r" in r), (name, r)
+        best = rows["daunce-best"]
+        assert best["K"] == m["K"] and set(best["chosen"]) >= {"damping", "isotropic_noise", "signal"}
+        assert {t["K"] for t in m["tuning"] if t["eligible"]} == {m["K"]}  # measured at the reported K
+        assert rows["daunce-authors-recipe"]["steps_per_copy"]["mean"] >= 100
+        assert {p["method"] for p in m["paired"]} == set(rows) - {"daunce-best"}
 
 
 def test_every_notebook_has_a_parameters_cell():

@@ -99,6 +99,13 @@ def test_run_times_say_cold_or_resumed(tmp_path):
     assert "not run" in rows["04_blackbox_backdoor"]
     timings = json.loads((tmp_path / "papermill_runs" / "timings.json").read_text())
     assert timings["notebooks"]["02_vision_lds"]["wall_seconds"] == 1502
+    # a cold run's time survives a resumed run of the same profile after it
+    assert "31 s (2030-01-02)" in rows["01_theory"] and rows["02_vision_lds"].rstrip().endswith("| – |")
+    _executed(tmp_path, "01_theory", "2030-01-06T00:00:00", 5.0)
+    report.record_timing(tmp_path, "01_theory", profile="default", wall_seconds=6, cache_existed=True)
+    rows = {line.split("|")[1].strip(" `"): line for line in report.blocks(tmp_path)["runtimes"].splitlines()
+            if line.startswith("| `")}
+    assert "resumed" in rows["01_theory"] and "31 s (2030-01-02)" in rows["01_theory"]
 
 
 def test_render_keeps_text_outside_the_markers_and_needs_every_block(tmp_path):

@@ -8,10 +8,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from daunce import ClassificationTask, Daunce, DaunceConfig, exact
-from daunce.experiments import training
+from daunce.experiments import data, training
 
 TASK = ClassificationTask()
 # the copies of the expensive fit: subsets of half the data, the isotropic noise term on
@@ -21,15 +20,10 @@ COPIES = DaunceConfig(n_models=1500, subset_ratio=0.5, rho=0.05, damping=0.05, i
 
 @pytest.fixture(scope="module")
 def wide_lr():
-    g = torch.Generator().manual_seed(0)
-    n, d_in, C = 60, 40, 3
-    x, W = torch.randn(n, d_in, generator=g), torch.randn(d_in, C, generator=g)
-    y = (x @ W + 0.5 * torch.randn(n, C, generator=g)).argmax(1)
-    xq = torch.randn(20, d_in, generator=g)
+    train, query = data.synthetic_classification(60, 40, 3, 20, seed=0)
     torch.manual_seed(0)
-    model = training.train_classifier(nn.Linear(d_in, C), TensorDataset(x, y), epochs=3, optimizer="lbfgs",
-                                      weight_decay=1e-2)
-    return model, TensorDataset(x, y), TensorDataset(xq, (xq @ W).argmax(1))
+    model = training.train_classifier(nn.Linear(40, 3), train, epochs=3, optimizer="lbfgs", weight_decay=1e-2)
+    return model, train, query
 
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,14 @@ def downsample(data: TensorDataset, size: int) -> TensorDataset:
     if x.shape[-2] % size or x.shape[-1] % size:
         raise ValueError(f"cannot average-pool {tuple(x.shape[-2:])} images to {size} x {size}: not a divisor")
     return TensorDataset(torch.nn.functional.avg_pool2d(x, (x.shape[-2] // size, x.shape[-1] // size)), *rest)
+
+
+def synthetic_classification(n: int, d_in: int, n_classes: int, n_query: int, seed: int = 0):
+    """``(train, query)``: Gaussian features ``(n, d_in)`` labelled by the argmax of a random linear map plus noise
+    (standard deviation 0.5); the queries labelled without noise. Small problems with a known shape, e.g. one whose
+    subsets' curvature is rank-deficient (few examples, many features)."""
+    g = torch.Generator().manual_seed(seed)
+    x, W = torch.randn(n, d_in, generator=g), torch.randn(d_in, n_classes, generator=g)
+    y = (x @ W + 0.5 * torch.randn(n, n_classes, generator=g)).argmax(1)
+    xq = torch.randn(n_query, d_in, generator=g)
+    return TensorDataset(x, y), TensorDataset(xq, (xq @ W).argmax(1))

@@ -63,9 +63,11 @@ CAPTIONS = {
     "02_lds_vs_seconds": "LDS against seconds",
     "02_lds_vs_k": "LDS against the number of copies K",
     "02_query_grid": "queries with their most helpful and most harmful training images",
-    "02_reliability": "split-half reliability and the predicted LDS against K",
+    "02_reliability": "daunce-best's LDS and split-half reliability against K, measured and predicted",
     "02_gradient_norms": "gradient norms of the risk term, the perturbation term and the whole objective "
                          "during a copy's training",
+    "02_daunce_tuning": "Daunce's candidates: tuning LDS at the reported K against the damping",
+    "02_paired_differences": "daunce-best minus every other method: paired differences with 95% intervals",
     "03_llm_removal_curve": "the removal curve: query-loss increase against k, per method",
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
     "04_auprc_methods": "AUPRC for the poisoned examples per method, one dot per seed",
@@ -183,7 +185,7 @@ def _runtimes(root: Path) -> list[str]:
     for nb in NOTEBOOKS:
         pm = _papermill(root, nb)
         if pm is None:
-            rows.append([f"`{nb}`", "–", "not run", "–", "–"])
+            rows.append([f"`{nb}`", "–", "not run", "–", "–", "–"])
             continue
         rec = recorded.get(nb)
         if rec and rec.get("papermill_start_time") == pm.get("start_time"):
@@ -194,14 +196,18 @@ def _runtimes(root: Path) -> list[str]:
         duration = _num(pm.get("duration"))
         total[key] += duration or 0.0
         profile = (pm.get("parameters") or {}).get("profile", "default")
-        rows.append([f"`{nb}`", f"`{profile}`", _duration(duration), state, str(pm.get("end_time", ""))[:10]])
+        cold = (rec or {}).get("last_cold") if state != "not recorded" else None
+        rows.append([f"`{nb}`", f"`{profile}`", _duration(duration), state, str(pm.get("end_time", ""))[:10],
+                     f"{_duration(cold['wall_seconds'])} ({cold['finished']})" if cold else "–"])
     out = ["Run times of the executed notebooks in `papermill_runs/`, as papermill measured them; *cold* means the",
            "notebook's cache folder `runs/<notebook>/<profile>/` was empty or absent when `make reproduce` started it,",
            "*resumed* that it reused trained copies and retrains from there."]
     cpus = (timings.get("machine") or {}).get("cpus")
     if cpus:
         out[-1] += f" The machine had {cpus} CPU cores."
-    out += [""] + _table(["notebook", "profile", "run time", "caches", "finished"], rows) + [""]
+    out[-1] += (" *Last cold run*: the wall time of the last run of the same profile that started from an empty cache "
+                "folder (recorded by `make reproduce`).")
+    out += [""] + _table(["notebook", "profile", "run time", "caches", "finished", "last cold run"], rows) + [""]
     words = {"cold": "cold", "resumed": "resumed", "not recorded": "with the cache state not recorded"}
     parts = [f"{_duration(total[key])} {words[key]}" for key in words if total[key] > 0]
     if parts:
@@ -218,10 +224,16 @@ def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: floa
     pm = _papermill(Path(root), notebook) or {}
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     timings.setdefault("machine", {})["cpus"] = cpus
-    timings.setdefault("notebooks", {})[notebook] = dict(
-        profile=profile, wall_seconds=float(wall_seconds), cache_existed=bool(cache_existed),
-        cache_dir=f"runs/{notebook}/{profile}", papermill_start_time=pm.get("start_time"),
-        papermill_duration=pm.get("duration"))
+    previous = timings.setdefault("notebooks", {}).get(notebook) or {}
+    entry = dict(profile=profile, wall_seconds=float(wall_seconds), cache_existed=bool(cache_existed),
+                 cache_dir=f"runs/{notebook}/{profile}", papermill_start_time=pm.get("start_time"),
+                 papermill_duration=pm.get("duration"))
+    # the last cold run of this profile survives the resumed runs after it (a resumed run's time is not a cold one)
+    if not cache_existed:
+        entry["last_cold"] = dict(wall_seconds=float(wall_seconds), finished=str(pm.get("end_time", ""))[:10])
+    elif previous.get("last_cold") and previous.get("profile") == profile:
+        entry["last_cold"] = previous["last_cold"]
+    timings["notebooks"][notebook] = entry
     timings["notebooks"] = dict(sorted(timings["notebooks"].items()))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timings, indent=1) + "\n")
@@ -300,7 +312,16 @@ def _section_01(j: dict) -> list[str]:
                 f"{_f(c['corr']['mean_per_query_pearson'])}): dividing by each example's spread changes what is "
                 "estimated.")
 
-    for part in (convergence, if_limit, linear_regression, cov_corr):
+    def subset_limit():
+        v = j["subset_limit"]
+        return (f"* **Below subset ratio 1 the limit averages over subsets.** On a logistic regression whose subsets' "
+                f"curvature is rank-deficient (r = 0.5, noise term on), the mean of K = {v['K']} converged copies "
+                f"agrees with the subset-averaged limit at r = {_f(v['pearson_copies_vs_subset_limit'])} (scale ratio "
+                f"{_f(v['scale_copies_over_subset_limit'], 2)}) and with the full-data formula at "
+                f"{_f(v['pearson_copies_vs_full_data_formula'])} (scale ratio "
+                f"{_f(v['scale_copies_over_full_data_formula'], 2)}).")
+
+    for part in (convergence, if_limit, linear_regression, cov_corr, subset_limit):
         out += _optional(part)
     out += [""] + _optional(knobs)
     return out
@@ -313,138 +334,96 @@ _MODEL_NAMES = {"lr": "LR", "mlp": "MLP", "cnn": "CNN"}
 
 
 def _is_daunce(row: dict) -> bool:
-    return row["method"].startswith("daunce")
+    return row["method"].startswith("daunce") or "daunce" in row["method"]
 
 
-def _largest_k(rows: list[dict], **match) -> dict | None:
-    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and _num(r.get("K")) is not None]
-    return max(hits, key=lambda r: r["K"]) if hits else None
+def _onoff(v) -> str:
+    return "on" if v else "off"
 
 
-def _daunce_rows(rows: list[dict], main_signal: str = "loss") -> list[tuple[str, dict]]:
-    """The Daunce rows of the table: each variant at its largest K with the main signal, covariance and
-    the orthogonal design; daunce-if also with the other signals, with correlation, and the ridge read-out;
-    the authors' recipe as it ran."""
-    out = []
-    variants = sorted({r["method"] for r in rows if _is_daunce(r) and "ridge" not in r["method"]})
-    others = [(", loss on both sides (the paper's signal)", dict(signal="loss", score="cov")),
-              (", margin on both sides", dict(signal="margin", score="cov"))]
-    others = [o for o in others if o[1]["signal"] != main_signal]
-    for m in variants:
-        main = (_largest_k(rows, method=m) if "authors" in m
-                else _largest_k(rows, method=m, signal=main_signal, score="cov", perturbation="orthogonal"))
-        if main:
-            out.append((f"{m} (K={_k(main['K'])})", main))
-        if m == "daunce-if":
-            for label, match in (*others, (", correlation", dict(signal=main_signal, score="corr"))):
-                r = _largest_k(rows, method=m, perturbation="orthogonal", **match)
-                if r:
-                    out.append((f"{m}{label} (K={_k(r['K'])})", r))
-    ridge = [r for r in rows if "ridge" in r["method"] and _num(r.get("K")) is not None]
-    if ridge:
-        r = max(ridge, key=lambda r: r["K"])
-        out.append((f"daunce-if + ridge, extension (K={_k(r['K'])})", r))
-    return out
+def _steps(row: dict) -> str:
+    s = row.get("steps_per_copy")
+    if isinstance(s, dict) and _num(s.get("mean")) is not None:
+        return f"{s['mean']:.0f}"
+    return "–"
 
 
-def _compare(d: dict, b: dict) -> str:
-    if _num(d["lo"]) is not None and _num(b["hi"]) is not None and d["lo"] > b["hi"]:
-        return "above"
-    if _num(d["hi"]) is not None and _num(b["lo"]) is not None and d["hi"] < b["lo"]:
-        return "below"
-    return "overlap"
+def _converged(row: dict) -> str:
+    parts = []
+    if row.get("converged") is not None:
+        parts.append("all" if row["converged"] else "**no**")
+    if _num(row.get("linear_response_r")) is not None:
+        parts.append(f"r = {_f(row['linear_response_r'])}")
+    return ", ".join(parts) or "–"
 
 
 def _section_02(j: dict) -> list[str]:
     models = j["models"]
-    sig = j.get("main_signal", "loss")
-    grid = j.get("damping_grid")
-    out = ["Fashion-MNIST, θ0 and every ground-truth retrain with the same recipe; LDS on the report queries, 95% "
-           "bootstrap intervals over queries, seconds excluding θ0 and the ground truth. "
-           + (f"Every method with a damping knob (Daunce included) was run at each damping of one grid "
-              f"({', '.join(f'{g:g}' for g in grid)}) and the value with the best LDS on the *tuning* queries (never "
-              "reported) was kept (column *damping*). " if grid else "")
-           + ("Every influence-type method measures the query by minus its margin; Daunce's rows (bold) are the "
-              "covariance of the training loss with the query's minus-margin across copies" if sig == "margin-query"
-              else "Daunce rows (bold) use the loss signal and the covariance")
-           + ", at their largest K with the orthogonal design unless stated.", ""]
-    main_rows = {}
+    grid = j.get("damping_grid") or []
+    out = ["Fashion-MNIST, θ0 and every ground-truth retrain with the same recipe; LDS on the report queries with 95% "
+           "bootstrap intervals over queries; seconds exclude θ0 and the ground truth. **One tuning rule for every "
+           f"method, Daunce included**: each damping of one grid ({', '.join(f'{g:g}' for g in grid)}, extended a "
+           "decade past an end when the best value sits there) and the value with the best LDS on the *tuning* queries "
+           "(never reported), measured at the setting that is reported: for Daunce at the K it reports, among "
+           "candidates whose copies all pass their stopping test (with the noise term off or on, and the training-side "
+           "signal loss or margin). Every method measures the query by minus its margin. Daunce rows are bold; "
+           "*steps* is the mean optimiser steps per copy; *converged*: whether every copy passed its stopping test, "
+           "and the linear-response correlation of two copies where it was computed.", ""]
     for name, M in models.items():
-        rows = M["results"]
-        gt = M["ground_truth"]
+        gt, c = M["ground_truth"], M.get("daunce_chosen") or {}
         ceiling = _num((gt.get("noise_ceiling") or {}).get("of_mean"))
-        head = (f"**{_MODEL_NAMES.get(name, name)}** (n = {M['n_train']}, {M['n_query_report']} report queries, "
+        head = (f"**{_MODEL_NAMES.get(name, name)}** (n = {M['n_train']}"
+                + (f", images {M['image_size']} × {M['image_size']}" if M.get("image_size") else "")
+                + f", θ0 query accuracy {_f(M.get('theta0_query_accuracy'))}; {M['n_query_report']} report and "
                 f"{M['n_query_tune']} tuning queries; ground truth {gt['subsets']} half-subsets × {gt['seeds']} "
-                f"seed(s)")
-        head += f"; noise ceiling √r = {_f(math.sqrt(ceiling), 2)})" if ceiling is not None and ceiling > 0 else ")"
-        chosen = M.get("daunce_chosen") or {}
-        if chosen:
-            head += (f"; Daunce: {M.get('daunce_steps', '–')} full-batch steps per copy, ρ = {chosen.get('rho')}, "
-                     f"damping {chosen.get('damping')}, isotropic noise term "
-                     f"{'on' if chosen.get('isotropic_noise') else 'off'}")
-        table = [(r["method"], r) for r in rows if not _is_daunce(r)] + _daunce_rows(rows, sig)
-        table.sort(key=lambda t: -(_num(t[1]["lds"]) or -1e9))
+                "seed(s)")
+        head += f", noise ceiling √r = {_f(math.sqrt(ceiling), 2)})" if ceiling is not None and ceiling > 0 else ")"
+        g = M.get("daunce_grid") or {}
+        head += (f". `daunce-best`: K = {_k(M.get('K'))}, damping {c.get('damping'):g}, noise term "
+                 f"{_onoff(c.get('isotropic_noise'))}, training {c.get('signal')}, ρ = {_f(c.get('rho'))} (measured); "
+                 + ("the grid contains the chosen damping." if g.get("interior") else
+                    f"the chosen damping is at the end of the values tried ({g.get('why', '')}).")) if c else ""
+        rows = sorted(M["results"], key=lambda r: -(_num(r["lds"]) or -1e9))
         out += [head, ""]
-
-        def damping(label, r):
-            if label.startswith("daunce-if (") or label.startswith("daunce-if,"):
-                return f"{chosen.get('damping'):g}" if chosen.get("damping") is not None else "–"
-            return f"{r['damping']:g}" if _num(r.get("damping")) is not None else "–"
-        out += _table(["method", "LDS", "95% CI", "seconds", "damping"],
-                      [[f"**{label}**" if _is_daunce(r) else label, _f(r["lds"]), _ci(r["lo"], r["hi"]),
-                        _secs(r.get("seconds")), damping(label, r)] for label, r in table])
+        out += _table(["method", "K", "LDS", "95% CI", "seconds", "damping", "steps", "converged"],
+                      [[f"**{r['method']}**" if _is_daunce(r) else r["method"], _k(r.get("K")), _f(r["lds"]),
+                        _ci(r["lo"], r["hi"]), _secs(r.get("seconds")),
+                        f"{r['damping']:g}" if _num(r.get("damping")) is not None else "–",
+                        _steps(r), _converged(r)] for r in rows])
         out.append("")
-        extra = []
-        if M.get("auto_resolved"):
-            a = M["auto_resolved"]
-            extra.append(f"`\"auto\"` resolved to ρ = {_f(a.get('rho'))}, damping {_f(a.get('damping'), 4)}, "
-                         f"noise term {'on' if a.get('isotropic_noise') else 'off'} "
-                         f"({a.get('unconverged_copies', 0)} copies hit the step cap)"
-                         + (f"; at K = {_k(M['auto_vs_tuned']['K'])} it reaches "
-                            f"{_percent(M['auto_vs_tuned']['ratio'])} of the tuned Daunce-if's LDS"
-                            if M.get("auto_vs_tuned") else ""))
-        if M.get("variants_equal_k"):
-            v = M["variants_equal_k"]
-            extra.append(f"variants at equal K = {_k(v[0]['K'])}: " + ", ".join(
-                f"{r['method']} {_f(r['lds'])} {_ci(r['lo'], r['hi'])}" for r in v))
-        if extra:
-            out += ["; ".join(extra) + ".", ""]
-        main_rows[name] = _largest_k(rows, method="daunce-if", signal=sig, score="cov", perturbation="orthogonal")
+        auto = next((r for r in rows if r["method"] == "daunce-auto"), None)
+        if auto and auto.get("resolved"):
+            a = auto["resolved"]
+            out += [f"`daunce-auto` (no ground truth) resolved to damping {_f(a.get('damping'), 4)}, noise term "
+                    f"{_onoff(a.get('isotropic_noise'))}, ρ = {_f(a.get('rho'))}.", ""]
+    for part in (lambda: _verdict_02(j), lambda: _notes_02(j), lambda: _reliability_02(j), lambda: _tuning_02(models),
+                 lambda: _baseline_tuning_02(j)):
+        out += _optional(part)
+    return out
 
-    failed = j.get("failed_baselines") or {}
+
+def _notes_02(j: dict) -> list[str]:
+    out = []
+    failed, partial, skipped = (j.get(k) or {} for k in ("failed_baselines", "partial_grids", "skipped_baselines"))
     if failed:
-        def why(msg: str) -> str:
-            m = re.search(r"no result within (\d+) s", msg)
-            if m:
-                return f"no result within {m.group(1)} s"
-            return "over the memory cap" if "alloc" in msg or "memory" in msg.lower() else msg.split(":")[0]
-        items = [f"{key.split('/')[1]} on {_MODEL_NAMES.get(key.split('/')[0], key)} ({why(msg)})"
-                 for key, msg in failed.items()]
-        out += ["Failed here (each baseline runs in a memory- and time-capped child process): " + "; ".join(items)
-                + ".", ""]
-    partial = j.get("partial_grids") or {}
+        out += ["Failed here: " + "; ".join(f"{k} ({v.split(':')[0]})" for k, v in failed.items()) + ".", ""]
     if partial:
-        out += ["Damping grid cut short by the time cap (the best of the values that ran is reported): " + "; ".join(
-            f"{k.split('/')[1]} on {_MODEL_NAMES.get(k.split('/')[0], k)} ({v.split(', then')[0]})"
-            for k, v in partial.items()) + ".", ""]
-    skipped = j.get("skipped_baselines") or {}
+        out += ["Damping grid cut short by the time cap (the best of the values that ran is reported): "
+                + "; ".join(f"{k} ({v.split(', then')[0]})" for k, v in partial.items()) + ".", ""]
     if skipped:
-        out += ["Not run: " + "; ".join(f"{k.split('/')[1]} on {_MODEL_NAMES.get(k.split('/')[0], k)} "
-                                        f"({v.removeprefix('not run: ').removeprefix('not run on the CNN: ')})"
+        out += ["Not run: " + "; ".join(f"{k} ({v.removeprefix('not run: ').removeprefix('not run on the CNN: ')})"
                                         for k, v in skipped.items()) + ".", ""]
-
-    out += _optional(lambda: _verdict_02(j, main_rows))
-    out += _optional(lambda: _convergence_02(models))
-    out += _optional(lambda: _reliability_02(j))
-    out += _optional(lambda: _iid_vs_orthogonal_02(models, sig))
-    out += _optional(lambda: _tuning_02(models))
-    out += _optional(lambda: _baseline_tuning_02(j))
+    for name, M in j["models"].items():
+        ex = M.get("exact") or {}
+        if ex and not ex.get("computed"):
+            out += [f"Exact rows on {_MODEL_NAMES.get(name, name)}: {ex.get('why')}.", ""]
     return out
 
 
 def _baseline_tuning_02(j: dict) -> list[str]:
-    tuning, grid = j.get("baseline_tuning") or {}, j.get("damping_grid") or []
-    if not tuning or not grid:
+    tuning = j.get("baseline_tuning") or {}
+    values = sorted({v["damping"] for vals in tuning.values() for v in vals if v["damping"] is not None})
+    if not tuning or not values:
         return []
     rows = []
     for key, vals in tuning.items():
@@ -452,69 +431,32 @@ def _baseline_tuning_02(j: dict) -> list[str]:
         if set(by) == {None}:
             continue
         best = max((d for d in by if by[d] is not None), key=lambda d: by[d])
-        cells = [(_f(by[g]) + (" (chosen)" if g == best else "")) if by.get(g) is not None else "–" for g in grid]
+        cells = [(_f(by[g]) + (" (chosen)" if g == best else "")) if by.get(g) is not None else "–" for g in values]
         rows.append([_MODEL_NAMES.get(key.split("/")[0], key), key.split("/")[1], *cells])
-    return ["<details><summary>Every baseline's LDS on the tuning queries at each damping of the grid</summary>", "",
-            *_table(["model", "method", *(f"{g:g}" for g in grid)], rows), "", "</details>", ""]
+    return ["<details><summary>Every baseline's LDS on the tuning queries at each damping tried</summary>", "",
+            *_table(["model", "method", *(f"{g:g}" for g in values)], rows), "", "</details>", ""]
 
 
-def _verdict_02(j: dict, main_rows: dict) -> list[str]:
-    paired = all(M.get("paired") for M in j["models"].values())
-    how = ("the paired bootstrap over report queries of the per-query LDS difference: *ahead* / *behind* only "
-           "where its 95% interval excludes 0, *tied* otherwise" if paired else
-           "*above* / *below* when the 95% intervals do not overlap")
-    out = ["**Where the paper's claim holds here, and where it does not.** The claim: Daunce at least as good "
-           "as every baseline except exact influence functions, at no more wall time. Each line compares Daunce-if "
-           f"(covariance, largest K) with every other method by {how}; *at equal seconds* gives the LDS Daunce "
-           "reaches within the other method's wall time, read from its K curve."]
+def _verdict_02(j: dict) -> list[str]:
+    out = ["**`daunce-best` against every other row**, by the paired bootstrap over report queries of the per-query "
+           "LDS difference (*ahead* / *behind* only where its 95% interval excludes 0, *tied* otherwise). The goal, "
+           "Daunce at least tied with every baseline except the exact, explicit and CG influence functions at no more "
+           "wall time, is "]
     reached = [name for name, M in j["models"].items() if (M.get("verdict") or {}).get("goal_reached")]
-    out[-1] += (" Reached on: " + ", ".join(_MODEL_NAMES.get(n, n) for n in reached) + "." if reached
-                else " It is **not reached on any model**.")
+    out[-1] += ("reached on " + ", ".join(_MODEL_NAMES.get(n, n) for n in reached) + "." if reached
+                else "**not reached on any model**.")
     out.append("")
-    for name, d in main_rows.items():
-        if d is None:
-            continue
-        rows = {r["method"]: r for r in j["models"][name]["results"] if not _is_daunce(r)}
-        others = sorted(rows.values(), key=lambda r: -(_num(r["lds"]) or -1e9))
-        if paired:
-            groups = {"ahead of": [], "tied with": [], "behind": []}
-            word = {"ahead": "ahead of", "tied": "tied with", "behind": "behind"}
-            for p in j["models"][name]["paired"]:
-                eq = (f"; at equal seconds {_f(p['equal_seconds_lds'])}" if _num(p.get("equal_seconds_lds")) is not None
-                      else ("; fewer than 4 copies in its time" if "equal_seconds_lds" in p else ""))
-                groups[word[p["verdict"]]].append(f"{p['method']} ({_f(p['diff'], sign=True)} "
-                                                  f"{_ci(p['lo'], p['hi'], sign=True)}{eq})")
-        else:
-            groups = {"above": [], "overlap": [], "below": []}
-            for b in others:
-                groups[_compare(d, b)].append(f"{b['method']} ({_f(b['lds'])})")
-        faster = [b["method"] for b in others if (_num(b.get("seconds")) or math.inf) > (_num(d.get("seconds")) or 0)]
-        line = (f"* {_MODEL_NAMES.get(name, name)}: Daunce-if (K = {_k(d['K'])}) {_f(d['lds'])} "
-                f"{_ci(d['lo'], d['hi'])} in {_secs(d['seconds'])} s. ")
-        line += "; ".join(f"{g}: " + ", ".join(v) for g, v in groups.items() if v) + ". "
-        line += ("Slower than every other method." if not faster
-                 else "Faster than " + ", ".join(faster) + ".")
-        out.append(line)
+    word = {"ahead": "ahead of", "tied": "tied with", "behind": "behind"}
+    for name, M in j["models"].items():
+        groups = {w: [] for w in word.values()}
+        for p in M.get("paired") or []:
+            groups[word[p["verdict"]]].append(f"{p['method']} ({_f(p['diff'], sign=True)} "
+                                              f"{_ci(p['lo'], p['hi'], sign=True)})")
+        best = next(r for r in M["results"] if r["method"] == "daunce-best")
+        out.append(f"* {_MODEL_NAMES.get(name, name)}: `daunce-best` (K = {_k(best['K'])}) {_f(best['lds'])} "
+                   f"{_ci(best['lo'], best['hi'])} in {_secs(best['seconds'])} s. "
+                   + "; ".join(f"{g}: " + ", ".join(v) for g, v in groups.items() if v) + ".")
     return out + [""]
-
-
-def _convergence_02(models: dict) -> list[str]:
-    parts = []
-    for name, M in models.items():
-        conv = M.get("convergence")
-        if not conv:
-            continue
-        by_steps: dict = {}
-        for c in conv:
-            by_steps.setdefault(c["steps"], []).append(_f(c["linear_response_r"]))
-        parts.append(f"{_MODEL_NAMES.get(name, name)}: " + "; ".join(
-            f"{s} steps r = {', '.join(v)}" for s, v in sorted(by_steps.items())))
-    if not parts:
-        return []
-    return ["**Converged copies.** The covariance means an influence function only if each copy reaches the "
-            "minimum of its perturbed objective. The notebook checks this against each copy's exact answer in the "
-            "linear regime (correlation of the copy's loss changes with it, two copies each): " + " — ".join(parts)
-            + ".", ""]
 
 
 def _reliability_02(j: dict) -> list[str]:
@@ -525,11 +467,13 @@ def _reliability_02(j: dict) -> list[str]:
             rows.append([_MODEL_NAMES.get(name, name), _k(r["k0"]), _f(r["split_half"]), _f(r["rel_at_kmax_from_k0"]),
                          _f(r["rel_at_kmax_measured"]), _f(r["pred_lds_kmax"]), _f(r["lds_kmax"]),
                          f"{int(r['copies_for_0_9']):,}"])
-    out = ["**How many copies are enough, without ground truth** (`daunce.reliability`): from the first K0 copies' "
-           "split-half agreement, the Spearman-Brown reliability and LDS predicted at the largest K, against what "
-           "was measured there:", ""]
-    out += _table(["model", "K0", "split-half at K0", "reliability at K_max: predicted", "measured",
-                   "LDS at K_max: predicted", "measured", "copies for reliability 0.9"], rows)
+    if not rows:
+        return []
+    out = ["**How many copies are enough, without ground truth** (`daunce.reliability`): from `daunce-best`'s first K0 "
+           "copies' split-half agreement, the Spearman-Brown reliability and LDS predicted at the reported K, against "
+           "what was measured there:", ""]
+    out += _table(["model", "K0", "split-half at K0", "reliability at K: predicted", "measured",
+                   "LDS at K: predicted", "measured", "copies for reliability 0.9"], rows)
     fu = j.get("fit_until")
     if fu:
         out += ["", f"`reliability.fit_until` on LR stopped at K = {fu['n_models']} with reliability "
@@ -537,38 +481,21 @@ def _reliability_02(j: dict) -> list[str]:
     return out + [""]
 
 
-def _iid_vs_orthogonal_02(models: dict, sig: str = "loss") -> list[str]:
-    parts = []
-    for name, M in models.items():
-        iid = _largest_k(M["results"], method="daunce-if", signal=sig, score="cov", perturbation="iid")
-        if iid is None:
-            continue
-        orth = [r for r in M["results"] if r["method"] == "daunce-if" and r.get("signal") == sig
-                and r.get("score") == "cov" and r.get("perturbation") == "orthogonal" and r.get("K") == iid["K"]]
-        if orth:
-            o = orth[0]
-            parts.append(f"{_MODEL_NAMES.get(name, name)} at K = {_k(iid['K'])}: orthogonal {_f(o['lds'])} "
-                         f"{_ci(o['lo'], o['hi'])}, i.i.d. {_f(iid['lds'])} {_ci(iid['lo'], iid['hi'])}")
-    if not parts:
-        return []
-    return ["**Variance reduction**, orthogonal perturbations against the paper's i.i.d. draws at equal K (daunce-if): "
-            + "; ".join(parts) + ".", ""]
-
-
 def _tuning_02(models: dict) -> list[str]:
     rows = []
     for name, M in models.items():
-        chosen = M.get("daunce_chosen") or {}
-        for t in M.get("tuning") or []:
-            pick = all(t.get(k) == v for k, v in chosen.items())
-            rows.append([_MODEL_NAMES.get(name, name), str(t["rho"]), str(t["damping"]),
-                         "on" if t["isotropic_noise"] else "off", _f(t["tune_lds"]), _f(t["split_half"]),
-                         _f(t["predicted_tune_lds_at_kmax"]) + (" (chosen)" if pick else "")])
+        c = M.get("daunce_chosen") or {}
+        for t in sorted(M.get("tuning") or [], key=lambda t: (t["isotropic_noise"], t["signal"], t["damping"])):
+            pick = all(t.get(k) == c.get(k) for k in ("damping", "isotropic_noise", "signal"))
+            rows.append([_MODEL_NAMES.get(name, name), f"{t['damping']:g}", _onoff(t["isotropic_noise"]), t["signal"],
+                         _k(t["K"]), _f(t.get("steps_mean"), 0),
+                         _f(t["tune_lds"]) + (" (chosen)" if pick else "")
+                         + ("" if t["eligible"] else f" (a copy failed at K = {_k(t['stopped_at'])})")])
     if not rows:
         return []
-    return ["<details><summary>Daunce's settings, chosen on the tuning queries by the LDS predicted at the "
-            "reported K (from the tuning copies' split-half reliability)</summary>", "",
-            *_table(["model", "ρ", "damping", "noise term", "tuning LDS", "split-half", "predicted at K_max"], rows),
+    return ["<details><summary>Daunce's candidates: LDS on the tuning queries at the reported K (or where a copy "
+            "failed its stopping test)</summary>", "",
+            *_table(["model", "damping", "noise term", "training signal", "K", "steps", "tuning LDS"], rows),
             "", "</details>", ""]
 
 

@@ -68,7 +68,7 @@ PROFILES: dict[str, dict[str, ModelSetting]] = {
         "mlp": ModelSetting("mlp", "fashion_mnist", 200, 40, 15, 12, 2, Recipe(epochs=5, lr=3e-3, batch_size=64),
                             2, 2, 32),
     },
-    # Sizes of the offline run, chosen so that the notebook finishes in about 45 minutes on an idle 2-core CPU
+    # Sizes of the offline run, chosen so that the notebook finishes in about 50 minutes on an idle 2-core CPU
     # (dattri's 5,000 training images did not fit: 1,000 for LR/MLP, 500 for the CNN; the LR ground truth uses one
     # seed because L-BFGS reaches the same optimum from any start). k_max is the K Daunce is tuned and reported at.
     # The CNN sees the images average-pooled to 14 x 14: a converged copy of it then costs a quarter of the
