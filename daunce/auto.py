@@ -24,7 +24,12 @@ here reads only theta0, the task and (a subsample of) the training set. In the t
   halves, of predicted and actual changes) is computed for lambda = c_max x 10^-6 ... 1 in half decades and for
   both kernels; the largest lambda within ``PROXY_TIE`` of each kernel's best is kept. Retraining from theta0
   rather than from scratch leaves out the seed's randomness; on ``benchmarks/auto_settings.py`` the proxy's
-  choice landed within a factor of 10 of the grid's best damping. (b) Monte-Carlo noise: the score is a
+  choice landed within a factor of 10 of the grid's best damping. The proxy's own LDS is not a forecast of the
+  real one where retraining does something fine-tuning from theta0 does not: in notebook 02 (``auto_proxy`` against
+  the ``daunce-auto`` row of ``papermill_runs/02_vision_lds.json``) it was 0.527 against a measured 0.521 on the
+  convex logistic regression and 0.281 against 0.334 on the CNN, but 0.496 against 0.310 on the tanh MLP (Adam from
+  scratch) and 0.283 against 0.128 on the BatchNorm ResNet trained from scratch by SGD, where the damping it picked
+  was far from the ground truth's best. (b) Monte-Carlo noise: the score is a
   Monte-Carlo estimate of a quadratic form whose kernel has effective rank ``d_lambda = tr(C (C + lambda I)^-1)``,
   and its relative noise falls like ``sqrt(d_lambda / K)``; ``lambda`` is kept at least the value where
   ``d_lambda = DIRECTIONS_PER_COPY * K`` (relative noise about 1), which matters for small K.

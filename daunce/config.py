@@ -104,7 +104,9 @@ class DaunceConfig:
         score: ``"cov"`` (the paper) or ``"corr"`` (Pearson correlation across the copies).
         seed: every random draw of copy k comes from a generator seeded by (seed, k).
         train_mode: run the model in ``train()`` mode while fine-tuning the copies (dropout on).
-            Off by default: the linearisation assumes a deterministic model.
+            Off by default: the linearisation assumes a deterministic model. BatchNorm layers then normalise with
+            theta0's running statistics (their scale and shift are trained); ``Daunce`` refuses ``train_mode=True``
+            on a model with BatchNorm running statistics.
     """
 
     variant: Literal["if", "efim", "trak", "bootstrap"] = "if"

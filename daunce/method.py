@@ -129,6 +129,12 @@ class Daunce:
         self.adapter_block, self.adapter_memory = multiadapter.checked_block_options(adapter_block, adapter_memory)
         self.model, self.task = model, task
         self.config = config or DaunceConfig()
+        if self.config.train_mode and any(isinstance(m, vmap.RUNNING_STATS) and m.track_running_stats
+                                          for m in model.modules()):
+            # a copy's state is its trainable tensors: in train mode each copy would move the running statistics, and
+            # the next copy (and every signal) would start from the last copy's
+            raise ValueError("train_mode=True with BatchNorm running statistics is not supported: the copies would "
+                             "share and move the statistics. Use train_mode=False (BatchNorm with theta0's statistics)")
         self.workdir = Path(workdir) if workdir is not None else None
         self.eval_batch_size, self.progress = eval_batch_size, progress
         self.trainer, self.vmap_block, self.vmap_memory = trainer, vmap_block, float(vmap_memory)

@@ -30,6 +30,30 @@ def test_planted_duplicate_is_helpful(digits_lr, method):
     assert np.mean(ranks) < 0.05, ranks
 
 
+@pytest.mark.parametrize("method", baselines.TRAIN_SIGNAL_METHODS)
+def test_margin_on_the_training_side_finds_the_planted_duplicate_too(digits_lr, method):
+    """train_signal="margin" reaches the library (other scores than the loss) and keeps the sign and the ranking."""
+    model, train, _ = digits_lr
+    x, y = train.tensors
+    planted = torch.arange(0, 300, 30)[:8]
+    query = TensorDataset(x[planted], y[planted])
+    kw = dict(damping=1e-2, checkpoints=[{"state": model.state_dict(), "lr": 1.0}])
+    S, _ = baselines.run(method, model, train, query, train_signal="margin", **kw)
+    S_loss, _ = baselines.run(method, model, train, query, **kw)
+    assert torch.isfinite(S).all() and not torch.allclose(S, S_loss)
+    self_scores = S[planted, torch.arange(len(planted))]
+    assert (self_scores > 0).all(), self_scores
+    ranks = [(S[:, j] > S[p, j]).float().mean().item() for j, p in enumerate(planted)]
+    assert np.mean(ranks) < 0.05, ranks
+
+
+def test_margin_on_the_training_side_is_refused_where_it_would_change_the_curvature(digits_lr):
+    model, train, query = digits_lr
+    for method in ("if-ekfac", "kronfluence-ekfac-ef"):
+        with pytest.raises(ValueError, match="train_signal"):
+            baselines.run(method, model, train, query, train_signal="margin")
+
+
 def test_grid_runs_every_damping_once(digits_lr):
     model, train, query = digits_lr
     rows = baselines.run_grid("if-ekfac", model, train, query, grid=(1e-3, 1e-1))

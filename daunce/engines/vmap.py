@@ -325,7 +325,8 @@ class StackedSGD:
 
 
 # ---------------------------------------------------------------------------- can it be vectorised?
-_RUNNING_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+#: layers with running statistics (buffers a training step changes)
+RUNNING_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -359,7 +360,7 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
     """
     model = ctx.model
     for name, m in model.named_modules():
-        if isinstance(m, _RUNNING_STATS) and m.track_running_stats:
+        if isinstance(m, RUNNING_STATS) and m.track_running_stats:
             return False, f"module {name or type(m).__name__} is a BatchNorm with running statistics", 0
         if config.train_mode and isinstance(m, _STOCHASTIC):
             return False, f"module {name} is stochastic (dropout) and train_mode=True", 0

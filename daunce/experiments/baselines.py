@@ -29,6 +29,15 @@ minus its margin ``logit_y - logsumexp_{c != y} logit_c`` (a loss-like quantity:
 function the ground truth records and kronfluence's CIFAR-10 example measures; the training side is
 the cross-entropy the model was trained on. TRAK keeps its own output function (the margin) on both.
 
+**The training-side function is an option** (``train_signal``, tuned like the damping) where it leaves the method's
+curvature alone (``TRAIN_SIGNAL_METHODS``): ``"margin"`` differentiates minus the training example's margin instead of
+its loss. On a model that fits its training set, the loss gradient is the margin gradient times about (1 - p_i), a
+weight spanning orders of magnitude that retraining from scratch does not follow. For TRAK, whose training side is the
+margin already, ``"margin"`` divides its (1 - p) weight out (its probability function returns 0); for TracIn, grad-dot
+and grad-cos it is their training gradient; for kronfluence's EK-FAC the training gradient, its factors still from the
+loss with labels sampled from the model. The dattri influence functions and ``kronfluence-ekfac-ef`` fit their
+curvature on the training function itself, so they keep the loss.
+
 Known snags, handled here: a bare ``nn.Linear`` as the whole model breaks dattri's EK-FAC and
 kronfluence (``daunce.experiments.models`` wraps every model in ``nn.Sequential``); TRAK without projection needs
 ``regularization > 0``; dattri's ``TRAKAttributor.attribute`` takes ``(test_loader, train_loader)`` in that
@@ -63,6 +72,9 @@ DATTRI_METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-ekfac", 
                   "tracin", "grad-dot", "grad-cos")
 KRONFLUENCE_METHODS = ("kronfluence-ekfac", "kronfluence-ekfac-ef")
 METHODS = DATTRI_METHODS + KRONFLUENCE_METHODS
+#: methods whose training-side function can be minus the margin instead of the loss (``train_signal``; module docstring)
+TRAIN_SIGNAL_METHODS = ("trak", "tracin", "grad-dot", "grad-cos", "kronfluence-ekfac")
+TRAIN_SIGNALS = ("loss", "margin")
 #: methods with a damping / regularisation knob (tuned on ``DAMPING_GRID``)
 DAMPED = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-ekfac", "if-ekfac-stock", "datainf", "trak",
           *KRONFLUENCE_METHODS)
@@ -128,7 +140,21 @@ def _margin_fn(model: torch.nn.Module, sample_ndim: int, sign: float = 1.0):
     return f
 
 
-def _prob_fn(model: torch.nn.Module, sample_ndim: int):
+def check_train_signal(method: str, train_signal: str) -> None:
+    """A ``ValueError`` unless ``train_signal`` is "loss", or "margin" for a method of ``TRAIN_SIGNAL_METHODS``."""
+    if train_signal not in TRAIN_SIGNALS:
+        raise ValueError(f"train_signal must be one of {TRAIN_SIGNALS}, got {train_signal!r}")
+    if train_signal == "margin" and method not in TRAIN_SIGNAL_METHODS:
+        raise ValueError(f"train_signal='margin' applies to {TRAIN_SIGNAL_METHODS}, not {method!r} (its curvature "
+                         "is fitted on the training function)")
+
+
+def _prob_fn(model: torch.nn.Module, sample_ndim: int, weighted: bool = True):
+    """TRAK's probability of the correct class, whose ``1 - p`` weights each training example; ``weighted=False``
+    returns 0, which divides the weight out."""
+    if not weighted:
+        return lambda params, data: torch.zeros(())
+
     def p(params, data):
         x, y = data[0], data[1]
         x, y = x.unsqueeze(0), y.unsqueeze(0)
@@ -138,9 +164,10 @@ def _prob_fn(model: torch.nn.Module, sample_ndim: int):
     return p
 
 
-def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw, device="cpu"):
+def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw, device="cpu",
+                train_signal="loss"):
     """dattri's attributor object for one method and one damping (not yet cached), on ``device`` (where ``model``
-    is)."""
+    is), with ``train_signal`` on the training side (``TRAIN_SIGNAL_METHODS``)."""
     from dattri.algorithm import (
         IFAttributorArnoldi,
         IFAttributorCG,
@@ -163,11 +190,13 @@ def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints,
         d = sum(p.numel() for p in model.parameters())
         proj = {"proj_dim": int(kw.get("proj_dim", min(TRAK_PROJ_DIM, d))), "proj_max_batch_size": 32, "proj_seed": 0,
                 "device": dev}
-        return TRAKAttributor(task=task, correct_probability_func=_prob_fn(model, sample_ndim), projector_kwargs=proj,
-                              device=dev, regularization=lam)
+        return TRAKAttributor(task=task, correct_probability_func=_prob_fn(model, sample_ndim, train_signal == "loss"),
+                              projector_kwargs=proj, device=dev, regularization=lam)
     if method in ("tracin", "grad-dot", "grad-cos"):
         cks = (checkpoints or [{"state": theta0, "lr": 1.0}]) if method == "tracin" else [{"state": theta0, "lr": 1.0}]
-        task = AttributionTask(loss_func=loss, model=model, checkpoints=[c["state"] for c in cks], target_func=measure)
+        train_fn = loss if train_signal == "loss" else measure
+        task = AttributionTask(loss_func=train_fn, model=model, checkpoints=[c["state"] for c in cks],
+                               target_func=measure)
         return TracInAttributor(task=task, weight_list=torch.tensor([float(c["lr"]) for c in cks]),
                                 normalized_grad=(method == "grad-cos"),
                                 projector_kwargs={**TRACIN_PROJECTOR, "device": dev}, device=dev)
@@ -194,7 +223,7 @@ def _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints,
 
 def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query: TensorDataset, *,
                 grid=DAMPING_GRID, checkpoints: Optional[list] = None, ensemble: Optional[list] = None,
-                on_row=None, device: str | torch.device = "cpu", **kw) -> list[dict]:
+                on_row=None, device: str | torch.device = "cpu", train_signal: str = "loss", **kw) -> list[dict]:
     """One dattri method at every damping of ``grid`` (a single run, damping ``None``, for methods without
     the knob): ``[{"damping", "scores" (n_train, n_query), "seconds"}]``. The curvature is cached from the
     full training set in one batch; the training set is attributed in one batch and the queries in as few
@@ -205,12 +234,14 @@ def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query
         checkpoints: for ``tracin``: ``[{"state": state_dict, "lr": float}, ...]`` along the trajectory.
         ensemble: for ``trak``: state dicts of independently trained models (theta0 first).
         on_row: called with each row as soon as it is computed.
+        train_signal: the training-side function, "loss" or "margin" (``TRAIN_SIGNAL_METHODS`` only).
         device: where the attributors run (the model's copy is moved there; ``checkpoints`` and ``ensemble`` may be
             on any device); the scores come back on the CPU.
         kw: overrides (``max_iter``, ``proj_dim``, ``recursion_depth``).
     """
     if method not in DATTRI_METHODS:
         raise ValueError(f"method must be one of {DATTRI_METHODS}, got {method!r}")
+    check_train_signal(method, train_signal)
     dev = baseline_device(device)
     model = copy.deepcopy(model).eval().to(dev)
     sample_ndim = train.tensors[0].ndim - 1
@@ -224,7 +255,8 @@ def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query
     for damping in values:
         t0 = time.perf_counter()
         if att is None or not reuse:
-            att = _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw, dev)
+            att = _attributor(method, model, train, sample_ndim, theta0, damping, checkpoints, ensemble, kw, dev,
+                              train_signal)
             if method != "tracin" and not method.startswith("grad-"):
                 att.cache(full)
             cache_s = time.perf_counter() - t0
@@ -244,11 +276,13 @@ def dattri_grid(method: str, model: torch.nn.Module, train: TensorDataset, query
 
 def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: TensorDataset, *, grid=DAMPING_GRID,
                      empirical_fisher: bool = False, batch_size: int = 128, workdir=None, on_row=None,
-                     device: str | torch.device = "cpu") -> list[dict]:
+                     device: str | torch.device = "cpu", train_signal: str = "loss") -> list[dict]:
     """kronfluence's EK-FAC influence scores ``(n_train, n_query)`` (positive = helpful) at every damping of
     ``grid`` (``None`` in the grid: kronfluence's own heuristic, 0.1 x the mean eigenvalue): the factors are
     fitted once and each value's seconds are fitting + scoring. The query measurement is minus the margin,
-    as in kronfluence's CIFAR-10 example; ``empirical_fisher`` uses the true labels for the factors. ``device``: the
+    as in kronfluence's CIFAR-10 example; ``empirical_fisher`` uses the true labels for the factors; ``train_signal=
+    "margin"`` takes the training gradients of minus the margin (the factors still from the loss, with sampled labels;
+    not with ``empirical_fisher``, whose factors come from the training function itself). ``device``: the
     CPU (``Analyzer(cpu=True)``) or CUDA (``cpu=False``); the scores come back on the CPU."""
     import contextlib
 
@@ -257,6 +291,7 @@ def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: Tensor
     from kronfluence.task import Task as KTask
     from kronfluence.utils.state import State
 
+    check_train_signal("kronfluence-ekfac-ef" if empirical_fisher else "kronfluence-ekfac", train_signal)
     dev = baseline_device(device)
     # kronfluence keeps its device in a process-wide singleton (``State``): the first one made in a process fixes it,
     # and a later ``Analyzer(cpu=...)`` does not change it. Make it here with the device asked for (what the Analyzer
@@ -274,6 +309,8 @@ def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: Tensor
             if sample:
                 with torch.no_grad():
                     y = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(1)
+            elif train_signal == "margin":  # the training gradients (the sampled Fisher's factors keep the loss)
+                return -margin(logits, y).sum()
             return F.cross_entropy(logits, y, reduction="sum")
 
         def compute_measurement(self, batch, model):
@@ -320,7 +357,8 @@ def run_grid(method: str, model, train, query, *, grid=DAMPING_GRID, on_row=None
     Arnoldi is retried)."""
     if method in KRONFLUENCE_METHODS:
         return kronfluence_grid(model, train, query, grid=grid, empirical_fisher=method.endswith("-ef"),
-                                batch_size=kw.get("batch_size", 128), on_row=on_row, device=device)
+                                batch_size=kw.get("batch_size", 128), on_row=on_row, device=device,
+                                train_signal=kw.get("train_signal", "loss"))
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     out = dattri_grid(method, model, train, query, grid=grid, on_row=on_row, device=device, **kw)
@@ -483,10 +521,12 @@ def run_isolated(method: str, model, train, query, *, timeout: float = 120.0, me
     return [{**r, "grid_complete": error is None, "grid_error": error} for r in rows.values()]
 
 
-def settings_key(method: str, model, train, query, grid, device: str | torch.device = "cpu") -> str:
+def settings_key(method: str, model, train, query, grid, device: str | torch.device = "cpu",
+                 train_signal: str = "loss") -> str:
     """A hash of everything a baseline's scores depend on: the method and its library settings, the grid, theta0,
     both datasets and, when it is not the CPU, the device type (the key of the CPU is the one it was before the
-    device knob, so existing caches stay valid); it names the cache file of ``run_cached``."""
+    device knob, so existing caches stay valid) and ``train_signal`` when it is not the loss; it names the cache file
+    of ``run_cached``."""
     import hashlib
     import json
 
@@ -497,6 +537,8 @@ def settings_key(method: str, model, train, query, grid, device: str | torch.dev
     dev = baseline_device(device)
     if dev.type != "cpu":  # another device gives other numbers (TRAK's and TracIn's projections, float rounding)
         settings["device"] = dev.type
+    if train_signal != "loss":
+        settings["train_signal"] = train_signal
     h = hashlib.sha1(json.dumps(settings, sort_keys=True).encode())
     for v in model.state_dict().values():
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
@@ -514,7 +556,8 @@ def run_cached(method: str, model, train, query, *, cache_dir, grid=DAMPING_GRID
 
     from ..store import atomic_save
 
-    path = Path(cache_dir) / f"{method}_{settings_key(method, model, train, query, grid, device)}.pt"
+    key = settings_key(method, model, train, query, grid, device, kw.get("train_signal", "loss"))
+    path = Path(cache_dir) / f"{method}_{key}.pt"
     if path.exists():
         rows = torch.load(path, weights_only=False)
         if all(r["grid_complete"] for r in rows):

@@ -11,7 +11,9 @@ by side keep both cores of a small machine busy), and returns one ``CopyRun`` pe
 * the copies grow in **stages** (``stages``: K = 4, 8, ..., the reported K; copy k does not depend on K, so the
   LDS-against-K curve comes from the first k copies of one run). With ``stop_unconverged`` a set stops at the
   first stage where a copy reached the step cap without passing its stopping test: such copies fail the
-  convergence check, so the set is not eligible, and its remaining copies are not worth their seconds;
+  convergence check, so the set is not eligible, and its remaining copies are not worth their seconds. A copy
+  whose objective stops being finite (a learning rate too large for the model's curvature) ends its set the same
+  way, keeping the copies before it; the run says why (``diverged``);
 * after training, the **signals** every method of the benchmark reads: the training examples' and the
   queries' loss and minus-margin under every copy, ``(K, n)``. They are written to the job's folder
   (``signals_K<K>.pt``, atomically) with each copy's seconds, steps and convergence flag, so a rerun reads
@@ -95,10 +97,14 @@ class CopyRun:
     stopped_at: Optional[int] = None
     resolve_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    diverged: Optional[str] = None  # why the set stopped at a copy whose objective was not finite
 
     @property
     def all_converged(self) -> Optional[bool]:
-        """True when every copy passed its stopping test; None for fixed-step copies (no test)."""
+        """True when every copy passed its stopping test; None for fixed-step copies (no test); False for a set that
+        diverged."""
+        if self.diverged:
+            return False
         flags = [c for c in self.converged if c is not None]
         if not flags:
             return None
@@ -121,7 +127,7 @@ def _fit(job: CopyJob) -> dict:
     from .vision import make_daunce
 
     train, query = job.train, job.query
-    stopped_at, d = None, None
+    stopped_at, d, diverged = None, None, None
     timing = job.workdir / "resolve_seconds.json"
     for K in job.stages:
         d = make_daunce(job.model, job.config.replace(n_models=K), job.workdir, signal=job.signal,
@@ -131,9 +137,18 @@ def _fit(job: CopyJob) -> dict:
             d.resolve(train)
             if not timing.exists() and not d.resolved.get("reused_from_manifest"):
                 atomic_write_json({"seconds": time.perf_counter() - t0}, timing)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # copies at the step cap: recorded below
-            d.fit(train, query)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # copies at the step cap: recorded below
+                d.fit(train, query)
+        except FloatingPointError as e:  # a copy's objective blew up: keep the copies before it
+            stopped_at, diverged = K, str(e)
+            done = next((k for k in range(K) if not d.is_trained(k)), K)
+            if done < 2:  # no covariance from fewer than two copies
+                return _empty_record(job, d, stopped_at, diverged, timing)
+            d = make_daunce(job.model, job.config.replace(n_models=done), job.workdir, signal=job.signal,
+                            orthogonal_block=job.orthogonal_block)
+            break
         if job.stop_unconverged and d.n_unconverged:
             stopped_at = K
             break
@@ -146,12 +161,31 @@ def _fit(job: CopyJob) -> dict:
     return {"tag": job.tag, "K": K, "train": sig_train, "query": sig_query,
             "seconds": [float(r.get("seconds", 0.0)) for r in recs],
             "steps": [r.get("steps") for r in recs], "converged": [r.get("converged") for r in recs],
-            "resolved": {f: getattr(cfg, f) for f in ("rho", "damping", "isotropic_noise", "optimizer", "lr",
-                                                       "momentum", "steps", "batch_size", "epochs")},
+            "resolved": _resolved(cfg),
             "trainer": d.trainer_used or "", "stopped_at": stopped_at,
             "resolve_seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0,
-            "info": {"n_steps_cap": cfg.n_steps(max(1, round(cfg.subset_ratio * len(train)))),
-                     "resolution": {k: v for k, v in d.resolved.items() if k != "proxy"}}}
+            "info": _info(d, cfg, train), "diverged": diverged}
+
+
+def _resolved(cfg) -> dict:
+    return {f: getattr(cfg, f) for f in ("rho", "damping", "isotropic_noise", "optimizer", "lr", "momentum", "steps",
+                                         "batch_size", "epochs")}
+
+
+def _info(d, cfg, train) -> dict:
+    return {"n_steps_cap": cfg.n_steps(max(1, round(cfg.subset_ratio * len(train)))),
+            "resolution": {k: v for k, v in d.resolved.items() if k != "proxy"}}
+
+
+def _empty_record(job: CopyJob, d, stopped_at: int, diverged: str, timing: Path) -> dict:
+    """The record of a set that diverged before its second copy: no copies, empty signals."""
+    empty = {s: torch.zeros(0, len(job.train)) for s in SIGNALS}
+    cfg = d.training_config()
+    return {"tag": job.tag, "K": 0, "train": empty, "query": {s: torch.zeros(0, len(job.query)) for s in SIGNALS},
+            "seconds": [], "steps": [], "converged": [], "resolved": _resolved(cfg), "trainer": d.trainer_used or "",
+            "stopped_at": stopped_at,
+            "resolve_seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0,
+            "info": _info(d, cfg, job.train), "diverged": diverged}
 
 
 def _child(conn, job):

@@ -40,11 +40,14 @@ class _Residual(nn.Module):
         return x + self.inner(x)
 
 
-def resnet9(n_classes: int = 10, width: int = 64) -> nn.Sequential:
-    """ResNet-9 as used for CIFAR-10 in the paper and in TRAK (paper profile)."""
+def resnet9(n_classes: int = 10, width: int = 64, in_channels: int = 3) -> nn.Sequential:
+    """ResNet-9 as used for CIFAR-10 in the paper and in TRAK (``width=64``, the paper profile): four
+    conv-BatchNorm-ReLU stages with two residual blocks, three max-pools and a global max-pool. Notebook 02's
+    default profile runs it narrowed (``width=4``) on 14 x 14 single-channel images, where the pools leave 7, 3 and
+    1 pixels a side."""
     w = width
     return nn.Sequential(
-        _conv_bn(3, w), _conv_bn(w, 2 * w), nn.MaxPool2d(2),
+        _conv_bn(in_channels, w), _conv_bn(w, 2 * w), nn.MaxPool2d(2),
         _Residual(nn.Sequential(_conv_bn(2 * w, 2 * w), _conv_bn(2 * w, 2 * w))),
         _conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
         _conv_bn(4 * w, 8 * w), nn.MaxPool2d(2),

@@ -330,7 +330,7 @@ def _section_01(j: dict) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 # 02 · vision LDS
 
-_MODEL_NAMES = {"lr": "LR", "mlp": "MLP", "cnn": "CNN"}
+_MODEL_NAMES = {"lr": "LR", "mlp": "MLP", "cnn": "CNN", "resnet": "ResNet (BatchNorm, from scratch)"}
 
 
 def _is_daunce(row: dict) -> bool:
@@ -366,7 +366,10 @@ def _section_02(j: dict) -> list[str]:
            "decade past an end when the best value sits there) and the value with the best LDS on the *tuning* queries "
            "(never reported), measured at the setting that is reported: for Daunce at the K it reports, among "
            "candidates whose copies all pass their stopping test (with the noise term off or on, and the training-side "
-           "signal loss or margin). Every method measures the query by minus its margin. Daunce rows are bold; "
+           "signal loss or margin); for TRAK, TracIn, grad-dot, grad-cos and kronfluence's EK-FAC also the "
+           "training-side function, loss or minus-margin (*training side*). Every method measures the query by minus "
+           "its margin. "
+           "Daunce rows are bold; "
            "*steps* is the mean optimiser steps per copy; *converged*: whether every copy passed its stopping test, "
            "and the linear-response correlation of two copies where it was computed.", ""]
     for name, M in models.items():
@@ -378,6 +381,13 @@ def _section_02(j: dict) -> list[str]:
                 f"{M['n_query_tune']} tuning queries; ground truth {gt['subsets']} half-subsets × {gt['seeds']} "
                 "seed(s)")
         head += f", noise ceiling √r = {_f(math.sqrt(ceiling), 2)})" if ceiling is not None and ceiling > 0 else ")"
+        rec = M.get("theta0_recipe") or {}
+        if M.get("batchnorm"):
+            head += (f". θ0 and every retrain from scratch: width {rec.get('width')}, {rec.get('optimizer')} with "
+                     f"momentum {rec.get('momentum')}, peak lr {rec.get('lr')}, {rec.get('schedule')} schedule with "
+                     "warm-up, "
+                     f"{rec.get('epochs')} epochs, weight decay {rec.get('weight_decay')}, random shifts of up to "
+                     f"{rec.get('shift')} pixel(s); Daunce's copies in {M.get('copies_batchnorm')}")
         g = M.get("daunce_grid") or {}
         head += (f". `daunce-best`: K = {_k(M.get('K'))}, damping {c.get('damping'):g}, noise term "
                  f"{_onoff(c.get('isotropic_noise'))}, training {c.get('signal')}, ρ = {_f(c.get('rho'))} (measured); "
@@ -385,17 +395,21 @@ def _section_02(j: dict) -> list[str]:
                     f"the chosen damping is at the end of the values tried ({g.get('why', '')}).")) if c else ""
         rows = sorted(M["results"], key=lambda r: -(_num(r["lds"]) or -1e9))
         out += [head, ""]
-        out += _table(["method", "K", "LDS", "95% CI", "seconds", "damping", "steps", "converged"],
+        out += _table(["method", "K", "LDS", "95% CI", "seconds", "damping", "training side", "steps", "converged"],
                       [[f"**{r['method']}**" if _is_daunce(r) else r["method"], _k(r.get("K")), _f(r["lds"]),
                         _ci(r["lo"], r["hi"]), _secs(r.get("seconds")),
                         f"{r['damping']:g}" if _num(r.get("damping")) is not None else "–",
+                        r.get("train_signal") or (r.get("signal") or "–").split(" ->")[0],
                         _steps(r), _converged(r)] for r in rows])
         out.append("")
         auto = next((r for r in rows if r["method"] == "daunce-auto"), None)
         if auto and auto.get("resolved"):
             a = auto["resolved"]
+            px = _num(auto.get("proxy_lds"))
             out += [f"`daunce-auto` (no ground truth) resolved to damping {_f(a.get('damping'), 4)}, noise term "
-                    f"{_onoff(a.get('isotropic_noise'))}, ρ = {_f(a.get('rho'))}.", ""]
+                    f"{_onoff(a.get('isotropic_noise'))}, ρ = {_f(a.get('rho'))}"
+                    + (f"; its own estimate of its LDS (the proxy ground truth of its damping rule) was {_f(px)}, "
+                       f"measured {_f(auto['lds'])}." if px is not None else "."), ""]
     for part in (lambda: _verdict_02(j), lambda: _notes_02(j), lambda: _reliability_02(j), lambda: _tuning_02(models),
                  lambda: _baseline_tuning_02(j)):
         out += _optional(part)

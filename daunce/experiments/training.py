@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Optional
 
 import torch
@@ -33,7 +34,8 @@ def cpu_state_dict(model: torch.nn.Module) -> dict:
 def train_classifier(model: torch.nn.Module, train: TensorDataset, *, epochs: int = 20, lr: float = 1e-2,
                      batch_size: int | None = 128, weight_decay: float = 1e-3, seed: int = 0,
                      optimizer: str = "adam", on_epoch: Optional[Callable[[int], None]] = None,
-                     device: Optional[str | torch.device] = None) -> torch.nn.Module:
+                     device: Optional[str | torch.device] = None, momentum: float = 0.9,
+                     schedule: str = "constant", warmup: float = 0.0, shift: int = 0) -> torch.nn.Module:
     """Minimise mean cross-entropy + ``weight_decay/2 * ||theta||^2`` in place; returns the model.
 
     ``batch_size=None`` is full batch; ``optimizer="lbfgs"`` runs full-batch L-BFGS (``epochs``
@@ -42,7 +44,17 @@ def train_classifier(model: torch.nn.Module, train: TensorDataset, *, epochs: in
     ``daunce.engines.context.resolve_device``) moves the model there first; ``None`` trains where the model is.
     The data stay where they are (each batch is moved to the model's device) and the batch order comes from a
     CPU generator, so the batches are the same on every device.
+
+    Minibatch options (the paper's from-scratch recipe for a BatchNorm network): ``optimizer="sgd"`` with
+    ``momentum``; ``schedule="cosine"`` scales the learning rate by a linear warm-up over the first ``warmup``
+    fraction of the steps, then a cosine to 0 (``"constant"``: no schedule); ``shift`` > 0 shifts each image of a
+    batch by a random whole number of pixels in ``[-shift, shift]`` along each axis, zero-filled (``random_shift``),
+    drawn from the same seeded generator as the batch order.
     """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if shift < 0 or not 0.0 <= warmup < 1.0:
+        raise ValueError(f"shift must be >= 0 and warmup in [0, 1), got shift={shift}, warmup={warmup}")
     if device is not None:
         model.to(resolve_device(device))
     dev = model_device(model)
@@ -72,20 +84,51 @@ def train_classifier(model: torch.nn.Module, train: TensorDataset, *, epochs: in
                 on_epoch(e)
         model.eval()
         return model
-    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam', 'sgd' or 'lbfgs', got {optimizer!r}")
+    opt = torch.optim.Adam(params, lr=lr) if optimizer == "adam" else torch.optim.SGD(params, lr=lr, momentum=momentum)
     n = len(y)
     bs = batch_size or n
+    total = epochs * math.ceil(n / bs)
+    step = 0
     for e in range(1, epochs + 1):
         perm = torch.randperm(n, generator=g)
         for s in range(0, n, bs):
             idx = perm[s : s + bs]
+            xb = random_shift(x[idx], shift, g) if shift else x[idx]
+            if schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = lr * lr_factor(step, total, warmup)
             opt.zero_grad()
-            objective(x[idx].to(dev), y[idx].to(dev)).backward()
+            objective(xb.to(dev), y[idx].to(dev)).backward()
             opt.step()
+            step += 1
         if on_epoch is not None:
             on_epoch(e)
     model.eval()
     return model
+
+
+def lr_factor(step: int, total: int, warmup: float) -> float:
+    """The learning rate's factor at ``step`` (0-based) of ``total``: linear from 1/w to 1 over the first
+    ``w = ceil(warmup * total)`` steps, then a cosine from 1 to 0 over the rest (the last step's factor is > 0)."""
+    w = math.ceil(warmup * total)
+    if step < w:
+        return (step + 1) / w
+    return 0.5 * (1.0 + math.cos(math.pi * (step - w) / max(1, total - w)))
+
+
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` ``(B, C, H, W)`` moved by its own random offset in ``[-shift, shift]`` pixels along each
+    axis, zero-filled (the random-crop-with-padding augmentation of CIFAR-10 recipes)."""
+    if x.ndim != 4:
+        raise ValueError(f"random shifts need images (B, C, H, W), got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+    off = torch.randint(0, 2 * shift + 1, (2, B), generator=generator)
+    rows = (off[0][:, None] + torch.arange(H))[:, None, :, None]
+    cols = (off[1][:, None] + torch.arange(W))[:, None, None, :]
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[None, :, None, None], rows, cols]
 
 
 @torch.no_grad()
