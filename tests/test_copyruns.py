@@ -97,3 +97,14 @@ def test_linear_response_is_one_for_converged_copies_and_lower_for_copies_stoppe
         r_early = [c["linear_response_r"] for c in diagnostics.linear_response(early, train)]
         assert min(r_done) > 0.99, (variant, r_done)
         assert max(r_early) < min(r_done) - 0.01, (variant, r_early, r_done)
+
+
+def test_a_set_whose_copies_diverge_ends_with_the_reason_and_no_covariance(small_lr, tmp_path):
+    """A learning rate far above 2 / curvature: the first copy's objective is not finite. The set ends with no copies
+    (a covariance needs two), says why, and counts as not converged; the pass itself does not fail."""
+    model, train, query = small_lr
+    cfg = DaunceConfig(n_models=4, variant="efim", rho=1.0, damping=0.0, isotropic_noise=False, optimizer="sgd",
+                       momentum=0.9, lr=1e6, steps=50, perturbation="iid")
+    run = copyruns.run_jobs([_job("blowup", model, train, query, tmp_path, cfg)], workers=1)["blowup"]
+    assert run.K == 0 and "not finite" in run.diverged and run.all_converged is False
+    assert run.train["loss"].shape == (0, len(train)) and run.query["margin"].shape == (0, len(query))

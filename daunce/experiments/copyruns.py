@@ -127,7 +127,7 @@ def _fit(job: CopyJob) -> dict:
     from .vision import make_daunce
 
     train, query = job.train, job.query
-    stopped_at, d, diverged = None, None, None
+    stopped_at, d, diverged, done = None, None, None, 0
     timing = job.workdir / "resolve_seconds.json"
     for K in job.stages:
         d = make_daunce(job.model, job.config.replace(n_models=K), job.workdir, signal=job.signal,
@@ -144,48 +144,31 @@ def _fit(job: CopyJob) -> dict:
         except FloatingPointError as e:  # a copy's objective blew up: keep the copies before it
             stopped_at, diverged = K, str(e)
             done = next((k for k in range(K) if not d.is_trained(k)), K)
-            if done < 2:  # no covariance from fewer than two copies
-                return _empty_record(job, d, stopped_at, diverged, timing)
-            d = make_daunce(job.model, job.config.replace(n_models=done), job.workdir, signal=job.signal,
-                            orthogonal_block=job.orthogonal_block)
+            if done >= 2:  # else no covariance: the set has no copies
+                d = make_daunce(job.model, job.config.replace(n_models=done), job.workdir, signal=job.signal,
+                                orthogonal_block=job.orthogonal_block)
             break
         if job.stop_unconverged and d.n_unconverged:
             stopped_at = K
             break
-    K = d.config.n_models
+    K = 0 if diverged and done < 2 else d.config.n_models
     other = "margin" if job.signal == "loss" else "loss"
-    sig_train = {job.signal: d.signals(train), other: d.signals(train, signal=ClassificationTask(other).signal)}
-    sig_query = {job.signal: d.signals(query), other: d.signals(query, signal=ClassificationTask(other).signal)}
+    sig_train, sig_query = {}, {}
+    for sig, fn in ((job.signal, None), (other, ClassificationTask(other).signal)):
+        sig_train[sig] = d.signals(train, signal=fn) if K else torch.zeros(0, len(train))
+        sig_query[sig] = d.signals(query, signal=fn) if K else torch.zeros(0, len(query))
     recs = [d.store.load(k) for k in range(K)]
     cfg = d.training_config()
     return {"tag": job.tag, "K": K, "train": sig_train, "query": sig_query,
             "seconds": [float(r.get("seconds", 0.0)) for r in recs],
             "steps": [r.get("steps") for r in recs], "converged": [r.get("converged") for r in recs],
-            "resolved": _resolved(cfg),
+            "resolved": {f: getattr(cfg, f) for f in ("rho", "damping", "isotropic_noise", "optimizer", "lr",
+                                                       "momentum", "steps", "batch_size", "epochs")},
             "trainer": d.trainer_used or "", "stopped_at": stopped_at,
             "resolve_seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0,
-            "info": _info(d, cfg, train), "diverged": diverged}
-
-
-def _resolved(cfg) -> dict:
-    return {f: getattr(cfg, f) for f in ("rho", "damping", "isotropic_noise", "optimizer", "lr", "momentum", "steps",
-                                         "batch_size", "epochs")}
-
-
-def _info(d, cfg, train) -> dict:
-    return {"n_steps_cap": cfg.n_steps(max(1, round(cfg.subset_ratio * len(train)))),
-            "resolution": {k: v for k, v in d.resolved.items() if k != "proxy"}}
-
-
-def _empty_record(job: CopyJob, d, stopped_at: int, diverged: str, timing: Path) -> dict:
-    """The record of a set that diverged before its second copy: no copies, empty signals."""
-    empty = {s: torch.zeros(0, len(job.train)) for s in SIGNALS}
-    cfg = d.training_config()
-    return {"tag": job.tag, "K": 0, "train": empty, "query": {s: torch.zeros(0, len(job.query)) for s in SIGNALS},
-            "seconds": [], "steps": [], "converged": [], "resolved": _resolved(cfg), "trainer": d.trainer_used or "",
-            "stopped_at": stopped_at,
-            "resolve_seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0,
-            "info": _info(d, cfg, job.train), "diverged": diverged}
+            "info": {"n_steps_cap": cfg.n_steps(max(1, round(cfg.subset_ratio * len(train)))),
+                     "resolution": {k: v for k, v in d.resolved.items() if k != "proxy"}},
+            "diverged": diverged}
 
 
 def _child(conn, job):

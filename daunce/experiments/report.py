@@ -368,8 +368,7 @@ def _section_02(j: dict) -> list[str]:
            "candidates whose copies all pass their stopping test (with the noise term off or on, and the training-side "
            "signal loss or margin); for TRAK, TracIn, grad-dot, grad-cos and kronfluence's EK-FAC also the "
            "training-side function, loss or minus-margin (*training side*). Every method measures the query by minus "
-           "its margin. "
-           "Daunce rows are bold; "
+           "its margin. Daunce rows are bold; "
            "*steps* is the mean optimiser steps per copy; *converged*: whether every copy passed its stopping test, "
            "and the linear-response correlation of two copies where it was computed.", ""]
     for name, M in models.items():

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ..engines.context import resolve_device
+from ..engines.sequential import set_lr
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -97,8 +98,7 @@ def train_classifier(model: torch.nn.Module, train: TensorDataset, *, epochs: in
             idx = perm[s : s + bs]
             xb = random_shift(x[idx], shift, g) if shift else x[idx]
             if schedule == "cosine":
-                for group in opt.param_groups:
-                    group["lr"] = lr * lr_factor(step, total, warmup)
+                set_lr(opt, lr * lr_factor(step, total, warmup))
             opt.zero_grad()
             objective(xb.to(dev), y[idx].to(dev)).backward()
             opt.step()

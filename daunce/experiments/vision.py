@@ -13,7 +13,7 @@ notebook, its tests and any script that warms the caches use exactly the same se
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -22,6 +22,9 @@ from torch.utils.data import TensorDataset
 from ..task import ClassificationTask
 from . import data as _data
 from . import groundtruth, models, training
+
+#: Recipe fields that enter its cache key only where they differ from their defaults
+_SET_ONLY = ("momentum", "schedule", "warmup", "shift")
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,8 @@ class Recipe:
     def key(self) -> dict:
         """The fields that decide the trained models (a cache key): the schedule and augmentation fields only where
         they are set, so that a recipe without them keeps the key it always had."""
-        d = dict(self.__dict__)
-        for k, default in (("momentum", 0.9), ("schedule", "constant"), ("warmup", 0.0), ("shift", 0)):
-            if d[k] == default:
-                del d[k]
-        return d
+        defaults = {f.name: f.default for f in fields(self)}
+        return {k: v for k, v in self.__dict__.items() if k not in _SET_ONLY or v != defaults[k]}
 
 
 @dataclass(frozen=True)
