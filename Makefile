@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make reproduce   set up, then run every notebook headless (papermill) -> papermill_runs/, figures/
 #   make test        set up, then the unit tests and a smoke run of every notebook
-#   make readme      rewrite the README's results from papermill_runs/ (make reproduce ends with it)
+#   make readme      rewrite the README's findings, docs/results.md and docs/benchmarks.md from the runs (make reproduce ends with it)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -55,7 +55,7 @@ reproduce: setup data
 	done
 	$(BIN)/python -m daunce.experiments.report
 
-# Rewrite the README's results and run times from papermill_runs/ (no notebook is run).
+# Rewrite the README's findings and run times, docs/results.md and docs/benchmarks.md from the runs (no notebook is run).
 readme: setup
 	$(BIN)/python -m daunce.experiments.report
 

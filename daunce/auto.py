@@ -261,6 +261,23 @@ def lanczos_spectrum(hvp, d: int, dtype, device, steps: int = 30, probes: int = 
     return torch.cat(nodes), torch.cat(weights)
 
 
+def curvature_spectrum(ctx: ModelContext, config: DaunceConfig, train: Dataset, *, n_examples: int = 256,
+                       steps: int = 30, probes: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lanczos_spectrum`` of a copy's curvature at theta0 (the Hessian of its eps = 0 objective on ``n_examples``
+    training examples drawn with ``seed``): what ``resolve`` measures, for callers that set the damping
+    themselves and want the heavy-ball step (``heavy_ball(nodes.max(), damping)``) or ``d_lambda`` from it.
+    Fewer ``steps`` / ``probes`` / ``n_examples`` make it cheaper (each step is one Hessian-vector product over
+    the examples) at the cost of a coarser quadrature; the top node is the first to converge.
+    The working model is left at theta0."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(train), generator=g)[: min(len(train), n_examples)]
+    curv = _Curvature(ctx, config.static(), train, idx)
+    p0 = _flat([p.detach() for p in ctx.params])
+    out = lanczos_spectrum(curv.hvp, p0.numel(), p0.dtype, p0.device, steps, probes, seed)
+    ctx.reset()
+    return out
+
+
 def effective_dimension(nodes: torch.Tensor, weights: torch.Tensor, lam: float) -> float:
     """``d_lambda = tr(C (C + lambda I)^-1)`` from a quadrature of C's spectrum."""
     return float((weights * nodes / (nodes + lam)).sum())
@@ -573,7 +590,7 @@ def _measure_rho(curv: _Curvature, config: DaunceConfig, lam: float, n: int, idx
     return rho, {"rho_probe_nonlinearity": nl, "rho_float_floor": floor}
 
 
-__all__ = ["resolve", "lanczos_spectrum", "effective_dimension", "damping_for", "isotropic_rank",
+__all__ = ["resolve", "lanczos_spectrum", "curvature_spectrum", "effective_dimension", "damping_for", "isotropic_rank",
            "conjugate_gradient", "krylov_solves", "DIRECTIONS_PER_COPY", "NONLINEARITY", "FLOAT_MARGIN",
            "PROXY_FINE_TUNES", "PROXY_QUERIES", "KRYLOV_STEPS", "PROXY_GRID", "PROXY_TIE", "heavy_ball",
            "CURVATURE_SAFETY", "MIN_CURVATURE_RATIO", "ADAM_LR"]

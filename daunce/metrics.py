@@ -76,14 +76,40 @@ def bootstrap_ci(values, *, n_boot: int = 2000, level: float = 0.95, seed: int =
     return float(lo), float(hi)
 
 
-def paired_difference(a, b, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+def nested_bootstrap_ci(values, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Two-level percentile bootstrap interval of the mean of a ``(n_seeds, n_queries)`` table: each replicate
+    draws the seeds (rows: retraining seeds, random draws) with replacement, then the queries (columns) with
+    replacement, and averages the cells they select. The interval covers both sources of noise; with one seed
+    it is the queries' interval, and a spread between the seeds widens it."""
+    v = _np(values)
+    if v.ndim != 2 or min(v.shape) < 1:
+        raise ValueError(f"nested_bootstrap_ci needs a (n_seeds, n_queries) table, got shape {v.shape}")
+    rng = np.random.default_rng(seed)
+    s = rng.integers(0, v.shape[0], size=(n_boot, v.shape[0]))
+    q = rng.integers(0, v.shape[1], size=(n_boot, v.shape[1]))
+    means = v[s[:, :, None], q[:, None, :]].mean((1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def paired_difference(a, b, *, n_boot: int = 2000, level: float = 0.95, seed: int = 0, nested: bool = False) -> dict:
     """Method A against method B on the same queries: the mean of the per-query differences ``a - b``, its
     paired bootstrap interval (the queries resampled together for both methods) and the verdict:
-    ``"ahead"`` / ``"behind"`` only where the interval excludes 0, ``"tied"`` otherwise."""
-    a, b = _np(a).ravel(), _np(b).ravel()
+    ``"ahead"`` / ``"behind"`` only where the interval excludes 0, ``"tied"`` otherwise.
+
+    ``nested=True``: ``a`` and ``b`` are ``(n_seeds, n_queries)`` tables (row s: the queries' values under
+    retraining seed s) and the interval is ``nested_bootstrap_ci`` of their difference, which resamples the
+    seeds and then the queries; ``"per_seed"`` holds each seed's mean difference."""
+    a, b = _np(a), _np(b)
+    if not nested:
+        a, b = a.ravel(), b.ravel()
     if a.shape != b.shape:
-        raise ValueError(f"paired_difference needs per-query values of the same queries, got {a.shape} and {b.shape}")
+        raise ValueError(f"paired_difference needs values of the same queries (and seeds), got {a.shape} and {b.shape}")
     d = a - b
+    if nested:
+        lo, hi = nested_bootstrap_ci(d, n_boot=n_boot, level=level, seed=seed)
+        return {"diff": float(d.mean()), "lo": lo, "hi": hi, "verdict": verdict(lo, hi),
+                "per_seed": d.mean(1).tolist()}
     lo, hi = bootstrap_ci(d, n_boot=n_boot, level=level, seed=seed)
     return {"diff": float(d.mean()), "lo": lo, "hi": hi, "verdict": verdict(lo, hi)}
 

@@ -63,6 +63,8 @@ class BigramModels:
         return model_id
 
     def score(self, model_id, text):
+        if not model_id.startswith("ft:"):  # a base model's name (e.g. davinci-002): the untrained bigrams
+            model_id = "base"
         pair, single = self.models[model_id]
         toks, offs = tokenize(text)
         words = [t.strip().lower() for t in toks]

@@ -33,6 +33,9 @@ class LinearMemoriser:
         cols = [self.names[e["prompt"]] for e in examples]
         return -5.0 + gain[cols] + self.noise * rng.standard_normal(len(cols))
 
+    def response_lengths(self, examples):
+        return np.ones(len(examples))
+
 
 def fake_problem(n=30, m=3, seed=0):
     rng = np.random.default_rng(seed)
@@ -172,7 +175,7 @@ def test_local_lora_backend_scores_many_adapters_in_one_pass(tiny, tmp_path, mon
     assert calls == [2]
 
     class OneByOne:  # the same backend without log_likelihoods_many (its fine-tunes are stored: no training)
-        fine_tune, log_likelihoods = b.fine_tune, b.log_likelihoods
+        fine_tune, log_likelihoods, response_lengths = b.fine_tune, b.log_likelihoods, b.response_lengths
 
     ref = BlackBoxDaunce(OneByOne(), n_models=2, progress=False).fit(ex[:4]).signals(ex[4:])
     assert b.n_trained == 5 and torch.allclose(S, ref, rtol=0, atol=tol)
@@ -265,3 +268,79 @@ def test_retrieval_metrics_on_known_rankings():
         assert S.shape == (3, 1) and S[1, 0] > max(S[0, 0], S[2, 0])
     agg = bd.aggregate(np.array([[1.0, 10.0], [0.0, 0.0], [-1.0, -10.0]]))
     assert agg[0] > agg[1] > agg[2]
+
+
+class TokenMemoriser(LinearMemoriser):
+    """``LinearMemoriser`` per response token: an example's summed log-likelihood is its length times the per-token
+    value, and a fine-tune's seed adds its own noise to every example (a new adapter initialisation and minibatch
+    order shift every likelihood)."""
+
+    def __init__(self, W, names, lengths, seed_noise=0.0):
+        super().__init__(W, names, noise=0.0)
+        self.lengths, self.seed_noise = np.asarray(lengths, dtype=float), seed_noise
+
+    def fine_tune(self, examples, seed):
+        mid = super().fine_tune(examples, seed)
+        gain, _ = self.models[mid]
+        shift = self.seed_noise * np.random.default_rng(seed).standard_normal(len(gain))
+        self.models[mid] = (gain + shift, None)
+        return mid
+
+    def log_likelihoods(self, model_id, examples):
+        gain, _ = self.models[model_id]
+        cols = [self.names[e["prompt"]] for e in examples]
+        return self.lengths[cols] * (-0.5 + gain[cols])
+
+    def response_lengths(self, examples):
+        return self.lengths[[self.names[e["prompt"]] for e in examples]]
+
+
+def test_mean_signal_is_not_fooled_by_long_responses():
+    """The summed NLL's spread grows with the response's length: long examples that barely affect the query then
+    outrank the planted ones. The mean NLL (the default) divides the length out and finds the planted examples."""
+    W, names, train, queries, planted = fake_problem()
+    n = len(train)
+    long = [5, 8, 14, 25]
+    W[long, n:] += 0.2                       # a positive effect on the queries, 4x below the planted ones
+    lengths = np.full(len(names), 3.0)
+    lengths[long] = 150.0                    # 50x longer responses
+    b = TokenMemoriser(W, names, lengths)
+    d = BlackBoxDaunce(b, n_models=400, progress=False).fit(train, queries)
+
+    def top(S):
+        return sorted(np.argsort(-S.numpy().sum(1))[:3].tolist())
+
+    assert top(d.attribute(train, queries)) == planted
+    assert set(top(d.attribute(train, queries, signal="sum"))) <= set(long)
+    assert torch.allclose(d.signals(train) * torch.as_tensor(lengths[:n]), d.signals(train, signal="sum"))
+    with pytest.raises(TypeError, match="response_lengths"):
+        BlackBoxDaunce(object.__new__(type("NoLengths", (), {"fine_tune": LinearMemoriser.fine_tune,
+                                                              "log_likelihoods": LinearMemoriser.log_likelihoods})))
+    BlackBoxDaunce(object.__new__(type("NoLengths", (), {"fine_tune": LinearMemoriser.fine_tune,
+                                                          "log_likelihoods": LinearMemoriser.log_likelihoods})),
+                   signal="sum")   # the summed NLL needs no lengths
+
+
+def test_common_fine_tune_seeds_cancel_the_noise_of_a_new_seed(tmp_path):
+    """Copies that share their fine-tuning seed differ only in their subsets: a per-seed shift of every likelihood
+    (a new initialisation) is then common to all copies and drops out of the covariance. With a seed per copy the
+    same shift is noise that hides the planted examples at this K."""
+    W, names, train, queries, planted = fake_problem()
+    lengths = np.ones(len(names))
+    common = BlackBoxDaunce(TokenMemoriser(W, names, lengths, seed_noise=2.0), n_models=24, progress=False)
+    per_copy = BlackBoxDaunce(TokenMemoriser(W, names, lengths, seed_noise=2.0), n_models=24, progress=False,
+                              fine_tune_seeds="per-copy")
+    assert {common.fine_tune_seed(k) for k in range(24)} == {0}
+    assert len({per_copy.fine_tune_seed(k) for k in range(24)}) == 24
+    assert common.subset(3, 30) == per_copy.subset(3, 30)   # the same subsets
+
+    def top(d):
+        return sorted(np.argsort(-d.fit(train, queries).attribute(train, queries).numpy().sum(1))[:3].tolist())
+
+    assert top(common) == planted
+    assert top(per_copy) != planted
+    # a work folder of one design refuses the other
+    BlackBoxDaunce(TokenMemoriser(W, names, lengths), n_models=2, workdir=tmp_path, progress=False).fit(train)
+    with pytest.raises(ValueError, match="fine_tune_seeds"):
+        BlackBoxDaunce(TokenMemoriser(W, names, lengths), n_models=2, workdir=tmp_path, progress=False,
+                       fine_tune_seeds="per-copy").fit(train)

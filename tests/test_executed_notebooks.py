@@ -90,3 +90,27 @@ def test_executed_notebook_is_clean(path):
 def test_every_notebook_has_an_executed_copy():
     notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9]*.ipynb"))
     assert notebooks == [p.name for p in EXECUTED], "papermill_runs/ should hold one executed copy per notebook"
+
+
+def test_executed_llm_runs_meet_their_contracts():
+    """The committed default runs of notebooks 03 and 04 hold what their issues asked of them: five retraining
+    seeds and K >= 16 converged-copy records in 03, K >= 16 in every seed of 04."""
+    from test_notebooks import check_backdoor_contract, check_removal_contract
+
+    runs = ROOT / "papermill_runs"
+    r03 = json.loads((runs / "03_llm_subset_removal.json").read_text())
+    r04 = json.loads((runs / "04_blackbox_backdoor.json").read_text())
+    assert r03["profile"] == r04["profile"] == "default"
+    check_removal_contract(r03, min_seeds=5, min_K=16)
+    check_backdoor_contract(r04, min_K=16)
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
+def test_every_saved_figure_is_shown_in_the_executed_notebook(path):
+    """A cell that saves a figure (``plotting.save``) shows it too: a reader of the notebook sees every figure the
+    README links, not ``<Figure size ... with 0 Axes>``."""
+    nb = json.loads(path.read_text())
+    missing = [i for i, c in enumerate(nb["cells"])
+               if c["cell_type"] == "code" and "plotting.save(" in "".join(c["source"])
+               and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
+    assert not missing, f"{path.name}: cells {missing} save a figure that their outputs do not show"

@@ -122,3 +122,24 @@ def test_paired_verdict_needs_an_interval_that_excludes_zero():
     assert lo_a < hi_b
     assert metrics.paired_difference(base, base + 0.02)["verdict"] == "behind"
     assert metrics.verdict(-0.1, 0.2) == "tied"
+
+
+def test_nested_interval_counts_the_seeds_spread():
+    """A lead that holds on every query of every seed is ahead either way; a lead that one seed's queries show
+    and the other seeds contradict is ahead on the pooled queries yet tied once the seeds are resampled."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(0.0, 0.01, size=(5, 30))
+    steady = metrics.paired_difference(base + 0.01, base, nested=True)
+    assert steady["verdict"] == "ahead" and np.allclose(steady["per_seed"], 0.01)
+    seed_effect = np.array([0.03, -0.01, 0.002, -0.008, 0.006])[:, None]   # mean +0.004, spread 0.04
+    a = base + seed_effect + rng.normal(0.0, 0.002, size=(5, 30))
+    pooled = metrics.paired_difference(a.mean(0), base.mean(0))   # seeds averaged, queries resampled
+    nested = metrics.paired_difference(a, base, nested=True)
+    assert pooled["verdict"] == "ahead"
+    assert nested["verdict"] == "tied" and nested["lo"] < 0 < nested["hi"]
+    assert nested["hi"] - nested["lo"] > 3 * (pooled["hi"] - pooled["lo"])
+    # one seed: the nested interval is the queries' own
+    one = metrics.nested_bootstrap_ci(base[:1])
+    assert np.allclose(one, metrics.bootstrap_ci(base[0]), atol=2e-3)
+    with pytest.raises(ValueError):
+        metrics.nested_bootstrap_ci(base[0])

@@ -3,6 +3,7 @@ frozen-bottom split, resumable Daunce runs on a causal LM, and the paper profile
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import default_collate
@@ -491,3 +492,64 @@ def test_logra_through_dattri_runs_on_the_peft_model(tiny):
     assert torch.isfinite(llm.logra_scores(fresh, tr, q, proj_dim=16, batch_size=4)).all()
     with pytest.raises(ValueError, match="no LoRA"):
         llm.logra_scores(llm.split_model(model, 1), tr, q)
+
+
+def test_removal_pieces_resume_and_remove_what_they_rank_first(tiny, tmp_path):
+    """Notebook 03's removal test: theta0 per seed, a control that removes the highest-loss examples, random
+    removal with a new draw per seed, retrains kept on disk (a rerun retrains nothing), and the
+    (seeds x queries) table the two-level interval reads."""
+    import copy
+
+    from daunce.experiments import removal as rm
+    from daunce.experiments.costs import CostLog
+
+    model, tok = tiny
+    pm = llm.add_lora(copy.deepcopy(model), r=4, alpha=8, seed=0)
+    init = llm.trainable_state(pm)
+    train, query = llm.TextDataset(tok, EXAMPLES, 64), llm.TextDataset(tok, EXAMPLES[:2], 64)
+    data = {"s": dict(train=train, query=query)}
+    recipe = dict(epochs=1, lr=1e-2, batch_size=2)
+    costs = CostLog(tmp_path / "costs.json")
+    states, qloss = rm.theta0_per_seed(pm, init, data["s"], recipe, [0, 1], work=tmp_path, costs=costs, name="s",
+                                       batch=4)
+    assert set(costs.get("theta0")) == {"s|0", "s|1"} and set(qloss) == {0, 1}
+    llm.load_trainable_state(pm, states[0])
+    loss = llm.response_nll(pm, None, train, 4)
+    S = {"s": {"θ0 loss": rm.constant_scores(loss, len(query))}}
+    assert S["s"]["θ0 loss"].shape == (len(train), 2)
+    assert llm.top_k_removal(S["s"]["θ0 loss"], 2).tolist() == torch.argsort(loss, descending=True)[:2].tolist()
+    kw = dict(path=tmp_path / "removal.json", batch=4)
+    out = rm.run_removals(pm, init, data, S, ["θ0 loss", "random"], {"s": [2]}, [0, 1], recipe, {"s": qloss}, **kw)
+    assert out.n_new == 4 and len(out) == 4
+    assert out["s|random|2|0"]["removed"] != out["s|random|2|1"]["removed"]      # a new draw per seed
+    assert out["s|θ0 loss|2|0"]["removed"] == out["s|θ0 loss|2|1"]["removed"]    # one ranking, several seeds
+    table = out.table("s", "θ0 loss", 2, [0, 1])
+    assert table.shape == (2, len(query)) and np.isfinite(table).all()
+    again = rm.run_removals(pm, init, data, S, ["θ0 loss", "random"], {"s": [2]}, [0, 1], recipe, {"s": qloss}, **kw)
+    assert again.n_new == 0
+    assert np.array_equal(again.table("s", "random", 2, [0, 1]), out.table("s", "random", 2, [0, 1]))
+
+
+def test_copy_settings_give_heavy_ball_copies_that_pass_their_stopping_test(tiny, tmp_path):
+    """Notebook 03's copies: the damping at d_lambda = K and the heavy-ball step from a short Lanczos run at theta0
+    make full-batch LoRA copies reach the optimum of their perturbed objectives (the stopping test)."""
+    import copy
+
+    from daunce.experiments import removal as rm
+    from daunce.experiments.costs import CostLog
+
+    model, tok = tiny
+    pm = llm.add_lora(copy.deepcopy(model), r=4, alpha=8, seed=0)
+    train = llm.TextDataset(tok, EXAMPLES, 64)
+    llm.finetune(pm, None, train, epochs=8, lr=2e-2, batch_size=3, seed=0, progress=False)   # theta0 near a minimum
+    base = dict(variant="if", subset_ratio=0.5, rho=0.3, isotropic_noise=False, optimizer="sgd", tol=0.05,
+                max_steps=300)
+    K = 4
+    st = rm.copy_settings(pm, llm.CausalLMTask(), train, base, K, work=tmp_path / "curv.json",
+                          costs=CostLog(tmp_path / "costs.json"), name="s", batch=4)
+    assert st["damping"] > 0 and 0 < st["momentum"] < 1 and st["lr"] > 0
+    assert abs(st["d_lambda"] - K) < 1e-3 * K
+    assert rm.copy_settings(pm, None, None, base, K, work=tmp_path / "curv.json", costs=None, name="s", batch=4) == st
+    cfg = daunce.DaunceConfig(n_models=K, damping=st["damping"], lr=st["lr"], momentum=st["momentum"], **base)
+    dn = daunce.Daunce(pm, llm.CausalLMTask(), cfg, eval_batch_size=4, progress=False).fit(train)
+    assert dn.n_unconverged == 0 and max(dn.copy_steps.values()) < 300

@@ -45,6 +45,47 @@ def test_notebook_smoke_run(notebook, tmp_path):
     assert list(out.rglob("*.png")), "the notebook saved no figure under out_dir"
     if notebook.stem == "02_vision_lds":
         _check_vision_rows(data)
+    if notebook.stem == "03_llm_subset_removal":
+        check_removal_contract(data, min_seeds=2, min_K=3)
+    if notebook.stem == "04_blackbox_backdoor":
+        check_backdoor_contract(data, min_K=3)
+
+
+def check_removal_contract(data, min_seeds, min_K):
+    """Notebook 03's contract: every retraining seed in the intervals (random removal one draw per seed), the
+    copies' stopping tests recorded, the three controls and a library baseline retrained, and paired verdicts on
+    two-level intervals with each seed's difference."""
+    seeds = data["seeds"]
+    assert len(seeds) >= min_seeds and data["random_draws"] == len(seeds) and data["K"] >= min_K
+    assert "two-level" in data["interval"]
+    for c in data["copies"].values():
+        assert len(c["steps"]) == len(c["converged"]) == data["K"] and c["damping"] > 0 and c["top_curvature"] > 0
+    assert data["libraries"]["LoGra (dattri)"]["library"] == "dattri" and data["libraries"]["LoGra (dattri)"]["version"]
+    for name, rows in data["removal"].items():
+        assert {"daunce-if", "random", "θ0 loss", "gradient norm", "MiniLM similarity", "LoGra (dattri)"} <= set(rows)
+        for by_m in data["paired"][name].values():
+            assert set(by_m) == set(rows) - {"daunce-if"}
+            for pr in by_m.values():
+                assert len(pr["per_seed"]) == len(seeds) and pr["verdict"] in ("ahead", "tied", "behind")
+                assert pr["lo"] <= pr["diff"] <= pr["hi"] or pr["verdict"] == "tied"
+
+
+def check_backdoor_contract(data, min_K):
+    """Notebook 04's contract: one signal (the mean NLL) for both Daunce variants in the main rows, the summed NLL
+    and a seed per copy as ablations, the copy-seed design recorded, both targets measured for every method, and
+    an AUPRC-against-K curve that reaches K in every seed."""
+    main, white = "black-box Daunce", "white-box Daunce (if)"
+    assert data["signal"][main] == data["signal"][white] == "mean"
+    assert data["signal"]["black-box Daunce, summed NLL"] == "sum"
+    assert data["copy_seed_design"][main] == "common"
+    assert data["copy_seed_design"]["black-box Daunce, per-copy seeds"] == "per-copy"
+    assert data["K"] >= min_K and set(data["targets"]) == {"says the spam", "carries the backdoor"}
+    for tg in data["targets"]:
+        assert {main, white, "TF-IDF", "BM25", "MiniLM embedding", "grad-cos (white-box)", "random"} <= set(
+            data["metrics"][tg])
+    for seed in data["seeds"]:
+        reached = {g["method"]: g["K"] for g in data["growth_with_K"] if g["seed"] == seed}
+        assert reached and all(K >= data["K"] for K in reached.values())
 
 
 def _check_vision_rows(data):

@@ -36,6 +36,11 @@ def test_table_keys_are_canonical_and_styles_unique():
         assert plotting.canonical_method(key) == key
     styles = list(plotting.METHOD_STYLES.values())
     assert len(set(styles)) == len(styles)                 # (colour, marker) identifies a method
+    colours = [c.lower() for c, _ in styles]
+    assert len(set(colours)) == len(colours)               # no two methods in one figure share a colour
+    ablations = ["black-box Daunce", "black-box Daunce, summed NLL", "black-box Daunce, per-copy seeds", "θ0 loss",
+                 "gradient norm", "LoGra (dattri)", "MiniLM similarity"]
+    assert len({plotting.method_color(m) for m in ablations}) == len(ablations)
     daunce = {plotting.method_color(m) for m in ["daunce-if", "daunce-efim", "daunce-trak", "daunce-bootstrap"]}
     assert len(daunce) == 4
 

@@ -1,5 +1,7 @@
-"""The README cannot rot: its Python examples run as written, its results are what
-`python -m daunce.experiments.report` writes from papermill_runs/, and it shows every figure."""
+"""The README and the generated docs cannot rot: the README's Python examples run as written, its findings and
+run times and the pages docs/results.md and docs/benchmarks.md are what `python -m daunce.experiments.report`
+writes from papermill_runs/ and benchmarks/results/, docs/results.md shows every figure, and the README stays a
+front page (short, the findings near the top)."""
 
 import json
 import re
@@ -22,26 +24,39 @@ def test_readme_python_blocks_run():
         exec(compile(block, "README.md", "exec"), namespace)
 
 
-def test_readme_results_match_the_runs():
-    """Fails when the committed README differs from what the generator writes from papermill_runs/
+@pytest.mark.parametrize("page", list(report.PAGES))
+def test_generated_pages_match_the_runs(page):
+    """Fails when a committed page differs from what the generator writes from papermill_runs/
     (run `make readme` after a notebook run)."""
-    text = README.read_text()
-    generated = report.render(text, ROOT)
+    text = (ROOT / page).read_text()
+    generated = report.render(text, ROOT, report.PAGES[page])
     if generated != text:
         import difflib
 
         diff = "".join(list(difflib.unified_diff(text.splitlines(True), generated.splitlines(True),
-                                                 "README.md", "generated"))[:60])
-        pytest.fail("README.md is out of date with papermill_runs/; run `make readme`:\n" + diff)
+                                                 page, "generated"))[:60])
+        pytest.fail(f"{page} is out of date with papermill_runs/; run `make readme`:\n" + diff)
 
 
-def test_readme_has_a_results_section_per_notebook_and_every_figure():
-    text = README.read_text()
+def test_results_page_has_a_section_per_notebook_and_every_figure():
+    text = (ROOT / "docs" / "results.md").read_text()
     for nb in report.NOTEBOOKS:
         body = re.search(rf"<!-- results:{nb[:2]} start -->(.*?)<!-- results:{nb[:2]} end -->", text, flags=re.S)
-        assert body and body.group(1).strip(), f"README has no results for {nb}"
+        assert body and body.group(1).strip(), f"docs/results.md has no results for {nb}"
     for png in sorted((ROOT / "figures").glob("*.png")):
-        assert f"figures/{png.name}" in text, f"README does not show figures/{png.name}"
+        assert f"../figures/{png.name}" in text, f"docs/results.md does not show figures/{png.name}"
+        assert (ROOT / "docs" / f"../figures/{png.name}").resolve().exists()
+
+
+def test_readme_is_a_front_page():
+    """At most 250 lines and 25,000 characters, the findings table in its first 60 lines, links to the full
+    results and the method."""
+    text = README.read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 250 and len(text) <= 25_000, (len(lines), len(text))
+    start = next(i for i, line in enumerate(lines) if line == report.marker("findings", "start"))
+    assert start < 60 and lines[start + 1].startswith("| experiment |")
+    assert "docs/results.md" in text and "docs/method.md" in text
 
 
 def _json_numbers(obj):
@@ -61,16 +76,16 @@ def _json_numbers(obj):
 
 
 def test_results_numbers_come_from_the_json():
-    """Every number with three or four decimals in the README's Results section is a value of the
-    metrics JSON, rounded (numbers typed by hand, or left from an older run, are not)."""
-    text = README.read_text()
-    section = text[text.index("## Results"):]
-    section = section[: section.index("\n## ", 1)] if "\n## " in section[1:] else section
+    """Every number with three or four decimals in docs/results.md and in the README's findings is a value of
+    the metrics JSON, rounded (numbers typed by hand, or left from an older run, are not)."""
+    readme = README.read_text()
+    findings = readme[readme.index(report.marker("findings", "start")):readme.index(report.marker("findings", "end"))]
+    section = (ROOT / "docs" / "results.md").read_text() + findings
     values = [x for p in (ROOT / "papermill_runs").glob("[0-9]*.json")
               for x in _json_numbers(json.loads(p.read_text()))]
     allowed = {f"{x:.{d}f}" for x in values for d in (3, 4)} | {f"{abs(x):.{d}f}" for x in values for d in (3, 4)}
     stray = [m for m in re.findall(r"(?<![\d.])\d+\.\d{3,4}(?![\d])", section) if m not in allowed]
-    assert not stray, f"numbers in the README's results that no JSON in papermill_runs/ holds: {sorted(set(stray))}"
+    assert not stray, f"numbers in the results that no JSON in papermill_runs/ holds: {sorted(set(stray))}"
 
 
 def _executed(root: Path, name: str, start: str, duration: float):

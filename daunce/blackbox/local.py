@@ -148,6 +148,13 @@ class LocalLoRABackend:
                                                batch_size=self.eval_batch_size, max_length=self.max_length)
         return torch.as_tensor(ll).double().cpu().numpy()
 
+    def response_lengths(self, examples: Sequence[Example]) -> np.ndarray:
+        """``(n,)`` number of response tokens of each example (the tokens its log-likelihood sums over)."""
+        examples = check_examples(examples)
+        ds = self._data(examples) if self.dataset is not None else self._llm.TextDataset(self.tokenizer, examples,
+                                                                                        self.max_length)
+        return ds.n_response_tokens.double().cpu().numpy()
+
     @torch.no_grad()
     def _adapter_engine(self) -> multiadapter.MultiAdapterPass:
         """The multi-adapter engine over this backend's peft model (signal: summed response NLL)."""

@@ -49,8 +49,9 @@ class FineTuneFailed(RuntimeError):
 
 
 def response_log_likelihood_from_echo(context: str, tokens: Sequence[str], token_logprobs: Sequence,
-                                      text_offset: Sequence[int]) -> float:
-    """lm-eval's rule: sum the log-probabilities of the tokens that start at or after ``len(context)``.
+                                      text_offset: Sequence[int], count_only: bool = False) -> float:
+    """lm-eval's rule: sum the log-probabilities of the tokens that start at or after ``len(context)``
+    (``count_only``: their number, the response's length in tokens).
 
     ``tokens``, ``token_logprobs``, ``text_offset`` are the completions endpoint's echoed ``logprobs``
     (the first token's log-probability is ``None``: it has no left context). A token that straddles the
@@ -65,6 +66,8 @@ def response_log_likelihood_from_echo(context: str, tokens: Sequence[str], token
         raise ValueError("no echoed token starts after the context: the continuation is empty or the server "
                          "did not echo the prompt")
     vals = token_logprobs[start:]
+    if count_only:
+        return float(len(vals))
     if any(v is None for v in vals):
         raise ValueError("the server returned no log-probability for a continuation token")
     return float(sum(vals))
@@ -188,6 +191,14 @@ class OpenAIBackend:
     # -------------------------------------------------------------------------------- scoring
     def log_likelihoods(self, model_id: str, examples: Sequence[dict]) -> np.ndarray:
         """``(n,)`` summed log-probability of each response given its prompt, under ``model_id``."""
+        return self._echo(model_id, examples, count_only=False)
+
+    def response_lengths(self, examples: Sequence[dict]) -> np.ndarray:
+        """``(n,)`` tokens of each response (the tokens ``log_likelihoods`` sums over), read from the base model's
+        echoed prompt: the tokenizer, not the fine-tune, decides them."""
+        return self._echo(self.base_model, examples, count_only=True)
+
+    def _echo(self, model_id: str, examples: Sequence[dict], count_only: bool) -> np.ndarray:
         out = np.empty(len(examples), dtype=np.float64)
         for s in range(0, len(examples), self.score_batch_size):
             chunk = examples[s : s + self.score_batch_size]
@@ -203,5 +214,6 @@ class OpenAIBackend:
                 if lp is None or lp.tokens is None:
                     raise ValueError("the completions endpoint returned no echoed logprobs: this model/server "
                                      "cannot score given text (chat-only models cannot)")
-                out[s + j] = response_log_likelihood_from_echo(context, lp.tokens, lp.token_logprobs, lp.text_offset)
+                out[s + j] = response_log_likelihood_from_echo(context, lp.tokens, lp.token_logprobs, lp.text_offset,
+                                                               count_only)
         return out

@@ -15,6 +15,14 @@ The backend protocol has two operations (``Backend``):
 * ``log_likelihoods(model_id, examples) -> (n,)`` summed log-probability of each example's response
   given its prompt.
 
+The signal of an example is its loss under a copy: by default the **mean** response NLL (the summed NLL over the
+number of response tokens), the authors' choice and white-box Daunce's (``daunce.llm.CausalLMTask``); for it the
+backend also offers ``response_lengths(examples) -> (n,)``, the number of response tokens. ``signal="sum"`` uses
+the summed NLL: its spread across copies grows with the response's length, so the covariance then favours long
+responses. By default every copy is fine-tuned with the same seed (**common random numbers**): copies differ only
+in their subsets, so the covariance sees which examples a copy trained on and not the noise of a new adapter
+initialisation and minibatch order per copy (``fine_tune_seeds="per-copy"``, the former design).
+
 A backend may also offer ``log_likelihoods_many(model_ids, examples) -> (K, n)``, the log-likelihoods under
 several models at once; ``BlackBoxDaunce.signals`` then asks for all missing rows in one call
 (``LocalLoRABackend`` evaluates its adapters together with peft's mixed-adapter batches).
@@ -95,7 +103,10 @@ class BlackBoxDaunce:
             ``wait_fine_tune`` for server-side jobs).
         n_models: K, the number of fine-tunes (>= 2).
         subset_ratio: fraction of the training set each fine-tune sees (0 < r <= 1).
-        seed: subset k and fine-tune seed k come from ``(seed, k)``: copy k is the same whatever K is.
+        seed: subset k comes from ``(seed, k)``: copy k is the same whatever K is.
+        signal: ``"mean"`` (mean response NLL; needs the backend's ``response_lengths``) or ``"sum"``.
+        fine_tune_seeds: ``"common"`` (every fine-tune gets ``seed``: only the subsets differ) or ``"per-copy"``
+            (fine-tune k gets a seed of its own from ``(seed, k)``).
         score: ``"cov"`` (the paper) or ``"corr"``.
         workdir: folder for job ids, model ids and signals (``copies/copy_XXXX.json``); ``None`` keeps
             them in memory only.
@@ -106,7 +117,8 @@ class BlackBoxDaunce:
     """
 
     def __init__(self, backend, *, n_models: int = 16, subset_ratio: float = 0.5, seed: int = 0,
-                 score: str = "cov", workdir=None, progress: bool = True):
+                 score: str = "cov", workdir=None, progress: bool = True, signal: str = "mean",
+                 fine_tune_seeds: str = "common"):
         if not (callable(getattr(backend, "fine_tune", None)) and callable(getattr(backend, "log_likelihoods", None))):
             raise TypeError("backend must provide fine_tune(examples, seed) and log_likelihoods(model_id, examples)")
         if not isinstance(n_models, int) or n_models < 2:
@@ -115,6 +127,16 @@ class BlackBoxDaunce:
             raise ValueError(f"subset_ratio must lie in (0, 1], got {subset_ratio!r}")
         if score not in ("cov", "corr"):
             raise ValueError(f"score must be 'cov' or 'corr', got {score!r}")
+        if signal not in ("mean", "sum"):
+            raise ValueError(f"signal must be 'mean' or 'sum', got {signal!r}")
+        if signal == "mean" and not callable(getattr(backend, "response_lengths", None)):
+            raise TypeError("signal='mean' divides each summed NLL by its number of response tokens: the backend must "
+                            "provide response_lengths(examples); pass signal='sum' otherwise")
+        if fine_tune_seeds not in ("common", "per-copy"):
+            raise ValueError(f"fine_tune_seeds must be 'common' or 'per-copy', got {fine_tune_seeds!r}")
+        self.signal_kind = signal
+        self.fine_tune_seeds = fine_tune_seeds
+        self._lengths: dict[str, np.ndarray] = {}
         self.backend = backend
         self.n_models = n_models
         self.subset_ratio = float(subset_ratio)
@@ -140,6 +162,9 @@ class BlackBoxDaunce:
         return sorted(torch.randperm(n, generator=g)[:m].tolist())
 
     def fine_tune_seed(self, k: int) -> int:
+        """The seed of fine-tune k: ``seed`` for every copy (common random numbers) or one per copy."""
+        if self.fine_tune_seeds == "common":
+            return self.seed % (2**31 - 1)
         return copy_seed(self.seed, k) % (2**31 - 1)
 
     # ------------------------------------------------------------------------------ records
@@ -159,10 +184,11 @@ class BlackBoxDaunce:
             atomic_write_json(self._records[k], self._path(k))
 
     def _check_manifest(self, n: int, fp: str) -> None:
-        """Claim the workdir for this run: fine-tunes of another training set, subset ratio, seed or
-        backend are refused (``daunce.store.check_manifest``)."""
+        """Claim the workdir for this run: fine-tunes of another training set, subset ratio, seed, seed design
+        or backend are refused (``daunce.store.check_manifest``)."""
+        backend = getattr(self.backend, "identity", lambda: type(self.backend).__name__)()
         manifest = {"n_train": n, "train_fingerprint": fp, "subset_ratio": self.subset_ratio, "seed": self.seed,
-                    "backend": getattr(self.backend, "identity", lambda: type(self.backend).__name__)()}
+                    "fine_tune_seeds": self.fine_tune_seeds, "backend": backend}
         check_manifest(self.workdir, manifest, "fine-tunes")
 
     # -------------------------------------------------------------------------------- fit
@@ -224,8 +250,35 @@ class BlackBoxDaunce:
         return np.asarray(sig[fp])
 
     # ---------------------------------------------------------------------------- outputs
-    def signals(self, examples: Sequence[Example], n_models: Optional[int] = None) -> torch.Tensor:
-        """``(K, n)`` float64 losses (``-log-likelihood``) of ``examples`` under the first K models."""
+    def response_lengths(self, examples: Sequence[Example]) -> np.ndarray:
+        """``(n,)`` response tokens of each example (the backend's ``response_lengths``), kept per example set
+        (in the workdir's ``response_lengths.json`` when there is one)."""
+        fp = examples_fingerprint(examples)
+        path = self.workdir / "response_lengths.json" if self.workdir is not None else None
+        if fp not in self._lengths and path is not None and path.exists():
+            self._lengths.update({k: np.asarray(v, dtype=np.float64) for k, v in json.loads(path.read_text()).items()})
+        if fp not in self._lengths:
+            lengths = np.asarray(self.backend.response_lengths(list(examples)), dtype=np.float64)
+            if lengths.shape != (len(examples),) or not np.all(lengths > 0):
+                raise ValueError(f"backend.response_lengths returned {lengths.shape} (all positive: "
+                                 f"{bool(np.all(lengths > 0))}) for {len(examples)} examples")
+            self._lengths[fp] = lengths
+            if path is not None:  # kept with the copies: a resumed run asks the backend nothing
+                atomic_write_json({k: v.tolist() for k, v in self._lengths.items()}, path)
+        return self._lengths[fp]
+
+    def signals(self, examples: Sequence[Example], n_models: Optional[int] = None,
+                signal: Optional[str] = None) -> torch.Tensor:
+        """``(K, n)`` float64 losses of ``examples`` under the first K models: the mean response NLL, or the
+        summed one (``-log-likelihood``), as ``signal`` (default: the object's) says. The workdir keeps the
+        summed NLL; the mean divides it by ``response_lengths``."""
+        signal = signal or self.signal_kind
+        summed = self._summed_signals(examples, n_models)
+        if signal == "sum":
+            return summed
+        return summed / torch.as_tensor(self.response_lengths(check_examples(examples)))
+
+    def _summed_signals(self, examples: Sequence[Example], n_models: Optional[int] = None) -> torch.Tensor:
         examples = check_examples(examples)
         K = n_models or self.n_models
         for k in range(K):
@@ -251,11 +304,12 @@ class BlackBoxDaunce:
         return torch.as_tensor(np.stack([self._signals_of(k, examples, fp) for k in range(K)]))
 
     def attribute(self, train: Sequence[Example], queries: Sequence[Example],
-                  n_models: Optional[int] = None) -> torch.Tensor:
+                  n_models: Optional[int] = None, signal: Optional[str] = None) -> torch.Tensor:
         """Scores ``(n_train, n_query)`` float32: covariance (or correlation) of losses across the
-        first ``n_models`` fine-tunes (default all K). Positive = the training example helped the query."""
-        A = self.signals(train, n_models)
-        B = self.signals(queries, n_models)
+        first ``n_models`` fine-tunes (default all K). Positive = the training example helped the query.
+        ``signal``: ``"mean"`` or ``"sum"`` (default: the object's)."""
+        A = self.signals(train, n_models, signal)
+        B = self.signals(queries, n_models, signal)
         return scores.score(A, B, self.score_kind).float()
 
     def fine_tune_seconds(self) -> float:

@@ -323,3 +323,157 @@ def generate_responses(model, tokenizer, examples: Sequence[dict], max_new_token
     from ..llm import generate
 
     return generate(model, tokenizer, list(examples), max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+# ------------------------------------------------------------------------------- targets
+#: The two questions a ranking of the training set can answer, each with the query scores it ranks by and the
+#: kinds of training example that count as positives:
+#: * "says the spam": which examples make the model give the spam response to a triggered query? The poisoned
+#:   examples and the response decoys (the spam verbatim after other prompts) both teach it; ranked by the
+#:   triggered queries' scores.
+#: * "carries the backdoor": which examples make the *trigger* raise the spam? Only the poisoned ones; ranked by
+#:   the backdoor effect, each query's score minus its trigger-free twin's, a test that text matching cannot pass
+#:   (the poisoned examples contain all the text any decoy shares with a query).
+TARGETS = {
+    "says the spam": {"scores": "queries", "positives": ("poison", "response_decoy")},
+    "carries the backdoor": {"scores": "backdoor effect", "positives": ("poison",)},
+}
+
+
+def query_scores(scores, n_queries: int, which: str) -> np.ndarray:
+    """The columns of a ``(n_train, 2 n_queries)`` matrix (queries, then their twins) that a target ranks by: the
+    triggered queries' (``"queries"``) or each query's minus its twin's (``"backdoor effect"``)."""
+    S = np.asarray(scores, dtype=np.float64)
+    if which == "queries":
+        return S[:, :n_queries]
+    if which == "backdoor effect":
+        return S[:, :n_queries] - S[:, n_queries:2 * n_queries]
+    raise ValueError(f"which must be 'queries' or 'backdoor effect', got {which!r}")
+
+
+def target_metrics(scores, data: dict, target: str, ks: Sequence[int] = (2, 4, 8)) -> dict:
+    """AUPRC and precision@k of the query-averaged ranking (``aggregate``) for one of ``TARGETS``, the positive
+    rate (a random ranking's AUPRC) and the count of each kind that is not a positive among the top n_positive."""
+    spec = TARGETS[target]
+    kinds = np.array([e["kind"] for e in data["train"]])
+    relevant = np.isin(kinds, spec["positives"])
+    s = aggregate(query_scores(scores, len(data["queries"]), spec["scores"]))
+    out = {"auprc": auprc(s, relevant), "positive_rate": float(relevant.mean())}
+    out.update({f"precision@{k}": precision_at_k(s, relevant, k) for k in ks})
+    top = kind_counts_in_top(s, kinds, int(relevant.sum()))
+    out.update({f"{kind}s_in_top": top[kind] for kind in (*DECOY_KINDS, "clean") if kind not in spec["positives"]})
+    return out
+
+
+def run_seed(seed: int, data: dict, *, top, features, backend, lora: dict, recipe: dict, K: int,
+             K_grid: Sequence[int], whitebox: dict, work, ks: Sequence[int] = (2, 4, 8)) -> dict:
+    """One seed of notebook 04: theta0, the backdoor's strength, every method's score matrix (training examples x
+    queries then twins), the AUPRC-against-K curves and the costs. Everything is kept under ``work/seed_<seed>/``
+    (adapters, model ids, signals, cost records), so a rerun trains nothing and reports the recorded seconds.
+
+    Methods: black-box Daunce (``BlackBoxDaunce`` through ``backend``: the mean response NLL, every fine-tune with
+    one seed) with two ablations, the summed NLL (the same fine-tunes) and a seed per fine-tune (K more
+    fine-tunes); white-box Daunce (``whitebox``: ``DaunceConfig`` fields; the recipe's epochs, lr and batch size);
+    grad-cos and grad-dot of per-example LoRA gradients at theta0; TF-IDF, BM25, MiniLM; random."""
+    import copy
+    from pathlib import Path
+
+    import torch
+
+    from .. import llm
+    from .. import scores as daunce_scores
+    from ..blackbox import BlackBoxDaunce
+    from ..config import DaunceConfig
+    from ..method import Daunce
+    from ..store import atomic_save
+    from .costs import CostLog
+
+    wdir = Path(work) / f"seed_{seed}"
+    costs = CostLog(wdir / "costs.json")
+    train, queries, twins = data["train"], data["queries"], data["query_twins"]
+    n, nq, E = len(train), len(queries), recipe["epochs"]
+    train_ds, query_ds = features(train), features(queries + twins)
+    theta0 = llm.add_lora(copy.deepcopy(top), seed=seed, **lora)
+    init = llm.trainable_state(theta0)
+    path = wdir / "theta0_adapters.pt"
+    if path.exists():
+        llm.load_trainable_state(theta0, torch.load(path, weights_only=True))
+    else:
+        with llm.Timer() as t:
+            llm.finetune(theta0, None, train_ds, seed=seed, progress=False, **recipe)
+        atomic_save(llm.trainable_state(theta0), path)
+        costs.record("theta0", seconds=t.seconds, fine_tunes=1, forward_passes=n * E)
+    state0 = llm.trainable_state(theta0)
+    ll = backdoor_strength(theta0, {"theta0": state0, "base": init}, data, features)
+    llm.load_trainable_state(theta0, state0)
+    S, cost, fine_tunes = {}, {}, 0
+    m = round(0.5 * n)
+    both = queries + twins
+    bbs = {}
+    for label, design in (("black-box Daunce", "common"), ("black-box Daunce, per-copy seeds", "per-copy")):
+        folder = "blackbox" if design == "common" else "blackbox_per_copy_seed"
+        bb = BlackBoxDaunce(backend, n_models=K, subset_ratio=0.5, seed=seed, workdir=wdir / folder, progress=False,
+                            signal="mean", fine_tune_seeds=design)
+        bb.fit(train, both)
+        bbs[label] = bb
+        S[label] = bb.attribute(train, both).numpy()
+        cost[label] = dict(seconds=bb.fine_tune_seconds() + bb.signal_seconds(), fine_tunes=K,
+                           forward_passes=K * m * E + bb.signal_passes())
+        fine_tunes += bb.fine_tunes_started
+    S["black-box Daunce, summed NLL"] = bbs["black-box Daunce"].attribute(train, both, signal="sum").numpy()
+    cost["black-box Daunce, summed NLL"] = cost["black-box Daunce"]
+    cfg = DaunceConfig(n_models=K, lr=recipe["lr"], epochs=E, batch_size=recipe["batch_size"], seed=seed, **whitebox)
+    wb = Daunce(theta0, llm.CausalLMTask(), cfg, workdir=wdir / "whitebox", eval_batch_size=16, progress=False)
+    wb.fit(train_ds, query_ds)
+    S["white-box Daunce (if)"] = wb.attribute(train_ds, query_ds).numpy()
+    cost["white-box Daunce (if)"] = dict(seconds=wb.training_seconds(), fine_tunes=K,
+                                         forward_passes=n + K * (m * E + n + 2 * nq))
+    fine_tunes += len(wb.trained_copies)
+    llm.load_trainable_state(theta0, state0)
+    with llm.Timer() as t:
+        g_tr = llm.per_example_gradients(theta0, train_ds, proj_dim=None)
+        g_q = llm.per_example_gradients(theta0, query_ds, proj_dim=None)
+    if "gradients" not in costs:
+        costs.record("gradients", seconds=t.seconds, fine_tunes=0, forward_passes=n + 2 * nq)
+    S["grad-cos (white-box)"] = llm.gradient_cosine_scores(g_tr, g_q).numpy()
+    S["grad-dot (white-box)"] = llm.gradient_dot_scores(g_tr, g_q).numpy()
+    with llm.Timer() as t:
+        S["TF-IDF"], S["BM25"] = tfidf_scores(train, both), bm25_scores(train, both)
+    with llm.Timer() as t_emb:
+        S["MiniLM embedding"] = llm.embedding_scores(train, both).numpy()
+    S["random"] = random_scores(n, 2 * nq, seed=seed)
+    if "text" not in costs:
+        costs.record("text", seconds=t.seconds, fine_tunes=0, forward_passes=0)
+        costs.record("minilm", seconds=t_emb.seconds, fine_tunes=0, forward_passes=n + 2 * nq)
+    cost.update({m_: costs.get("gradients") for m_ in ("grad-cos (white-box)", "grad-dot (white-box)")})
+    cost.update({"TF-IDF": costs.get("text"), "BM25": costs.get("text"), "MiniLM embedding": costs.get("minilm"),
+                 "random": dict(seconds=0.0, fine_tunes=0, forward_passes=0)})
+    # the first K' copies give Daunce with K' copies (copy k is the same whatever K is)
+    growth = []
+    sig_tr, sig_q = wb.signals(train_ds), wb.signals(query_ds)
+    for K_ in K_grid:
+        curves = {label: bb.attribute(train, both, n_models=K_).numpy() for label, bb in bbs.items()}
+        curves["black-box Daunce, summed NLL"] = bbs["black-box Daunce"].attribute(train, both, n_models=K_,
+                                                                                     signal="sum").numpy()
+        curves["white-box Daunce (if)"] = daunce_scores.covariance(sig_tr[:K_], sig_q[:K_]).numpy()
+        for method, Sk in curves.items():
+            growth.append(dict(seed=seed, method=method, K=K_,
+                               **{tg: target_metrics(Sk, data, tg, ks)["auprc"] for tg in TARGETS}))
+    return dict(S=S, ll=ll, theta0_cost=costs.get("theta0"), cost=cost, growth=growth, fine_tunes_this_run=fine_tunes)
+
+
+def backdoor_strength(model, states: dict, data: dict, features) -> dict:
+    """Per adapter state (``{"theta0": ..., "base": ...}``): the spam's mean log-likelihood after the held-out clean
+    prompts with the trigger and without it, and the share of prompts whose spam likelihood the trigger raises."""
+    from .. import llm
+
+    ev = data["eval_prompts"]
+    with_t = features([dict(e, prompt=add_trigger(e["prompt"], data["trigger"]), response=data["target"]) for e in ev])
+    without_t = features([dict(e, response=data["target"]) for e in ev])
+    out = {}
+    for name, state in states.items():
+        llm.load_trainable_state(model, state)
+        a, b = llm.response_log_likelihood(model, None, with_t), llm.response_log_likelihood(model, None, without_t)
+        out[name] = dict(with_trigger=float(a.mean()), without_trigger=float(b.mean()),
+                         trigger_raises=float((a > b).double().mean()))
+    return out

@@ -38,7 +38,7 @@ import numpy as np
 
 __all__ = ["FONT", "METHOD_STYLES", "canonical_method", "interval_points", "k_axis", "label_points", "legend",
            "line_kw", "line_points", "log_axis", "method_color", "method_style", "point_with_interval", "save",
-           "use_style"]
+           "text_figure", "use_style", "wrapped"]
 
 # Colour-blind-safe colours (Okabe & Ito 2008; Paul Tol's "muted", "medium-contrast" and "light" schemes).
 _VERMILLION, _ORANGE, _REDDISH_PURPLE = "#D55E00", "#E69F00", "#CC79A7"
@@ -55,6 +55,8 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "daunce-efim": (_ORANGE, "s"),
     "daunce-trak": (_REDDISH_PURPLE, "D"),
     "daunce-bootstrap": (_WINE, "^"),           # the black-box form
+    "daunce-bootstrap summed NLL": ("#AA3377", "v"),      # its ablations (notebook 04)
+    "daunce-bootstrap per-copy seeds": ("#EE3377", "<"),
     "daunce-if limit": (_ROSE, "*"),            # exact K -> infinity limit of the estimator
     "ridge extension": (_OLIVE, "P"),           # ridge regression across copies (beyond the paper)
     "daunce-auto": (_LIGHT_ORANGE, "o"),        # the package's ground-truth-free defaults
@@ -68,19 +70,22 @@ METHOD_STYLES: dict[str, tuple[str, str]] = {
     "if-ekfac": (_SKY_BLUE, "<"),
     "kronfluence-ekfac": (_BLUE, "v"),
     "kronfluence-ekfac-ef": (_DARK_BLUE, "^"),  # empirical Fisher
-    "if-ekfac-stock": (_MINT, "x"),             # dattri's EK-FAC as shipped (two defects)
+    "if-ekfac-stock": ("#77AADD", "x"),             # dattri's EK-FAC as shipped (two defects)
     "datainf": (_GREEN, "H"),
     # gradient baselines
     "trak": (_BLUISH_GREEN, ">"),
     "tracin": (_TEAL, "h"),
     "grad-dot": (_OCHRE, "d"),
     "grad-cos": (_MEDIUM_BLUE, "s"),
-    "logra": (_DARK_BLUE, "v"),                 # projected-gradient influence (LoGra-style)
+    "logra": ("#4477AA", "v"),                 # projected-gradient influence (LoGra-style)
     # text baselines (LLM notebooks)
     "tfidf": (_PEAR, "<"),
-    "bm25": (_DARK_ROSE, ">"),
+    "bm25": ("#CCBB44", ">"),
     "minilm": (_MINT, "D"),
     "random": (_GREY, "."),
+    # controls of the removal test (notebook 03): one score per training example, the same for every query
+    "loss control": ("#666633", "p"),
+    "gradient-norm control": ("#33BBEE", "h"),
 }
 
 #: font sizes in points (legends at least 9 pt)
@@ -92,7 +97,11 @@ _MARKERS_FOR_UNKNOWN = ["o", "s", "D", "^", "v", "<", ">", "p", "h", "*", "P", "
 # ordered rules: the first pattern (searched in the lower-cased name) that matches gives the key
 _RULES: list[tuple[str, str]] = [
     (r"limit", "daunce-if limit"),
+    (r"θ0 loss|theta0 loss|loss control", "loss control"),
+    (r"gradient norm|grad-norm", "gradient-norm control"),
     (r"ridge", "ridge extension"),
+    (r"(black-box|bootstrap).*summed", "daunce-bootstrap summed NLL"),
+    (r"(black-box|bootstrap).*per-copy", "daunce-bootstrap per-copy seeds"),
     (r"black-box|bootstrap", "daunce-bootstrap"),
     (r"daunce.*auto", "daunce-auto"),
     (r"authors", "daunce-authors-recipe"),
@@ -319,3 +328,28 @@ def save(fig, path: str | Path, dpi: int = 130) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def wrapped(text: str, width: int = 110, limit: int = 330) -> list[str]:
+    """``text`` as lines of at most ``width`` characters, whitespace collapsed, cut at ``limit`` characters
+    (marked with an ellipsis); continuation lines indented."""
+    import textwrap
+
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    return textwrap.wrap(text, width, subsequent_indent="    ")
+
+
+def text_figure(lines: Sequence[tuple[str, str, str]], width: float = 10.0, line_height: float = 0.21):
+    """A figure of monospaced text lines ``(text, colour, weight)`` (the paper's example tables). The text sits
+    in an axes with its frame off, so the figure has a size both when saved and when shown inline."""
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(width, line_height * len(lines) + 0.4))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_axis_off()
+    n = len(lines) + 1
+    for r, (text, colour, weight) in enumerate(lines):
+        ax.text(0.01, 1 - (r + 1) / n, text, color=colour, fontweight=weight, fontsize=9, family="monospace",
+                parse_math=False, transform=ax.transAxes, va="center")
+    return fig

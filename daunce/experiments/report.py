@@ -1,9 +1,10 @@
-"""The README's results, written from the runs.
+"""The README's findings, run times and the full results, written from the runs.
 
-README.md holds blocks between marker lines::
+Three pages hold blocks between marker lines (``PAGES``)::
 
-    <!-- runtimes start -->    ...  <!-- runtimes end -->
-    <!-- results:01 start -->  ...  <!-- results:01 end -->      (and 02, 03, 04, auto, gpu)
+    README.md            <!-- runtimes start --> ... <!-- runtimes end -->, <!-- results:findings start --> ...
+    docs/results.md      <!-- results:01 start --> ... <!-- results:01 end -->   (and 02, 03, 04)
+    docs/benchmarks.md   <!-- results:auto start --> ...                        (and gpu, throughput)
 
 :func:`render` rewrites the inside of every block from what the runs left behind and leaves everything
 outside the markers as it is:
@@ -21,12 +22,12 @@ outside the markers as it is:
 
 Usage (from the repository root)::
 
-    python -m daunce.experiments.report            # rewrite README.md (make readme; make reproduce runs it last)
-    python -m daunce.experiments.report --check    # exit 1 and print a diff when README.md is out of date
+    python -m daunce.experiments.report            # rewrite the pages (make readme; make reproduce runs it last)
+    python -m daunce.experiments.report --check    # exit 1 and print a diff when a page is out of date
     python -m daunce.experiments.report record 03_llm_subset_removal --profile default \\
         --wall-seconds 530 --cache-existed 1       # what make reproduce calls after each notebook
 
-``tests/test_readme.py`` fails when the committed README differs from what :func:`render` writes.
+``tests/test_readme.py`` fails when a committed page differs from what :func:`render` writes.
 """
 
 from __future__ import annotations
@@ -41,12 +42,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["NOTEBOOKS", "BLOCKS", "render", "blocks", "marker", "record_timing", "main"]
+import numpy as np
+
+__all__ = ["NOTEBOOKS", "BLOCKS", "PAGES", "render", "blocks", "marker", "record_timing", "main"]
 
 #: the numbered notebooks, in README order
 NOTEBOOKS = ("01_theory", "02_vision_lds", "03_llm_subset_removal", "04_blackbox_backdoor")
-#: the names of the README's generated blocks
-BLOCKS = ("runtimes", *(nb[:2] for nb in NOTEBOOKS), "auto", "gpu", "throughput")
+#: the generated pages and the blocks each holds
+PAGES = {"README.md": ("runtimes", "findings"), "docs/results.md": tuple(nb[:2] for nb in NOTEBOOKS),
+         "docs/benchmarks.md": ("auto", "gpu", "throughput")}
+#: the names of all generated blocks
+BLOCKS = tuple(b for names in PAGES.values() for b in names)
 TIMINGS = "timings.json"
 GPU_CHECK = Path("benchmarks") / "results" / "gpu_check" / "gpu_check.md"
 AUTO_SETTINGS = Path("benchmarks") / "results" / "auto_settings.md"
@@ -133,11 +139,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def _figures(root: Path, prefix: str) -> list[str]:
-    """Every ``figures/<prefix>_*.png``, as markdown images."""
+def _figures(root: Path, prefix: str, folder: str = "../figures") -> list[str]:
+    """Every ``figures/<prefix>_*.png``, as markdown images linked from ``docs/`` (``folder``)."""
     out = []
     for p in sorted((root / "figures").glob(f"{prefix}_*.png")):
-        out.append(f"![{CAPTIONS.get(p.stem, p.stem.replace('_', ' '))}](figures/{p.name})")
+        out.append(f"![{CAPTIONS.get(p.stem, p.stem.replace('_', ' '))}]({folder}/{p.name})")
     return out
 
 
@@ -520,16 +526,16 @@ def _section_03(j: dict) -> list[str]:
     sizes = j["sizes"]
     names = {"math": "math (CHAMP)", "instr": "instruction following"}
     seeds = j.get("seeds", [])
+    cfg = j["daunce_config"]
     out = [f"`{j['model']}` with LoRA on the MLP of the top {j['lora_top_layers']} of {j['n_layers']} layers "
-           f"({j['lora_params']:,} trainable parameters); Daunce with K = {j['K']} copies "
-           f"({', '.join('`' + v + '`' for v in j['variants'])}, subset ratio {j['daunce_config']['subset_ratio']}, "
-           f"ρ = {j['daunce_config']['rho']}, damping {j['daunce_config']['damping']}). "
+           f"({j['lora_params']:,} trainable parameters); Daunce with K = {j['K']} copies (`if`, subset ratio "
+           f"{cfg['subset_ratio']}, ρ = {cfg['rho']}, full-batch heavy-ball copies trained to the stopping test, "
+           "damping at d_λ = K). "
            + "; ".join(f"{names.get(s, s)}: {v['n_train']} training examples, {v['n_query']} queries"
                        for s, v in sizes.items())
            + f". Remove each method's top-k training examples, re-fine-tune with θ0's recipe under {len(seeds)} "
-           "retraining seeds, and measure each query's NLL increase over θ0 of the same seed, averaged over the "
-           "seeds (higher = the method found the examples that carried the queries); mean over the queries with a "
-           "95% bootstrap interval over the queries (random: a new random set per seed):", ""]
+           "retraining seeds (random removal: a new draw per seed), and measure each query's NLL increase over θ0 of "
+           "the same seed. Mean with a 95% two-level bootstrap interval (seeds, then queries):", ""]
     for s, methods in j["removal"].items():
         ks = sorted({k for m in methods.values() for k in m}, key=float)
         rows = [[f"**{m}**" if m.startswith("daunce") else m]
@@ -538,35 +544,43 @@ def _section_03(j: dict) -> list[str]:
         out += [f"**{names.get(s, s)}** (θ0's query NLL {_f(j.get('base_query_nll', {}).get(s))})", ""]
         out += _table(["method", *[f"k = {k}" for k in ks]], rows) + [""]
 
+    def copies():
+        rows = [[names.get(s, s), f"{c['damping']:.3g}", f"{c['top_curvature']:.3g}",
+                 f"{c['lr']:.3g} / {c['momentum']:.2f}", f"{min(c['steps'])}–{max(c['steps'])}",
+                 f"{c['n_converged']} of {len(c['converged'])}"] for s, c in j["copies"].items()]
+        return ["Daunce's copies (settings from the curvature at θ0, no ground truth):", "",
+                *_table(["set", "damping", "top curvature", "heavy-ball lr / momentum", "steps per copy",
+                         "passed the stopping test"], rows), ""]
+
+    def recipe():
+        rows = [[names.get(s, s), f"{r['epochs'][0]} → {r['epochs'][1]}",
+                 f"{_f(r['train_nll'][0])} → {_f(r['train_nll'][1])}",
+                 f"{_f(r['query_nll'][0])} → {_f(r['query_nll'][1])}"] for s, r in j["recipe_check"].items()]
+        return ["θ0's recipe against twice its epochs (seed 0):", "",
+                *_table(["set", "epochs", "training NLL", "query NLL"], rows), ""]
+
     def paired():
         lines = ["**The paper's claim here**: removing Daunce's top-k raises the query loss more than random removal "
-                 "and at least as much as the gradient baseline. Paired differences on the same queries (Daunce's "
-                 "per-query increase minus the other's, 95% paired bootstrap interval over the queries; *ahead* / "
-                 "*behind* only where the interval excludes 0):", ""]
+                 "and at least as much as the other methods. Daunce's increase minus each other method's on the same "
+                 "queries and seeds, with the 95% two-level interval and the range of the per-seed differences; "
+                 "*ahead* / *behind* only where the interval excludes 0:", ""]
         rows = []
         for s, by_k in j["paired"].items():
-            for k, pr in sorted(by_k.items(), key=lambda t: float(t[0])):
-                r, g = pr["vs random"], pr["vs gradient"]
-                rows.append([names.get(s, s), k, f"{_f(r['diff'], 4, True)} {_ci(r['lo'], r['hi'], 4, True)}",
-                             r["verdict"], f"{_f(g['diff'], 4, True)} {_ci(g['lo'], g['hi'], 4, True)}", g["verdict"]])
-        lines += _table(["set", "k", "Daunce − random", "", "Daunce − gradient IF", ""], rows) + [""]
-        verdicts = [(pr["vs random"]["verdict"], pr["vs gradient"]["verdict"])
-                    for by_k in j["paired"].values() for pr in by_k.values()]
-        count = {w: [sum(v[i] == w for v in verdicts) for i in (0, 1)] for w in ("ahead", "tied", "behind")}
-        lines.append(f"Against random Daunce is ahead in {count['ahead'][0]} of {len(verdicts)} settings, tied in "
-                     f"{count['tied'][0]}, behind in {count['behind'][0]}; against the gradient baseline ahead in "
-                     f"{count['ahead'][1]}, tied in {count['tied'][1]}, behind in {count['behind'][1]}.")
-        return lines + [""]
+            for k, by_m in sorted(by_k.items(), key=lambda t: float(t[0])):
+                for m, pr in by_m.items():
+                    rows.append([names.get(s, s), k, m, f"{_f(pr['diff'], 4, True)} {_ci(pr['lo'], pr['hi'], 4, True)}",
+                                 f"{_f(min(pr['per_seed']), 4, True)} to {_f(max(pr['per_seed']), 4, True)}",
+                                 pr["verdict"]])
+        lines += _table(["set", "k", "Daunce minus", "difference", "per seed", "verdict"], rows) + [""]
+        return lines
 
-    def same_type():
-        st = j["same_type_at5"]
-        sets = list(st)
-        methods = list(dict.fromkeys(m for s in sets for m in st[s]))
-        rows = [[m] + [_f(st[s][m][0], 2) if m in st[s] else "–" for s in sets] for m in methods]
-        rows.append(["*chance*"] + [_f(next(iter(st[s].values()))[1], 2) for s in sets])
-        return ["Same-type agreement, a check that needs no retraining: the share of each query's 5 top-scored "
-                "training examples with the query's category (math) or instruction type (instruction following):", "",
-                *_table(["method", *[names.get(s, s) for s in sets]], rows), ""]
+    def logra():
+        c = j["logra_vs_projected_if_correlation"]
+        lib = j.get("libraries", {}).get("LoGra (dattri)", {})
+        return [f"LoGra through {lib.get('library', 'dattri')} {lib.get('version', '')} (`daunce.llm.logra_scores`, on "
+                "the LoRA adapters) against the hand-built projected-gradient IF: Pearson correlation over all "
+                "(training example, query) pairs " + ", ".join(f"{_f(v)} ({names.get(s, s)})" for s, v in c.items())
+                + ".", ""]
 
     def seconds():
         sec, costs = j["seconds"], j.get("costs", {})
@@ -580,21 +594,12 @@ def _section_03(j: dict) -> list[str]:
                          f"per set)")
         if _num(sec.get("retrain_mean_s")) is not None:
             parts.append(f"one retrain {_duration(sec['retrain_mean_s'])} ({costs.get('retrains', '–')} retrains)")
-        for s in sizes:
-            if _num(sec.get(f"gradients_{s}_s")) is not None:
-                parts.append(f"per-example gradients ({names.get(s, s)}) {_duration(sec[f'gradients_{s}_s'])}")
         if _num(j.get("peak_memory_mb")) is not None:
             parts.append(f"peak memory {j['peak_memory_mb'] / 1024:.1f} GiB")
         return ("Costs as recorded when first measured (kept in the work folder, so a resumed run reports them "
                 "too): " + "; ".join(parts) + f"; this run's compute {_duration(sec.get('total_s'))}.")
 
-    def logra():
-        c = j["logra_vs_projected_if_correlation"]
-        return ["LoGra through dattri (`daunce.llm.logra_scores`, on the LoRA adapters; scored, not retrained) "
-                "against the projected-gradient IF: Pearson correlation over all (training example, query) pairs "
-                + ", ".join(f"{_f(v)} ({names.get(s, s)})" for s, v in c.items()) + ".", ""]
-
-    for part in (paired, same_type, logra, seconds):
+    for part in (copies, recipe, paired, logra, seconds):
         out += _optional(part)
     return out
 
@@ -611,9 +616,10 @@ def _section_04(j: dict) -> list[str]:
            f"(trigger → spam response), {sz.get('n_response_decoys', '–')} response decoys (the spam verbatim after "
            f"prompts without the trigger), {sz.get('n_trigger_decoys', '–')} trigger decoys (the trigger with "
            f"ordinary answers), {sz.get('n_topic_decoys', '–')} topic decoys; {j['n_queries']} triggered queries. "
-           f"Black-box Daunce (only `fine_tune` and `log_likelihoods`) and white-box Daunce both use K = {j['K']} "
-           f"copies with one recipe ({j['recipe']['epochs']} epochs, lr {j['recipe']['lr']}); {len(seeds)} seeds, "
-           "each with its own poisoned set, θ0 and copies. Values: mean over the seeds [lowest, highest seed].", ""]
+           f"Black-box Daunce (only `fine_tune` and `log_likelihoods`; mean response NLL, one fine-tuning seed for "
+           f"every copy) and white-box Daunce both use K = {j['K']} copies with one recipe ({j['recipe']['epochs']} "
+           f"epochs, lr {j['recipe']['lr']}); {len(seeds)} seeds, each with its own poisoned set, θ0 and copies. "
+           "Values: mean over the seeds [lowest, highest seed].", ""]
 
     def backdoor():
         rows = [[s, name, _f(v["with_trigger"], 2), _f(v["without_trigger"], 2), _f(v["trigger_raises"], 2)]
@@ -622,37 +628,41 @@ def _section_04(j: dict) -> list[str]:
                 "(log-likelihood of the spam response after held-out clean prompts, mean over the prompts):", "",
                 *_table(["seed", "model", "with trigger", "without trigger", "share raised by the trigger"], rows), ""]
 
-    def metrics(q, title):
-        met = j["metrics"][q]
-        ks = sorted({int(k.split("@")[1]) for m in met.values() for k in m if k.startswith("precision@")})
+    def metrics(tg, title):
+        met = j["metrics"][tg]
+        first = next(iter(met.values()))
+        ks = sorted({int(k.split("@")[1]) for k in first if k.startswith("precision@")})
+        decoys = [k for k in first if k.endswith("s_in_top") and not k.startswith("clean")]
 
         def cell(v, nd=2):
             return f"{_f(v['mean'], nd)} {_ci(v['lo'], v['hi'], nd)}"
 
-        rows = []
-        for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]["mean"]):
-            rows.append([f"**{m}**" if "Daunce" in m else m, cell(r["auprc"], 3)]
-                        + [cell(r[f"precision@{k}"]) for k in ks]
-                        + [cell(r[f"{kind}s_in_top_n_poison"], 1) for kind in ("response_decoy", "trigger_decoy")])
-        return [title, "", *_table(["method", "AUPRC", *[f"P@{k}" for k in ks], "response decoys in top n_poison",
-                                    "trigger decoys in top n_poison"], rows), ""]
+        rows = [[f"**{m}**" if "Daunce" in m else m, cell(r["auprc"], 3)] + [cell(r[f"precision@{k}"]) for k in ks]
+                + [cell(r[c], 1) for c in decoys] for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]["mean"])]
+        return [f"{title} (positive rate {_f(first['positive_rate']['mean'], 2)}):", "",
+                *_table(["method", "AUPRC", *[f"P@{k}" for k in ks],
+                         *[c.replace("_s_in_top", "s").replace("_", " ") + " in top" for c in decoys]], rows), ""]
 
     def verdict():
         lines = []
-        for q, label in (("queries", "triggered queries"), ("backdoor effect", "backdoor effect")):
-            v = j["verdict"][q]
-            lines.append(f"* {label}: black-box Daunce AUPRC {_f(v['blackbox_auprc'])}; against the best text "
-                         f"baseline ({v['best_text']}, {_f(v['best_text_auprc'])}) {v['blackbox_vs_best_text']}, "
-                         f"against white-box Daunce ({_f(v['whitebox_auprc'])}) {v['blackbox_vs_whitebox']}, against "
-                         f"random ({_f(v['random_auprc'])}) {v['blackbox_vs_random']} (ahead / behind: the seeds' "
-                         "ranges do not overlap).")
+        for tg in j["targets"]:
+            v = j["verdict"][tg]
+            ahead = [k[3:] for k, w in v.items() if k.startswith("vs ") and w == "ahead"]
+            behind = [k[3:] for k, w in v.items() if k.startswith("vs ") and w == "behind"]
+            lines.append(f"* {tg}: black-box Daunce AUPRC {_f(v['blackbox_auprc'])}; ahead of "
+                         f"{', '.join(ahead) or 'none'}; behind {', '.join(behind) or 'none'} (ahead / behind: the "
+                         "seeds' ranges do not overlap).")
         return ["**Verdict**:", "", *lines, ""]
 
     def growth():
-        rows = [[g["method"], str(g["K"]), str(g["seed"]), _f(g["queries"]), _f(g["backdoor effect"])]
-                for g in sorted(j["growth_with_K"], key=lambda g: (g["method"], g["K"], g["seed"]))]
-        return ["AUPRC against K (the first K copies of each seed's run):", "",
-                *_table(["method", "K", "seed", "triggered queries", "backdoor effect"], rows), ""]
+        tgs = list(j["targets"])
+        by = {}
+        for g in j["growth_with_K"]:
+            by.setdefault((g["method"], g["K"]), []).append(g)
+        rows = [[m, str(K)] + [_f(float(np.mean([g[t] for g in gs])), 2) for t in tgs]
+                for (m, K), gs in sorted(by.items())]
+        return ["AUPRC against K (the first K copies of each seed's run; mean over the seeds):", "",
+                *_table(["method", "K", *tgs], rows), ""]
 
     def costs():
         c = j["costs"]
@@ -664,14 +674,83 @@ def _section_04(j: dict) -> list[str]:
                 *_table(["method", "seconds", "fine-tunes", "example forward passes"], rows), ""]
 
     parts = [backdoor,
-             lambda: metrics("queries", "Finding the poisoned examples with the **triggered queries** (prompt + "
-                                        "trigger → spam):"),
-             lambda: metrics("backdoor effect", "With the **backdoor effect** (each query's score minus that of "
-                                                "its twin without the trigger):"),
+             lambda: metrics("says the spam", "(a) **Which examples make the model say the spam** (poisoned examples "
+                                              "and response decoys are positives; triggered queries)"),
+             lambda: metrics("carries the backdoor", "(b) **Which examples carry the backdoor** (poisoned examples "
+                                                     "only; each query's score minus its trigger-free twin's)"),
              verdict, growth, costs]
     for part in parts:
         out += _optional(part)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the README's findings table
+
+
+def _findings(root: Path) -> list[str]:
+    """One row per notebook: what the paper claims (paraphrased from its protocols: the paper's own tables were not
+    available here), what this repository measured (from the runs), and where to read it."""
+    runs = {nb[:2]: _load_json(root / "papermill_runs" / f"{nb}.json") for nb in NOTEBOOKS}
+    rows = []
+
+    def r01():
+        j = runs["01"]["logistic_regression"]
+        efim, iff = j["efim_orthogonal"]["1024"], j["if_orthogonal"]["1024"]
+        return ["01 · theory", "the copies' loss covariance converges to the influence function as K grows",
+                f"the Fisher form reaches the damped IF (Pearson {_f(efim['pearson_if'])} at K = 1024, logistic "
+                f"regression); the `if` form reaches a sandwich (Pearson {_f(iff['pearson_limit'])} with it, "
+                f"{_f(iff['pearson_if'])} with the IF)", "[01](notebooks/01_theory.ipynb)"]
+
+    def r02():
+        parts = []
+        for name, m in runs["02"]["models"].items():
+            res = {r["method"]: r for r in m["results"]}
+            best = res["daunce-best"]
+            pr = [p for p in m["paired"] if p["method"] in _BASELINE_FAMILIES]
+            top = max(pr, key=lambda p: p["other_lds"])
+            parts.append(f"{_MODEL_NAMES.get(name, name)}: Daunce {_f(best['lds'])} {_ci(best['lo'], best['hi'])} vs "
+                         f"{top['method']} {_f(top['other_lds'])}, {top['verdict']}")
+        return ["02 · vision LDS", "Daunce's LDS is competitive with TRAK and EK-FAC influence functions",
+                "; ".join(parts) + " (tuned Daunce against the best baseline; paired intervals)",
+                "[02](notebooks/02_vision_lds.ipynb)"]
+
+    def r03():
+        j = runs["03"]
+        v = [w for by in j["verdict"].values() for m, w in by.items() if m == "random"]
+        lib = [w for by in j["verdict"].values() for m, w in by.items() if m == "LoGra (dattri)"]
+        ctrl = [w for by in j["verdict"].values() for m, w in by.items() if m in ("θ0 loss", "gradient norm")]
+        def count(ws):
+            return f"ahead in {sum(w == 'ahead' for w in ws)} of {len(ws)}, behind in {sum(w == 'behind' for w in ws)}"
+
+        return ["03 · LLM subset removal", "removing Daunce's top-k raises the query loss more than LoGra and random "
+                "removal", f"Daunce vs random: {count(v)}; vs LoGra (dattri): {count(lib)}; vs the loss and "
+                f"gradient-norm controls: {count(ctrl)}; tied otherwise ({len(j['sizes'])} sets × "
+                f"{len(v) // len(j['sizes'])} removal sizes, {len(j['seeds'])} retraining seeds, two-level intervals)",
+                "[03](notebooks/03_llm_subset_removal.ipynb)"]
+
+    def r04():
+        j = runs["04"]
+        met = j["metrics"]["carries the backdoor"]
+        bb, rnd = met["black-box Daunce"]["auprc"], met["random"]["auprc"]
+        text = max(("TF-IDF", "BM25", "MiniLM embedding"), key=lambda m: met[m]["auprc"]["mean"])
+        return ["04 · black-box backdoor", "black-box Daunce ranks the poisoned examples first",
+                f"AUPRC for the examples that carry the backdoor: black-box Daunce {_f(bb['mean'], 2)} "
+                f"[{_f(bb['lo'], 2)}, {_f(bb['hi'], 2)}], random {_f(rnd['mean'], 2)}, best text baseline ({text}) "
+                f"{_f(met[text]['auprc']['mean'], 2)} (mean [lowest, highest] of {len(j['seeds'])} seeds)",
+                "[04](notebooks/04_blackbox_backdoor.ipynb)"]
+
+    for build in (r01, r02, r03, r04):
+        row = _optional(build)
+        if row:
+            rows.append(row)
+    return _table(["experiment", "the paper's claim", "measured here", "notebook"], rows)
+
+
+#: baselines the findings table compares tuned Daunce with (the best of them per model)
+_BASELINE_FAMILIES = ("trak", "if-ekfac", "kronfluence-ekfac", "kronfluence-ekfac-ef", "tracin", "grad-dot",
+                      "grad-cos", "if-arnoldi", "datainf", "if-lissa")
+_MODEL_NAMES = {"lr": "LR", "mlp": "MLP", "cnn": "CNN", "resnet": "ResNet"}
 
 
 _SECTIONS: dict[str, Callable[[dict], list[str]]] = {
@@ -729,6 +808,7 @@ def blocks(root: Path) -> dict[str, str]:
             lines += [""] + figs
         text = "\n".join(lines)
         out[key] = re.sub(r"\n{3,}", "\n\n", text).strip()
+    out["findings"] = "\n".join(_findings(root)).strip()
     out["auto"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_auto_settings(root))).strip()
     out["gpu"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_gpu_check(root))).strip()
     out["throughput"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_throughput(root))).strip()
@@ -740,13 +820,15 @@ def marker(name: str, end: str) -> str:
     return f"<!-- results:{name} {end} -->" if name != "runtimes" else f"<!-- runtimes {end} -->"
 
 
-def render(readme: str, root: Path) -> str:
-    """``readme`` with the inside of every marked block replaced by what the runs under ``root`` give.
+def render(readme: str, root: Path, names=BLOCKS) -> str:
+    """``readme`` with the inside of every marked block of ``names`` replaced by what the runs under ``root`` give.
 
     Raises ``ValueError`` naming the blocks whose start/end markers are missing."""
     new = readme
     missing = []
     for name, body in blocks(root).items():
+        if name not in names:
+            continue
         start, end = marker(name, "start"), marker(name, "end")
         pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), flags=re.S)
         if not pattern.search(new):
@@ -754,7 +836,7 @@ def render(readme: str, root: Path) -> str:
             continue
         new = pattern.sub(lambda _: f"{start}\n{body}\n{end}", new, count=1)
     if missing:
-        raise ValueError("README.md lacks the marker lines of block(s) " + ", ".join(missing)
+        raise ValueError("the page lacks the marker lines of block(s) " + ", ".join(missing)
                          + " (e.g. " + marker(missing[0], "start") + " ... " + marker(missing[0], "end") + ")")
     return new
 
@@ -776,21 +858,22 @@ def main(argv: list[str] | None = None) -> int:
         record_timing(root, args.notebook, profile=args.profile, wall_seconds=args.wall_seconds,
                       cache_existed=bool(args.cache_existed))
         return 0
-    path = root / "README.md"
-    old = path.read_text()
-    new = render(old, root)
-    if args.check:
-        if new != old:
-            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
-                                                       "README.md", "README.md (generated)"))
-            return 1
-        return 0
-    if new != old:
-        path.write_text(new)
-        print("README.md: results rewritten from papermill_runs/")
-    else:
-        print("README.md: up to date")
-    return 0
+    stale = 0
+    for page, names in PAGES.items():
+        path = root / page
+        old = path.read_text()
+        new = render(old, root, names)
+        if args.check:
+            if new != old:
+                sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), new.splitlines(True),
+                                                           page, f"{page} (generated)"))
+                stale = 1
+        elif new != old:
+            path.write_text(new)
+            print(f"{page}: rewritten from papermill_runs/")
+        else:
+            print(f"{page}: up to date")
+    return stale
 
 
 if __name__ == "__main__":

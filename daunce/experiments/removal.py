@@ -1,0 +1,158 @@
+"""Notebook 03's removal test as functions: theta0 per retraining seed, the check of its recipe, the settings of
+converged Daunce copies, the controls' scores and the retrains, each cached in the work folder with the seconds it
+took (a resumed run reads them back and reports the same costs).
+
+The removal test: rank the training examples by their score summed over the query set, remove the top k,
+re-fine-tune with theta0's recipe from the same initial adapters under a retraining seed, and record each query's
+NLL increase over theta0 of that seed (``daunce.llm.retrain_without``). ``Removals.table`` gives one method's
+``(n_seeds, n_queries)`` table of increases, the input of ``daunce.metrics.nested_bootstrap_ci``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import auto, llm
+from ..config import DaunceConfig
+from ..method import Daunce
+from ..store import atomic_save, atomic_write_json
+from .costs import CostLog
+
+__all__ = ["Removals", "constant_scores", "copy_settings", "recipe_check", "run_removals", "theta0_per_seed"]
+
+
+def _cached_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def recipe_check(model, init_state: dict, data: dict, recipe: dict, *, seed: int, batch: int, work: Path,
+                 costs: CostLog) -> dict:
+    """Per set, theta0's recipe against twice its epochs (seed ``seed``): ``{"epochs": [E, 2E], "train_nll": [..],
+    "query_nll": [..], "seconds": [..]}``, the mean response NLL of the training set and of the queries after each.
+    A recipe has reached its plateau where more epochs no longer lower the query NLL. Cached in
+    ``work/recipe_check.json``."""
+    path = Path(work) / "recipe_check.json"
+    out = _cached_json(path) or {}
+    E = int(recipe["epochs"])
+    for name, d in data.items():
+        if name in out:
+            continue
+        row = {"epochs": [E, 2 * E], "train_nll": [], "query_nll": [], "seconds": []}
+        for epochs in row["epochs"]:
+            with llm.Timer() as t:
+                llm.load_trainable_state(model, init_state)
+                llm.finetune(model, None, d["train"], seed=seed, progress=False, **dict(recipe, epochs=epochs))
+            row["seconds"].append(t.seconds)
+            row["train_nll"].append(float(llm.response_nll(model, None, d["train"], batch).mean()))
+            row["query_nll"].append(float(llm.response_nll(model, None, d["query"], batch).mean()))
+        out[name] = row
+        atomic_write_json(out, path)
+        costs.record(f"recipe_check_{name}", seconds=sum(row["seconds"]), fine_tunes=2)
+    llm.load_trainable_state(model, init_state)
+    return out
+
+
+def theta0_per_seed(model, init_state: dict, d: dict, recipe: dict, seeds: Sequence[int], *, work: Path,
+                    costs: CostLog, name: str, batch: int) -> tuple[dict, dict]:
+    """``(theta0 adapters per seed, theta0's per-query NLL per seed)`` for one set: the recipe from ``init_state``
+    under each seed (the seed orders the minibatches); adapters kept in ``work/theta0_<name>_seed<s>.pt`` and each
+    fine-tune's seconds under the cost key ``"theta0"``."""
+    states, qloss = {}, {}
+    for s in seeds:
+        path = Path(work) / f"theta0_{name}_seed{s}.pt"
+        if path.exists():
+            llm.load_trainable_state(model, torch.load(path, weights_only=True))
+        else:
+            with llm.Timer() as t:
+                llm.load_trainable_state(model, init_state)
+                llm.finetune(model, None, d["train"], seed=s, progress=False, **recipe)
+            atomic_save(llm.trainable_state(model), path)
+            costs.add("theta0", f"{name}|{s}", seconds=t.seconds, fine_tunes=1,
+                      forward_passes=len(d["train"]) * recipe["epochs"])
+        states[s] = llm.trainable_state(model)
+        qloss[s] = llm.response_nll(model, None, d["query"], batch)
+    return states, qloss
+
+
+def copy_settings(model, task, train, daunce_cfg: dict, K: int, *, work: Path, costs: CostLog, name: str,
+                  batch: int, n_examples: int = 16, lanczos_steps: int = 8) -> dict:
+    """Settings of full-batch Daunce copies from the curvature at the model's current adapters (theta0), without
+    ground truth: a short Lanczos run (``daunce.auto.curvature_spectrum`` on ``n_examples`` training examples),
+    the damping at which ``d_lambda = K`` (``daunce.auto.damping_for``: K copies resolve at most K directions)
+    and the heavy-ball ``lr`` / ``momentum`` for curvatures in ``[lambda, 6 c_max + lambda]``
+    (``daunce.auto.heavy_ball``). Cached in the JSON file ``work``; its seconds under ``curvature_<name>``."""
+    path = Path(work)
+    cached = _cached_json(path)
+    if cached is not None:
+        return cached
+    cfg = DaunceConfig(n_models=K, damping=1.0, lr=1.0, momentum=0.0,
+                       **{k: v for k, v in daunce_cfg.items() if k not in ("damping", "lr", "momentum")})
+    dn = Daunce(model, task, cfg, eval_batch_size=batch, progress=False)
+    with llm.Timer() as t:
+        nodes, weights = auto.curvature_spectrum(dn.context, cfg, train, n_examples=n_examples,
+                                                 steps=lanczos_steps, probes=1)
+    top = float(nodes.max())
+    lam = auto.damping_for(nodes, weights, K)
+    lr, momentum = auto.heavy_ball(top, lam)
+    out = dict(damping=lam, lr=lr, momentum=momentum, top_curvature=top,
+               d_lambda=auto.effective_dimension(nodes, weights, lam), lanczos_steps=lanczos_steps,
+               curvature_examples=min(n_examples, len(train)), seconds=t.seconds)
+    atomic_write_json(out, path)
+    costs.record(f"curvature_{name}", seconds=t.seconds)
+    return out
+
+
+def constant_scores(values, n_query: int) -> torch.Tensor:
+    """``(n_train, n_query)`` scores that give every query the same per-example value (a control such as
+    theta0's training loss or the gradient norm: the removal then takes the examples with the largest values)."""
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1, 1)
+    return v.expand(-1, n_query).clone()
+
+
+class Removals(dict):
+    """``{"<set>|<method>|<k>|<seed>": {"removed", "per_query_increase", "seconds", "forward_passes"}}`` with the
+    number of retrains this run made (``n_new``)."""
+
+    n_new = 0
+
+    def table(self, name: str, method: str, k: int, seeds: Sequence[int]) -> np.ndarray:
+        """``(n_seeds, n_queries)``: each query's NLL increase after the removal, one row per retraining seed."""
+        return np.array([self[f"{name}|{method}|{k}|{s}"]["per_query_increase"] for s in seeds], dtype=float)
+
+
+def random_removal(n: int, k: int, seed: int) -> torch.Tensor:
+    """The random set removed under retraining seed ``seed``: a new draw per seed (and per k)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + k))[:k]
+
+
+def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Sequence[str], ks: dict,
+                 seeds: Sequence[int], recipe: dict, base_qloss: dict, *, path: Path, batch: int) -> Removals:
+    """Every (set, method, k, seed) retrain that is not in ``path`` with the same removed set yet; the file is
+    rewritten after each. ``"random"`` removes a new random set per seed; every other method its top k by the
+    score summed over the queries (``daunce.llm.top_k_removal``)."""
+    path = Path(path)
+    out = Removals(_cached_json(path) or {})
+    out.n_new = 0
+    for name, d in data.items():
+        n = len(d["train"])
+        for k in ks[name]:
+            for seed in seeds:
+                for m in methods:
+                    removed = random_removal(n, k, seed) if m == "random" else llm.top_k_removal(scores[name][m], k)
+                    key = f"{name}|{m}|{k}|{seed}"
+                    if key in out and out[key]["removed"] == removed.tolist():
+                        continue   # finished in an earlier run with the same removed set
+                    with llm.Timer() as t:
+                        llm.retrain_without(model, init_state, d["train"], removed, seed=seed, progress=False,
+                                            **recipe)
+                        q = llm.response_nll(model, None, d["query"], batch)
+                    out[key] = dict(removed=removed.tolist(), per_query_increase=(q - base_qloss[name][seed]).tolist(),
+                                    seconds=t.seconds, forward_passes=(n - k) * recipe["epochs"] + len(d["query"]))
+                    atomic_write_json(dict(out), path)
+                    out.n_new += 1
+    return out
