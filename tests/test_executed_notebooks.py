@@ -114,3 +114,20 @@ def test_every_saved_figure_is_shown_in_the_executed_notebook(path):
                if c["cell_type"] == "code" and "plotting.save(" in "".join(c["source"])
                and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
     assert not missing, f"{path.name}: cells {missing} save a figure that their outputs do not show"
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
+def test_numbers_in_markdown_are_printed_by_the_run(path):
+    """A 3-4-decimal number in a notebook's prose is one its outputs print: prose that types a result goes stale on
+    the next run, prose that points at a printed result does not."""
+    nb = json.loads(path.read_text())
+    printed = ""
+    for c in nb["cells"]:
+        for o in c.get("outputs", []):
+            data = o.get("data", {})
+            printed += "".join(o.get("text", "")) + "".join(data.get("text/plain", ""))
+            printed += "".join(data.get("text/html", ""))
+    typed = {n for c in nb["cells"] if c["cell_type"] == "markdown"
+             for n in re.findall(r"(?<![\d.])\d+\.\d{3,4}(?!\d)", "".join(c["source"]))}
+    missing = sorted(n for n in typed if n not in printed)
+    assert not missing, f"{path.name}: the prose types {missing}, which no output prints"
