@@ -131,3 +131,13 @@ def test_every_notebook_has_a_parameters_cell():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_no_code_cell_is_a_wall(notebook):
+    """A code cell a reader can follow: at most 45 lines (longer work goes into the package or into cells that each
+    do one thing)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    long = {i: len("".join(c["source"]).splitlines()) for i, c in enumerate(cells) if c["cell_type"] == "code"}
+    long = {i: n for i, n in long.items() if n > 45}
+    assert not long, f"{notebook.name}: code cells over 45 lines (cell index: lines): {long}"
