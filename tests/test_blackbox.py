@@ -313,6 +313,8 @@ def test_mean_signal_is_not_fooled_by_long_responses():
     assert top(d.attribute(train, queries)) == planted
     assert set(top(d.attribute(train, queries, signal="sum"))) <= set(long)
     assert torch.allclose(d.signals(train) * torch.as_tensor(lengths[:n]), d.signals(train, signal="sum"))
+    with pytest.raises(ValueError, match="signal"):
+        d.signals(train, signal="avg")
     with pytest.raises(TypeError, match="response_lengths"):
         BlackBoxDaunce(object.__new__(type("NoLengths", (), {"fine_tune": LinearMemoriser.fine_tune,
                                                               "log_likelihoods": LinearMemoriser.log_likelihoods})))

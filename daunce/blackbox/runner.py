@@ -94,6 +94,15 @@ def check_examples(examples: Sequence[Example], what: str = "examples") -> list:
     return examples
 
 
+def _check_signal(signal: str, backend) -> None:
+    """A signal name ``BlackBoxDaunce`` knows, and for the mean a backend that can count response tokens."""
+    if signal not in ("mean", "sum"):
+        raise ValueError(f"signal must be 'mean' or 'sum', got {signal!r}")
+    if signal == "mean" and not callable(getattr(backend, "response_lengths", None)):
+        raise TypeError("signal='mean' divides each summed NLL by its number of response tokens: the backend must "
+                        "provide response_lengths(examples); pass signal='sum' otherwise")
+
+
 # ----------------------------------------------------------------------------------- the method
 class BlackBoxDaunce:
     """Daunce through a fine-tuning API: K fine-tunes on random subsets, covariance of losses.
@@ -127,11 +136,7 @@ class BlackBoxDaunce:
             raise ValueError(f"subset_ratio must lie in (0, 1], got {subset_ratio!r}")
         if score not in ("cov", "corr"):
             raise ValueError(f"score must be 'cov' or 'corr', got {score!r}")
-        if signal not in ("mean", "sum"):
-            raise ValueError(f"signal must be 'mean' or 'sum', got {signal!r}")
-        if signal == "mean" and not callable(getattr(backend, "response_lengths", None)):
-            raise TypeError("signal='mean' divides each summed NLL by its number of response tokens: the backend must "
-                            "provide response_lengths(examples); pass signal='sum' otherwise")
+        _check_signal(signal, backend)
         if fine_tune_seeds not in ("common", "per-copy"):
             raise ValueError(f"fine_tune_seeds must be 'common' or 'per-copy', got {fine_tune_seeds!r}")
         self.signal_kind = signal
@@ -273,6 +278,7 @@ class BlackBoxDaunce:
         summed one (``-log-likelihood``), as ``signal`` (default: the object's) says. The workdir keeps the
         summed NLL; the mean divides it by ``response_lengths``."""
         signal = signal or self.signal_kind
+        _check_signal(signal, self.backend)
         summed = self._summed_signals(examples, n_models)
         if signal == "sum":
             return summed
