@@ -5,6 +5,7 @@ figures/ or papermill_runs/. The metrics file must exist and hold finite numbers
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -129,10 +130,6 @@ def test_every_notebook_has_a_parameters_cell():
             assert name in tagged[0].source, f"{nb_path.name}: parameters cell lacks {name}"
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-v"]))
-
-
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_no_code_cell_is_a_wall(notebook):
     """A code cell a reader can follow: at most 45 lines (longer work goes into the package or into cells that each
@@ -141,3 +138,35 @@ def test_no_code_cell_is_a_wall(notebook):
     long = {i: len("".join(c["source"]).splitlines()) for i, c in enumerate(cells) if c["cell_type"] == "code"}
     long = {i: n for i, n in long.items() if n > 45}
     assert not long, f"{notebook.name}: code cells over 45 lines (cell index: lines): {long}"
+
+
+# symbols the notation table of docs/method.md retired, with the one that replaced them
+RETIRED = {r"\$F\b|\(F\s*\+|\\hat F|empirical Fisher\s+`?F\b": "F for the empirical Fisher (G)",
+           r"K_\\lambda": "K for a kernel (M_λ; K counts copies)",
+           r"σ_i|\\sigma_i|sigma_i": "σ for a signal's spread (τ_i; σ² is the perturbation's variance)",
+           r"\br_S\b": "r for a reliability (r is the subset ratio)",
+           r"LoRA \(r\s*=": "r for a LoRA rank (r is the subset ratio)"}
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_share_one_notation(notebook):
+    """Every notebook points at the notation table of docs/method.md, and its prose uses none of the symbols that table
+    retired (one symbol per concept across the four notebooks and the docs)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    assert "docs/method.md" in "".join(cells[0]["source"]), f"{notebook.name}: the first cell does not point at the notation"
+    prose = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "markdown"}
+    found = [(i, why) for i, text in prose.items() for pat, why in RETIRED.items() if re.search(pat, text)]
+    assert not found, f"{notebook.name}: retired symbols in markdown cells {found}"
+
+
+def test_the_notation_table_defines_every_symbol_the_notebooks_lean_on():
+    text = (ROOT / "docs" / "method.md").read_text()
+    table = text[text.index("## Notation"):text.index("## The algorithm")]
+    for symbol in ("| G |", "| Ĝ |", "| C |", "| A |", "| K |", "| τ_i |", "| M_λ |", "| d_λ |", "| λ |", "| γ |"):
+        assert symbol in table, f"docs/method.md's notation table lacks {symbol}"
+    for retired in RETIRED:                      # and the page itself uses the symbols it defines
+        assert not re.search(retired, text), retired
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))

@@ -1,4 +1,7 @@
 """The plotting helper gives each method one style everywhere, and stable distinct styles to unknown names."""
+import json
+from pathlib import Path
+
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
@@ -43,6 +46,40 @@ def test_table_keys_are_canonical_and_styles_unique():
     assert len({plotting.method_color(m) for m in ablations}) == len(ablations)
     daunce = {plotting.method_color(m) for m in ["daunce-if", "daunce-efim", "daunce-trak", "daunce-bootstrap"]}
     assert len(daunce) == 4
+
+
+def test_figure_colors_keep_a_family_in_one_hue_and_never_repeat():
+    import colorsys
+    import matplotlib.colors as mc
+    rows = ["daunce-best", "daunce-best, training margin", "daunce-best, correlation", "daunce-best, i.i.d. perturbations",
+            "trak", "if-ekfac", "if-ekfac-stock", "grad-cos"]
+    c = plotting.figure_colors(rows)
+    assert set(c) == set(rows) and len(set(c.values())) == len(rows)
+    assert c["daunce-best"] == plotting.method_color("daunce-if")       # the shortest name of a family keeps its colour
+    hue = colorsys.rgb_to_hls(*mc.to_rgb(c["daunce-best"]))[0]
+    for m in rows[1:4]:                                                  # its ablations are shades of that hue
+        assert abs(colorsys.rgb_to_hls(*mc.to_rgb(c[m]))[0] - hue) < 0.02, m
+    assert c["trak"] == plotting.method_color("trak")
+    assert plotting.figure_colors(rows[::-1]) == c                      # the order of the rows changes nothing
+
+
+def _executed(name):
+    path = Path(__file__).resolve().parents[1] / "papermill_runs" / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"{path.name} has not been produced")
+    return json.loads(path.read_text())
+
+
+def test_no_two_methods_in_one_figure_share_a_colour():
+    """The methods each executed notebook draws in one figure, with the colours its cells give them: 02 colours a
+    model's rows with ``figure_colors``, 03 and 04 each method with ``method_color``."""
+    for name, m in _executed("02_vision_lds")["models"].items():
+        rows = [r["method"] for r in m["results"]]
+        assert len(set(plotting.figure_colors(rows).values())) == len(rows), name
+    for by_set in _executed("03_llm_subset_removal")["removal"].values():
+        assert len({plotting.method_color(m) for m in by_set}) == len(by_set), list(by_set)
+    for target, by_method in _executed("04_blackbox_backdoor")["metrics"].items():
+        assert len({plotting.method_color(m) for m in by_method}) == len(by_method), target
 
 
 def test_unknown_names_get_stable_distinct_styles():

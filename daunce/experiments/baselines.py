@@ -72,6 +72,24 @@ DATTRI_METHODS = ("if-explicit", "if-cg", "if-lissa", "if-arnoldi", "if-ekfac", 
                   "tracin", "grad-dot", "grad-cos")
 KRONFLUENCE_METHODS = ("kronfluence-ekfac", "kronfluence-ekfac-ef")
 METHODS = DATTRI_METHODS + KRONFLUENCE_METHODS
+#: the baselines grouped by how they attribute (notebook 02's figures draw each family's best; ``COMPARED`` is what
+#: Daunce's goal and the README's findings compare with). The exact solves (an explicit inverse, conjugate gradients to
+#: convergence) are references a user would not run at scale, so they are drawn but not in ``COMPARED``.
+FAMILIES = {
+    "influence function, exact solve": ("if-explicit", "if-cg"),
+    "influence function, approximate": ("if-lissa", "if-arnoldi", "if-ekfac", "if-ekfac-stock", "kronfluence-ekfac",
+                                         "kronfluence-ekfac-ef", "datainf"),
+    "TRAK": ("trak",),
+    "gradient similarity": ("tracin", "grad-dot", "grad-cos"),
+}
+EXACT_FAMILY = "influence function, exact solve"
+COMPARED = tuple(m for fam, ms in FAMILIES.items() if fam != EXACT_FAMILY for m in ms)
+
+
+def family(method: str) -> Optional[str]:
+    """The family of a baseline (a key of ``FAMILIES``), or None for a method that is not a baseline."""
+    return next((fam for fam, ms in FAMILIES.items() if method in ms), None)
+
 #: methods whose training-side function can be minus the margin instead of the loss (``train_signal``; module docstring)
 TRAIN_SIGNAL_METHODS = ("trak", "tracin", "grad-dot", "grad-cos", "kronfluence-ekfac")
 TRAIN_SIGNALS = ("loss", "margin")

@@ -36,7 +36,7 @@ import matplotlib.colors
 import matplotlib.ticker
 import numpy as np
 
-__all__ = ["FONT", "METHOD_STYLES", "canonical_method", "interval_points", "k_axis", "label_points", "legend",
+__all__ = ["FONT", "METHOD_STYLES", "canonical_method", "figure_colors", "interval_points", "k_axis", "label_points", "legend",
            "line_kw", "line_points", "log_axis", "method_color", "method_style", "point_with_interval", "save",
            "text_figure", "use_style", "wrapped"]
 
@@ -167,6 +167,49 @@ def method_style(name: str) -> dict:
 def method_color(name: str) -> str:
     """The method's colour as a hex string."""
     return method_style(name)["color"]
+
+
+def figure_colors(methods: Sequence[str], min_distance: float = 0.08) -> dict[str, str]:
+    """One colour per method drawn in one figure, none shared: each method keeps :func:`method_color`, and
+    methods that map onto one key of ``METHOD_STYLES`` (``"daunce-best"`` and its ablations ``"daunce-best,
+    correlation"`` ...) share it: the shortest name keeps the colour and the others take shades of it, darker and
+    lighter in turn, so a method family stays one hue and a method gets the same colour whatever the order of the call.
+    A shade is skipped where it lies within ``min_distance`` (RGB, 0-1 scale) of a colour already in the figure.
+
+    >>> c = figure_colors(["daunce-best", "daunce-best, correlation", "trak"])
+    >>> c["daunce-best"] == method_color("daunce-if") and len(set(c.values())) == 3
+    True
+    """
+    out: dict[str, str] = {}
+    taken: list[np.ndarray] = []
+
+    def free(hex_: str) -> bool:
+        rgb = np.array(mpl.colors.to_rgb(hex_))
+        return all(np.abs(rgb - t).max() >= min_distance for t in taken)
+
+    ordered = list(dict.fromkeys(methods))
+    primary = {}                                   # the shortest name of each key keeps the key's own colour
+    for m in sorted(ordered, key=lambda m: (len(m), m)):
+        primary.setdefault(canonical_method(m), m)
+    rest = sorted(m for m in ordered if primary[canonical_method(m)] != m)    # an order the call cannot change
+    firsts = sorted(primary.values())
+    for m in firsts + rest:
+        base = method_color(m)
+        colour = base if free(base) else None
+        h, l, s = colorsys.rgb_to_hls(*mpl.colors.to_rgb(base))
+        step = 1
+        while colour is None:
+            for sign in (-1, 1):                   # darker, then lighter, further out each round
+                cand = mpl.colors.to_hex(colorsys.hls_to_rgb(h, min(0.9, max(0.12, l + sign * 0.11 * step)), s))
+                if free(cand):
+                    colour = cand
+                    break
+            step += 1
+            if step > 8:                           # the hue is exhausted: a hashed colour of the full name
+                colour = _hashed_style(m.lower())[0]
+        out[m] = colour
+        taken.append(np.array(mpl.colors.to_rgb(colour)))
+    return out
 
 
 def line_kw(name: str, label: str | None = None, **overrides) -> dict:

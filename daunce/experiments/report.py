@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import baselines
+
 __all__ = ["NOTEBOOKS", "BLOCKS", "PAGES", "render", "blocks", "marker", "record_timing", "main"]
 
 #: the numbered notebooks, in README order
@@ -66,13 +68,14 @@ CAPTIONS = {
     "01_mlp": "the MLP: agreement against K",
     "01_hyperparameters": "the knobs: rho, subset ratio, gamma",
     "02_lds_methods": "LDS per method and model",
-    "02_lds_vs_seconds": "LDS against seconds",
+    "02_lds_vs_seconds": "LDS against seconds: tuned Daunce against the best of each baseline family",
+    "02_lds_vs_seconds_all": "LDS against seconds: every method",
     "02_lds_vs_k": "LDS against the number of copies K",
     "02_query_grid": "queries with their most helpful and most harmful training images",
     "02_reliability": "daunce-best's LDS and split-half reliability against K, measured and predicted",
     "02_gradient_norms": "gradient norms of the risk term, the perturbation term and the whole objective "
                          "during a copy's training",
-    "02_daunce_tuning": "Daunce's candidates: tuning LDS at the reported K against the damping",
+    "02_daunce_tuning": "Daunce's candidates: a heat map of the tuning LDS at the reported K over damping, noise term and signal",
     "02_paired_differences": "daunce-best minus every other method: paired differences with 95% intervals",
     "03_llm_removal_curve": "the removal curve: query-loss increase against k, per method",
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
@@ -748,8 +751,7 @@ def _findings(root: Path) -> list[str]:
 
 
 #: baselines the findings table compares tuned Daunce with (the best of them per model)
-_BASELINE_FAMILIES = ("trak", "if-ekfac", "kronfluence-ekfac", "kronfluence-ekfac-ef", "tracin", "grad-dot",
-                      "grad-cos", "if-arnoldi", "datainf", "if-lissa")
+_BASELINE_FAMILIES = baselines.COMPARED   # what tuned Daunce is compared with in the findings
 _MODEL_NAMES = {"lr": "LR", "mlp": "MLP", "cnn": "CNN", "resnet": "ResNet"}
 
 
