@@ -190,7 +190,7 @@ def _loglog_slope(ks: list[float], ys: list[float]) -> float:
 def _runtimes(root: Path) -> list[str]:
     timings = _load_json(root / "papermill_runs" / TIMINGS) or {}
     recorded = timings.get("notebooks", {})
-    rows, total = [], {"cold": 0.0, "resumed": 0.0, "not recorded": 0.0}
+    rows, total, colds = [], {"cold": 0.0, "resumed": 0.0, "not recorded": 0.0}, []
     for nb in NOTEBOOKS:
         pm = _papermill(root, nb)
         if pm is None:
@@ -206,6 +206,7 @@ def _runtimes(root: Path) -> list[str]:
         total[key] += duration or 0.0
         profile = (pm.get("parameters") or {}).get("profile", "default")
         cold = (rec or {}).get("last_cold") if state != "not recorded" else None
+        colds.append(cold)
         rows.append([f"`{nb}`", f"`{profile}`", _duration(duration), state, str(pm.get("end_time", ""))[:10],
                      f"{_duration(cold['wall_seconds'])} ({cold['finished']})" if cold else "–"])
     out = ["Run times of the executed notebooks in `papermill_runs/`, as papermill measured them; *cold* means the",
@@ -221,6 +222,9 @@ def _runtimes(root: Path) -> list[str]:
     parts = [f"{_duration(total[key])} {words[key]}" for key in words if total[key] > 0]
     if parts:
         out.append("In all: " + "; ".join(parts) + ".")
+    if colds and all(colds):
+        out[-1] += (f" A cold `make reproduce` of every notebook, the sum of their last cold runs: "
+                    f"{_duration(sum(c['wall_seconds'] for c in colds))}.")
     return out
 
 
