@@ -153,7 +153,7 @@ def test_notebooks_share_one_notation(notebook):
     """Every notebook points at the notation table of docs/method.md, and its prose uses none of the symbols that table
     retired (one symbol per concept across the four notebooks and the docs)."""
     cells = json.loads(notebook.read_text())["cells"]
-    assert "docs/method.md" in "".join(cells[0]["source"]), f"{notebook.name}: the first cell does not point at the notation"
+    assert "docs/method.md" in "".join(cells[0]["source"]), f"{notebook.name}: no pointer to the notation table"
     prose = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "markdown"}
     found = [(i, why) for i, text in prose.items() for pat, why in RETIRED.items() if re.search(pat, text)]
     assert not found, f"{notebook.name}: retired symbols in markdown cells {found}"

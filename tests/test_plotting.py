@@ -50,9 +50,10 @@ def test_table_keys_are_canonical_and_styles_unique():
 
 def test_figure_colors_keep_a_family_in_one_hue_and_never_repeat():
     import colorsys
+
     import matplotlib.colors as mc
-    rows = ["daunce-best", "daunce-best, training margin", "daunce-best, correlation", "daunce-best, i.i.d. perturbations",
-            "trak", "if-ekfac", "if-ekfac-stock", "grad-cos"]
+    rows = ["daunce-best", "daunce-best, training margin", "daunce-best, correlation",
+            "daunce-best, i.i.d. perturbations", "trak", "if-ekfac", "if-ekfac-stock", "grad-cos"]
     c = plotting.figure_colors(rows)
     assert set(c) == set(rows) and len(set(c.values())) == len(rows)
     assert c["daunce-best"] == plotting.method_color("daunce-if")       # the shortest name of a family keeps its colour

@@ -36,9 +36,9 @@ import matplotlib.colors
 import matplotlib.ticker
 import numpy as np
 
-__all__ = ["FONT", "METHOD_STYLES", "canonical_method", "figure_colors", "interval_points", "k_axis", "label_points", "legend",
-           "line_kw", "line_points", "log_axis", "method_color", "method_style", "point_with_interval", "save",
-           "text_figure", "use_style", "wrapped"]
+__all__ = ["FONT", "METHOD_STYLES", "canonical_method", "figure_colors", "interval_points", "k_axis", "label_points",
+           "legend", "line_kw", "line_points", "log_axis", "method_color", "method_style", "point_with_interval",
+           "save", "text_figure", "use_style", "wrapped"]
 
 # Colour-blind-safe colours (Okabe & Ito 2008; Paul Tol's "muted", "medium-contrast" and "light" schemes).
 _VERMILLION, _ORANGE, _REDDISH_PURPLE = "#D55E00", "#E69F00", "#CC79A7"
@@ -196,11 +196,11 @@ def figure_colors(methods: Sequence[str], min_distance: float = 0.08) -> dict[st
     for m in firsts + rest:
         base = method_color(m)
         colour = base if free(base) else None
-        h, l, s = colorsys.rgb_to_hls(*mpl.colors.to_rgb(base))
+        hue, light, sat = colorsys.rgb_to_hls(*mpl.colors.to_rgb(base))
         step = 1
         while colour is None:
             for sign in (-1, 1):                   # darker, then lighter, further out each round
-                cand = mpl.colors.to_hex(colorsys.hls_to_rgb(h, min(0.9, max(0.12, l + sign * 0.11 * step)), s))
+                cand = mpl.colors.to_hex(colorsys.hls_to_rgb(hue, min(0.9, max(0.12, light + sign * 0.11 * step)), sat))
                 if free(cand):
                     colour = cand
                     break

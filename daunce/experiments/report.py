@@ -75,7 +75,8 @@ CAPTIONS = {
     "02_reliability": "daunce-best's LDS and split-half reliability against K, measured and predicted",
     "02_gradient_norms": "gradient norms of the risk term, the perturbation term and the whole objective "
                          "during a copy's training",
-    "02_daunce_tuning": "Daunce's candidates: a heat map of the tuning LDS at the reported K over damping, noise term and signal",
+    "02_daunce_tuning": "Daunce's candidates: a heat map of the tuning LDS at the reported K over damping, noise term "
+                        "and signal",
     "02_paired_differences": "daunce-best minus every other method: paired differences with 95% intervals",
     "03_llm_removal_curve": "the removal curve: query-loss increase against k, per method",
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
