@@ -2,6 +2,9 @@
 #   make reproduce   set up, then run every notebook headless (papermill) -> papermill_runs/, figures/
 #   make test        set up, then the unit tests and a smoke run of every notebook
 #   make readme      rewrite the README's findings, docs/results.md and docs/benchmarks.md from the runs (make reproduce ends with it)
+# Every core by default: the notebooks' jobs (sets of copies, retrains, baselines) fan out over all of them and torch
+# uses all of them in-process; DAUNCE_WORKERS=N caps both (e.g. `DAUNCE_WORKERS=4 make reproduce`), TEST_WORKERS the
+# test processes of `make test` (default: every core).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -59,9 +62,11 @@ reproduce: setup data
 readme: setup
 	$(BIN)/python -m daunce.experiments.report
 
+# the tests run in TEST_WORKERS processes (pytest-xdist), each single-threaded (tests/conftest.py)
+TEST_WORKERS ?= auto
 test: setup data
 	$(BIN)/ruff check daunce tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean-runs:
 	rm -rf runs

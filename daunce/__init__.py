@@ -23,8 +23,8 @@ from .config import DaunceConfig
 from .method import Daunce
 from .task import ClassificationTask, Task
 
-_SUBMODULES = {"blackbox", "dattri_adapter", "engines", "experiments", "llm", "metrics", "objectives", "plans",
-               "reliability", "store"}
+_SUBMODULES = {"blackbox", "dattri_adapter", "engines", "experiments", "llm", "metrics", "objectives", "parallel",
+               "plans", "reliability", "store"}
 _LAZY = {"CausalLMTask": "llm", "BlackBoxDaunce": "blackbox", "Backend": "blackbox",
          "LocalLoRABackend": "blackbox", "OpenAIBackend": "blackbox", "DaunceAttributor": "dattri_adapter",
          "map_tasks": "engines.ray_executor"}

@@ -3,8 +3,14 @@ import os
 import pytest
 import torch
 
-# Two cores on the target machines: keep torch from oversubscribing them.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs the tests in one process per core (pytest-xdist): each process then keeps to one thread, and the
+# notebooks its smoke runs start fan out over one worker (DAUNCE_WORKERS, read by daunce.parallel), so the processes
+# together use every core without oversubscribing them. A plain `pytest` (one process) uses up to two threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("DAUNCE_WORKERS", "1")
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,12 @@
-"""Sets of Daunce copies for a benchmark: trained two at a time, grown in stages, read back from disk.
+"""Sets of Daunce copies for a benchmark: trained side by side on every core, grown in stages, read back from disk.
 
 Notebook 02 trains many sets of copies (every candidate setting of the tuning grid, ``"auto"``, the authors'
 recipes, the ablations), each at the K it reports. A ``CopyJob`` names one set: the model, its
 ``DaunceConfig`` (``n_models`` is the K it reports), the work folder, the training and query sets and the signal
 the copies record.
-``run_jobs`` trains the jobs that are not finished yet, ``workers`` at a time, each in a forked
-single-threaded child process (the copies of one set train one after the other or in blocks, so two sets side
-by side keep both cores of a small machine busy), and returns one ``CopyRun`` per job:
+``run_jobs`` trains the jobs that are not finished yet, ``workers`` at a time (every core by default), each in a
+forked single-threaded child process (the copies of one set train one after the other or in blocks, so sets side by side
+keep every core busy), and returns one ``CopyRun`` per job:
 
 * the copies grow in **stages** (``stages``: K = 4, 8, ..., the reported K; copy k does not depend on K, so the
   LDS-against-K curve comes from the first k copies of one run). With ``stop_unconverged`` a set stops at the
@@ -27,12 +27,9 @@ A child's warnings (copies at the step cap) are not printed: the run records the
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import time
-import traceback
 import warnings
 from dataclasses import dataclass, field
-from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +37,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..config import DaunceConfig
+from ..parallel import fork_map
 from ..store import atomic_save, atomic_write_json
 from ..task import ClassificationTask
 
@@ -171,16 +169,8 @@ def _fit(job: CopyJob) -> dict:
             "diverged": diverged}
 
 
-def _child(conn, job):
-    try:
-        torch.set_num_threads(1)
-        rec = _fit(job)
-        atomic_save(rec, job.result_path)
-        conn.send(("done", None))
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
-        conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
-    finally:
-        conn.close()
+def _fit_and_save(job: CopyJob) -> None:
+    atomic_save(_fit(job), job.result_path)
 
 
 def load(job: CopyJob) -> Optional[CopyRun]:
@@ -190,44 +180,21 @@ def load(job: CopyJob) -> Optional[CopyRun]:
     return CopyRun(**torch.load(job.result_path, weights_only=False))
 
 
-def run_jobs(jobs: list, *, workers: int = 2) -> dict:
+def run_jobs(jobs: list, *, workers: Optional[int] = None, progress: bool = False) -> dict:
     """``{tag: CopyRun}`` for every job: finished ones are read back, the others trained ``workers`` at a time
-    in forked single-threaded children (``workers=1``: in this process), the longest first (by K). A job
-    that fails raises here with the child's error once the others have finished."""
+    in forked single-threaded children (``daunce.parallel.fork_map``; ``None``: every core of the machine, at most
+    ``DAUNCE_WORKERS``; 1: in this process, single-threaded), the longest first (by K). A job's copies are the same
+    whatever the worker count. A job that fails raises here with the child's error once the others have finished;
+    the finished ones are on disk."""
     tags = [j.tag for j in jobs]
     if len(set(tags)) != len(tags):
         raise ValueError("job tags must be unique")
     todo = [j for j in jobs if not j.result_path.exists()]
     todo.sort(key=lambda j: -j.config.n_models)
-    errors = {}
-    if workers <= 1:
-        for j in todo:
-            atomic_save(_fit(j), j.result_path)
-    else:
-        ctx = mp.get_context("fork")
-        running: dict = {}
-        queue = list(todo)
-        while queue or running:
-            while queue and len(running) < workers:
-                j = queue.pop(0)
-                parent, child = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_child, args=(child, j))
-                p.start()
-                child.close()
-                running[j.tag] = (p, parent, j)
-            ready = mp_connection.wait([c for _, c, _ in running.values()])
-            done = [t for t, (_, c, _) in running.items() if c in ready]
-            for t in done:
-                p, c, j = running.pop(t)
-                try:
-                    kind, msg = c.recv()
-                except EOFError:
-                    kind, msg = "error", "the child process died (memory or a signal)"
-                p.join()
-                if kind == "error":
-                    errors[t] = msg
-    if errors:
-        raise RuntimeError("copy jobs failed: " + "; ".join(f"{t}: {m}" for t, m in errors.items()))
+    try:
+        fork_map(_fit_and_save, todo, workers, desc="sets of copies", progress=progress, labels=[j.tag for j in todo])
+    except RuntimeError as e:
+        raise RuntimeError(f"copy jobs failed: {e}") from None
     return {j.tag: load(j) for j in jobs}
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from ..engines.context import resolve_device
-from ..progress import progress_bar
+from ..parallel import default_workers, fork_map
 from ..store import atomic_save, check_manifest, fingerprint
 from ..task import margin
 from .training import model_device
@@ -60,7 +60,7 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
                     query: TensorDataset, subsets: torch.Tensor, n_seeds: int = 2, *, kind: str = "margin",
                     workdir: Optional[str | os.PathLike] = None, key: Optional[dict] = None,
                     progress: bool = True, map_fn: Optional[Callable] = None,
-                    device: Optional[str | torch.device] = None) -> dict:
+                    device: Optional[str | torch.device] = None, workers: Optional[int] = None) -> dict:
     """Retrain on every subset with ``n_seeds`` seeds and record the queries' goodness.
 
     Args:
@@ -71,8 +71,12 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
         kind: ``"margin"`` or ``"neg_loss"``. workdir: resumable cache folder (``None``: in memory).
         key: anything else that decides the retrained models (model name, training settings); it is
             stored in the cache's manifest so that a cache of another setting is never reused.
-        map_fn: optional ``map_fn(fn, items) -> list`` to run the retrains in parallel
-            (e.g. a ``daunce.engines.ray_executor.map_tasks`` wrapper); default: a sequential loop.
+        map_fn: optional ``map_fn(fn, items) -> list`` to run the retrains elsewhere (e.g. a
+            ``daunce.engines.ray_executor.map_tasks`` wrapper); default: ``daunce.parallel.fork_map`` over
+            ``workers`` forked single-threaded processes (each retrain is saved as it finishes).
+        workers: retrains side by side (``None``: ``daunce.parallel.default_workers``, every core, at most
+            ``DAUNCE_WORKERS``; 1 on a CUDA device). Each retrain runs single-threaded from its own seed, so the
+            outputs are the same whatever the worker count.
         device: where each retrain runs (``"auto"``, ``"cpu"``, ``"cuda"``, ...): the fresh model of ``make_model`` is
             moved there before ``train_fn``; ``None`` leaves it where ``make_model`` put it. The outputs are kept
             on the CPU. The device is not part of the cache's manifest, so retrains finished on another device are
@@ -118,9 +122,12 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
     if map_fn is not None and todo:
         for j, rec in zip(todo, map_fn(one, todo)):
             done[j] = rec
-    else:
-        for j in progress_bar(todo, desc="ground-truth retrains", progress=progress and bool(todo)):
-            done[j] = one(j)
+    elif todo:
+        # a CUDA context does not survive a fork: retrains on a GPU (or after CUDA was used here) run in this process
+        forkable = (dev is None or dev.type != "cuda") and not torch.cuda.is_initialized()
+        n_workers = (workers if workers is not None else default_workers()) if forkable else 1
+        fork_map(one, todo, n_workers, on_result=done.__setitem__, desc="ground-truth retrains", progress=progress,
+                 labels=[f"retrain m{m} s{s}" for m, s in todo])
     out = torch.stack([torch.stack([done[(m, s)]["outputs"] for s in range(n_seeds)]) for m in range(M)])
     return {"outputs": out, "subsets": subsets, "seconds": float(sum(r["seconds"] for r in done.values())),
             "trained": len(todo)}

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .. import auto, llm
+from .. import auto, llm, parallel
 from ..config import DaunceConfig
 from ..method import Daunce
 from ..store import atomic_save, atomic_write_json
@@ -130,14 +130,24 @@ def random_removal(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1000 * seed + k))[:k]
 
 
+#: memory one removal retrain of the default profile's model needs beside the parent (bytes; SmolLM2-135M with LoRA,
+#: its optimiser state and activations at batch 8 x 128 tokens, with room to spare): bounds the workers
+RETRAIN_MEMORY = 2.5e9
+
+
 def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Sequence[str], ks: dict,
-                 seeds: Sequence[int], recipe: dict, base_qloss: dict, *, path: Path, batch: int) -> Removals:
+                 seeds: Sequence[int], recipe: dict, base_qloss: dict, *, path: Path, batch: int,
+                 workers: Optional[int] = None) -> Removals:
     """Every (set, method, k, seed) retrain that is not in ``path`` with the same removed set yet; the file is
-    rewritten after each. ``"random"`` removes a new random set per seed; every other method its top k by the
-    score summed over the queries (``daunce.llm.top_k_removal``)."""
+    rewritten as each finishes. ``"random"`` removes a new random set per seed; every other method its top k by the
+    score summed over the queries (``daunce.llm.top_k_removal``). The retrains run ``workers`` at a time in forked
+    single-threaded processes (``daunce.parallel.fork_map``; ``None``: every core, at most ``DAUNCE_WORKERS``, as
+    many as the memory holds at ``RETRAIN_MEMORY`` each; 1 on a CUDA model), so the results do not depend on the
+    worker count; a retrain's ``seconds`` are those of its worker."""
     path = Path(path)
     out = Removals(_cached_json(path) or {})
     out.n_new = 0
+    todo = []
     for name, d in data.items():
         n = len(d["train"])
         for k in ks[name]:
@@ -147,12 +157,26 @@ def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Seq
                     key = f"{name}|{m}|{k}|{seed}"
                     if key in out and out[key]["removed"] == removed.tolist():
                         continue   # finished in an earlier run with the same removed set
-                    with llm.Timer() as t:
-                        llm.retrain_without(model, init_state, d["train"], removed, seed=seed, progress=False,
-                                            **recipe)
-                        q = llm.response_nll(model, None, d["query"], batch)
-                    out[key] = dict(removed=removed.tolist(), per_query_increase=(q - base_qloss[name][seed]).tolist(),
-                                    seconds=t.seconds, forward_passes=(n - k) * recipe["epochs"] + len(d["query"]))
-                    atomic_write_json(dict(out), path)
-                    out.n_new += 1
+                    todo.append((key, name, seed, removed))
+
+    def retrain(job):
+        key, name, seed, removed = job
+        d = data[name]
+        with llm.Timer() as t:
+            llm.retrain_without(model, init_state, d["train"], removed, seed=seed, progress=False, **recipe)
+            q = llm.response_nll(model, None, d["query"], batch)
+        return dict(removed=removed.tolist(), per_query_increase=(q - base_qloss[name][seed]).tolist(),
+                    seconds=t.seconds, forward_passes=(len(d["train"]) - len(removed)) * recipe["epochs"]
+                    + len(d["query"]))
+
+    def save(job, rec):
+        out[job[0]] = rec
+        atomic_write_json(dict(out), path)
+        out.n_new += 1
+
+    device = next(model.parameters()).device
+    if workers is None:
+        workers = parallel.default_workers(RETRAIN_MEMORY, device)
+    parallel.fork_map(retrain, todo, workers if device.type != "cuda" else 1, on_result=save, progress=False,
+                      labels=[job[0] for job in todo])
     return out

@@ -18,7 +18,9 @@ outside the markers as it is:
 * ``figures/NN_*.png``: each notebook's block shows all of its figures;
 * ``benchmarks/results/auto_settings.md``: the "auto"-settings benchmark's table (block ``auto``);
 * ``benchmarks/results/gpu_check/gpu_check.md``: the GPU check's table (block ``gpu``), once it has run;
-* ``benchmarks/results/copy_throughput.md``: seconds per copy against the arithmetic floor (block ``throughput``).
+* ``benchmarks/results/copy_throughput.md``: seconds per copy against the arithmetic floor (block ``throughput``);
+* ``benchmarks/results/parallel_efficiency.{md,json}``: 1 against 2 workers on the notebooks' jobs (block
+  ``parallel``; the runtimes block predicts the cold time on more cores from it).
 
 Usage (from the repository root)::
 
@@ -52,13 +54,15 @@ __all__ = ["NOTEBOOKS", "BLOCKS", "PAGES", "render", "blocks", "marker", "record
 NOTEBOOKS = ("01_theory", "02_vision_lds", "03_llm_subset_removal", "04_blackbox_backdoor")
 #: the generated pages and the blocks each holds
 PAGES = {"README.md": ("runtimes", "findings"), "docs/results.md": tuple(nb[:2] for nb in NOTEBOOKS),
-         "docs/benchmarks.md": ("auto", "gpu", "throughput")}
+         "docs/benchmarks.md": ("auto", "gpu", "throughput", "parallel")}
 #: the names of all generated blocks
 BLOCKS = tuple(b for names in PAGES.values() for b in names)
 TIMINGS = "timings.json"
 GPU_CHECK = Path("benchmarks") / "results" / "gpu_check" / "gpu_check.md"
 AUTO_SETTINGS = Path("benchmarks") / "results" / "auto_settings.md"
 THROUGHPUT = Path("benchmarks") / "results" / "copy_throughput.md"
+PARALLEL = Path("benchmarks") / "results" / "parallel_efficiency.md"
+PARALLEL_JSON = Path("benchmarks") / "results" / "parallel_efficiency.json"
 
 # what each figure shows (alt text); a figure without an entry is shown under its file name
 CAPTIONS = {
@@ -224,9 +228,34 @@ def _runtimes(root: Path) -> list[str]:
     if parts:
         out.append("In all: " + "; ".join(parts) + ".")
     if colds and all(colds):
+        cold_total = sum(c["wall_seconds"] for c in colds)
         out[-1] += (f" A cold `make reproduce` of every notebook, the sum of their last cold runs: "
-                    f"{_duration(sum(c['wall_seconds'] for c in colds))}.")
+                    f"{_duration(cold_total)}.")
+        out += _cores_prediction(root, cold_total, cpus)
     return out
+
+
+def predicted_seconds(seconds: float, cores: int, efficiency: float, cores_measured: int = 2) -> float:
+    """Amdahl's law fitted to one measured efficiency: ``seconds`` measured on ``cores_measured`` cores whose 1 -> 2
+    worker efficiency is ``efficiency`` (speed-up ``2 * efficiency``; serial share ``s = 1 / efficiency - 1``),
+    predicted on ``cores``: ``T_1 (s + (1 - s) / cores)`` with ``T_1`` the one-core time."""
+    s = min(max(1.0 / efficiency - 1.0, 0.0), 1.0)
+    one_core = seconds * (s + (1.0 - s) / cores_measured) ** -1
+    return one_core * (s + (1.0 - s) / cores)
+
+
+def _cores_prediction(root: Path, cold_total: float, cpus) -> list[str]:
+    bench = _load_json(root / PARALLEL_JSON)
+    if not bench or not cpus:
+        return []
+    eff = float(bench["mean_efficiency"])
+    preds = ", ".join(f"{n} cores about {_duration(predicted_seconds(cold_total, n, eff, int(cpus)))}" for n in (8, 16))
+    return ["", f"On more cores (every core by default; `DAUNCE_WORKERS=N` caps them): {preds}. An estimate, not a "
+            f"measurement: Amdahl's law with the serial share that `benchmarks/parallel_efficiency.py` measured "
+            f"(1 against 2 workers on the notebooks' own jobs: efficiency {eff:.2f}), applied to the whole cold run; "
+            "the notebooks' serial parts (θ0's training, one model's fine-tunes) make it optimistic. The cold runs "
+            "above predate the fan-out of the ground-truth and removal retrains, so on 2 cores a cold run is now "
+            "faster than their sum."]
 
 
 def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: float, cache_existed: bool) -> dict:
@@ -238,6 +267,8 @@ def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: floa
     pm = _papermill(Path(root), notebook) or {}
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     timings.setdefault("machine", {})["cpus"] = cpus
+    # the cap on the cores the notebooks' fan-outs and torch threads used (None: every core)
+    timings["machine"]["workers_cap"] = os.environ.get("DAUNCE_WORKERS") or None
     previous = timings.setdefault("notebooks", {}).get(notebook) or {}
     entry = dict(profile=profile, wall_seconds=float(wall_seconds), cache_existed=bool(cache_existed),
                  cache_dir=f"runs/{notebook}/{profile}", papermill_start_time=pm.get("start_time"),
@@ -793,9 +824,14 @@ def _throughput(root: Path) -> list[str]:
                             "(`.venv/bin/python benchmarks/copy_throughput.py` writes it).")
 
 
+def _parallel(root: Path) -> list[str]:
+    return _benchmark_table(root, PARALLEL, f"No run yet: `{PARALLEL.as_posix()}` is missing "
+                            "(`.venv/bin/python benchmarks/parallel_efficiency.py` writes it).")
+
+
 def blocks(root: Path) -> dict[str, str]:
     """The text of every generated block, keyed by block name (``"runtimes"``, ``"01"`` ... ``"04"``,
-    ``"auto"``, ``"gpu"``, ``"throughput"``)."""
+    ``"auto"``, ``"gpu"``, ``"throughput"``, ``"parallel"``)."""
     root = Path(root)
     out = {"runtimes": "\n".join(_runtimes(root))}
     for nb in NOTEBOOKS:
@@ -819,6 +855,7 @@ def blocks(root: Path) -> dict[str, str]:
     out["auto"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_auto_settings(root))).strip()
     out["gpu"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_gpu_check(root))).strip()
     out["throughput"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_throughput(root))).strip()
+    out["parallel"] = re.sub(r"\n{3,}", "\n\n", "\n".join(_parallel(root))).strip()
     return out
 
 

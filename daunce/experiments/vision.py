@@ -195,10 +195,10 @@ def train_target(s: ModelSetting, train: TensorDataset, seed: int = 0, *, device
 
 
 def ground_truth(s: ModelSetting, train: TensorDataset, query: TensorDataset, workdir=None,
-                 progress: bool = True, map_fn=None, *, device=None) -> dict:
+                 progress: bool = True, map_fn=None, *, device=None, workers: Optional[int] = None) -> dict:
     """The LDS ground truth of a setting (``daunce.experiments.groundtruth.retrain_outputs``): margins of every query
     under models retrained with the theta0 recipe on ``n_subsets`` half-subsets x ``n_seeds`` seeds, each retrain
-    on ``device`` (``None``: the CPU)."""
+    on ``device`` (``None``: the CPU), ``workers`` at a time (``None``: every core)."""
     subsets = groundtruth.half_subsets(len(train), s.n_subsets, 0.5, seed=1234)
 
     def train_fn(model, data, seed):
@@ -209,7 +209,7 @@ def ground_truth(s: ModelSetting, train: TensorDataset, query: TensorDataset, wo
         key["width"] = s.width
     return groundtruth.retrain_outputs(lambda seed: make_model(s, train, seed), train_fn, train, query, subsets,
                                        s.n_seeds, kind="margin", workdir=workdir, key=key, progress=progress,
-                                       map_fn=map_fn, device=device)
+                                       map_fn=map_fn, device=device, workers=workers)
 
 
 # ------------------------------------------------------------------------------ Daunce helpers
