@@ -85,7 +85,9 @@ def check_theory(data):
     for model in ("logistic_regression", "mlp"):
         q = data["sandwich"][model]["middle_eig_quantiles_5_50_95"]
         assert 0 < q[0] <= q[1] <= q[2], (model, q)
-    # the copies: every K recorded; the Fisher form's limit is the Fisher-form IF (up to scale)
+    # the copies: every K recorded, closer to the IF and to their limit at the largest K than at the smallest (the
+    # smoke profile's six runs, measured: Pearson with the IF up by 0.23 to 0.36 from K = 4 to 32); the Fisher form's
+    # limit is the Fisher-form IF up to scale
     Ks = [str(K) for K in S["Ks"]]
     runs = {f"logistic_regression.{k}": v for k, v in data["logistic_regression"].items()}
     runs.update({f"mlp.{k}": v for k, v in data["mlp"].items()})
@@ -103,7 +105,8 @@ def check_theory(data):
     if max(S["Ks"]) >= 1024:  # the full profile's agreement at K = 1024 (measured 0.997 and 0.956)
         assert data["logistic_regression"]["efim_orthogonal"]["1024"]["pearson_if"] > 0.99
         assert data["logistic_regression"]["efim_iid"]["1024"]["pearson_if"] > 0.9
-    # ridge regression: the IF predicts leave-one-out; the bootstrap its own first-order limit
+    # ridge regression: the IF predicts leave-one-out, the bootstrap its own first-order limit (measured, smoke and
+    # full: 0.998 and 0.9995; 0.988 and 0.9995)
     lin = data["linear_regression"]
     assert lin["pearson_if_vs_loo"] > 0.99 and lin["pearson_bootstrap_vs_limit"] > 0.9 and lin["K"] == S["lin_K"], lin
     # the sweeps: rho = 0.1 and r = 1 are the main efim/iid run's first sweep_K copies (copy k does not depend on K)
@@ -111,7 +114,9 @@ def check_theory(data):
     assert data["sweeps"]["rho"]["0.1"] == pytest.approx(main, abs=1e-6)
     assert data["sweeps"]["subset_ratio"]["1.0"] == pytest.approx(main, abs=1e-6)
     assert data["rho_check"]["0.1"]["pearson_with_rho_0.1"] == pytest.approx(1.0, abs=1e-9)
-    # tau_i, the loss spread over the copies, follows the limit's diagonal
+    for knob, points in data["sweeps"].items():  # a Pearson with the exact IF, or null where the copies diverged
+        assert all(v is None or _in_unit(v) for v in points.values()), (knob, points)
+    # tau_i, the loss spread over the copies, follows the limit's diagonal (measured, smoke and full: 0.96, 0.999)
     assert data["cov_vs_corr"]["spearman_sigma_vs_limit"] > 0.8, data["cov_vs_corr"]
     sub = data["subset_limit"]
     assert sub["K"] == S["subset_K"] and sub["rel_sem"] > 0 and 0 <= sub["unconverged_copies"] <= sub["K"], sub
