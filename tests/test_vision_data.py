@@ -63,6 +63,9 @@ def test_downsample_average_pools_images_and_refuses_what_it_cannot():
     xs, ys = small.tensors
     assert xs.shape == (2, 1, 2, 2) and torch.equal(ys, y)
     assert xs[0, 0, 0, 0] == x[0, 0, :2, :2].mean()  # the mean of its 2 x 2 block
+    blocks = x.reshape(2, 1, 2, 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(2, 1, 2, 2, 4)  # (N, C, row, col, 4 pixels)
+    torch.testing.assert_close(xs, blocks.mean(-1))  # every block, e.g. image 1's last is mean(26, 27, 30, 31)
+    assert xs[1, 0, 1, 1] == (26 + 27 + 30 + 31) / 4
     assert data.downsample(small, 2) is small  # already that size
     with pytest.raises(ValueError, match="divisor"):
         data.downsample(TensorDataset(x, y), 3)
