@@ -203,6 +203,32 @@ def test_correlation_score_and_margin_signal(digits_lr):
         ClassificationTask("accuracy")
 
 
+def test_margin_signal_is_minus_the_margin_on_hand_made_logits():
+    """``signal="margin"`` records ``-(logit_y - log sum_{c != y} exp logit_c)``, computed here by hand; the
+    loss signal stays the cross-entropy, and ``output_function`` is minus the margin under either signal."""
+    import math
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 3.0, 1.0], [-2.0, -2.0, 4.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 2, 2, 1])
+    rows = logits.tolist()
+    expected = torch.tensor([-(row[c] - math.log(sum(math.exp(v) for j, v in enumerate(row) if j != c)))
+                             for row, c in zip(rows, y.tolist())])
+    # by hand: example 0 has margin 2 - log(1 + e^-1), example 3 (three equal logits) margin 1 - log(2e) = -log 2
+    assert expected[0].item() == pytest.approx(-(2 - math.log(1 + math.exp(-1))))
+    assert expected[3].item() == pytest.approx(math.log(2))
+    batch = (torch.zeros(4, 1), y)
+    torch.testing.assert_close(ClassificationTask("margin").signal(logits, batch), expected)
+    torch.testing.assert_close(ClassificationTask("margin").output_function(logits, batch), expected)
+    torch.testing.assert_close(ClassificationTask("loss").output_function(logits, batch), expected)
+    # higher = worse: correctly classified examples (0, 2) have a negative signal, the misclassified one (1) and
+    # the tie (3) a positive one; example 2 (4 against two logits of -2) has margin 4 - (log 2 - 2) = 6 - log 2
+    assert (expected[[0, 2]] < 0).all() and (expected[[1, 3]] > 0).all()
+    assert expected[2].item() == pytest.approx(-(6 - math.log(2)))
+    ce = torch.tensor([-(row[c] - math.log(sum(math.exp(v) for v in row))) for row, c in zip(rows, y.tolist())])
+    torch.testing.assert_close(ClassificationTask("loss").signal(logits, batch), ce)
+    assert not torch.allclose(ClassificationTask("loss").signal(logits, batch), expected)
+
+
 def test_workdir_of_another_orthogonal_design_is_refused(digits_lr, tmp_path):
     """The orthogonal block decides what copy k is: a workdir trained with one block size is refused
     under another, with the differing field named; the same block reuses the copies."""

@@ -6,6 +6,7 @@ traceback, no warning and no progress bar.
 here was executed some other way, or prints something new that should be fixed where it comes from."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -103,6 +104,50 @@ def test_executed_llm_runs_meet_their_contracts():
     assert r03["profile"] == r04["profile"] == "default"
     check_removal_contract(r03, min_seeds=5, min_K=16)
     check_backdoor_contract(r04, min_K=16)
+
+
+@pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
+def test_executed_metrics_pass_the_smoke_runs_checks(path):
+    """The committed full runs' metrics JSON pass the checks the smoke runs of tests/test_notebooks.py apply."""
+    from test_notebooks import check_metrics
+
+    data = json.loads(path.with_suffix(".json").read_text())
+    assert data["profile"] in ("default", "paper")
+    check_metrics(path.stem, data)
+
+
+def test_the_metrics_checks_refuse_nan_and_out_of_range_values():
+    """A NaN anywhere, a derivation identity that fails, a Pearson above 1 or a paired difference that is not the
+    difference of its rows' LDS, each planted in a copy of a committed run, fails the checks."""
+    from test_notebooks import check_metrics
+
+    runs = ROOT / "papermill_runs"
+    theory = json.loads((runs / "01_theory.json").read_text())
+    vision = json.loads((runs / "02_vision_lds.json").read_text())
+
+    def planted(data, change):
+        copy = json.loads(json.dumps(data))
+        change(copy)
+        return copy
+
+    with pytest.raises(AssertionError, match=r"NaN or infinite values at \['cov_vs_corr.corr.pearson_if'\]"):
+        check_metrics("01_theory", planted(theory, lambda d: d["cov_vs_corr"]["corr"].update(pearson_if=math.nan)))
+    with pytest.raises(AssertionError, match="derivation.if_formula_vs_daunce_limit_rel_diff"):
+        check_metrics("01_theory", planted(theory, lambda d: d["derivation"].update(
+            if_formula_vs_daunce_limit_rel_diff=1e-3)))
+    with pytest.raises(AssertionError, match="no correlation"):
+        check_metrics("01_theory", planted(theory, lambda d: d["mlp"]["if"]["8"].update(pearson_if=1.5)))
+    with pytest.raises(AssertionError, match="null outside the sweeps"):
+        check_metrics("01_theory", planted(theory, lambda d: d["linear_regression"].update(pearson_if_vs_loo=None)))
+    with pytest.raises(AssertionError, match="NaN or infinite"):
+        check_metrics("02_vision_lds", planted(vision, lambda d: d["models"]["mlp"].update(theta0_seconds=math.inf)))
+
+    def shift_diff(d):
+        d["models"]["lr"]["paired"][0]["diff"] += 0.01
+    with pytest.raises(AssertionError, match="lr"):
+        check_metrics("02_vision_lds", planted(vision, shift_diff))
+    check_metrics("01_theory", theory)
+    check_metrics("02_vision_lds", vision)
 
 
 @pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
