@@ -54,6 +54,9 @@ def test_notebook_smoke_run(notebook, tmp_path):
     assert data["profile"] == "smoke"
     check_metrics(notebook.stem, data)
     assert list(out.rglob("*.png")), "the notebook saved no figure under out_dir"
+    if notebook.stem != "01_theory":   # the cores a run had and the workers it used (daunce.parallel.describe)
+        par = data["parallel"]
+        assert par["cores"] >= 1 and 1 <= par["workers"] and par["torch_threads"] >= 1, par
 
 
 def check_metrics(stem: str, data: dict):
