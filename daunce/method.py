@@ -65,8 +65,10 @@ class Daunce:
             up to float rounding; ``"shared"`` trains blocks of full-batch copies in shared-input passes
             (``daunce.engines.stacked``: the first layer of all copies of a block as one large matmul on the
             union of their subsets, later layers as batched matmuls), the same copies up to float rounding.
-            ``"auto"`` uses "shared" where it applies (an ``nn.Sequential`` of supported layers, full batch) and
-            the model has no trainable convolution on a CPU, else vmap when the model can be vectorised and it
+            ``"auto"`` uses "shared" where it applies (an ``nn.Sequential`` of supported layers, or a module whose
+            ``forward`` ``torch.fx`` traces into one chain of them and of functional activations, pooling and
+            flatten/view: ``daunce.engines.stacked.supported``; full batch) and the model has no trainable
+            convolution on a CPU, else vmap when the model can be vectorised and it
             is expected to be faster, else the sequential loop, and says why (``trainer_used``,
             ``trainer_reason``). The choice is made on the training set. From
             ``benchmarks/results/copy_throughput.md``: on ``02_vision_lds``'s logistic regression and MLP "shared"
