@@ -277,21 +277,47 @@ def test_class_defined_models_train_shared_like_the_sequential_loop(name):
         assert auto.choose_trainer(train) == "shared", auto.trainer_reason
 
 
-def test_stacked_forward_evaluates_distinct_copies_of_a_traced_model():
-    """Distinct copies through the traced CNN's functional ops (F.relu, F.max_pool2d, x.tanh(), F.avg_pool2d,
-    F.dropout in eval mode, x.view(n, -1)) and a frozen head bias: each copy's outputs equal its own model's."""
+class Functional(nn.Module):
+    """More of the functional forms: a ModuleList loop, leaky ReLU and tanh-GELU with arguments, x.sigmoid(),
+    adaptive pooling, x.contiguous(), torch.reshape to (x.shape[0], -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 2, 3)])
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+        x = F.adaptive_avg_pool2d(x.sigmoid(), 2).contiguous()
+        x = torch.reshape(x, (x.shape[0], -1))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+@pytest.mark.parametrize("name", ["cnn", "functional"])
+def test_stacked_forward_evaluates_distinct_copies_of_a_traced_model(name):
+    """Distinct copies through the traced models' functional ops (the CNN: F.relu, F.max_pool2d, x.tanh(),
+    F.avg_pool2d, F.dropout in eval mode, x.view(n, -1), with a frozen head bias; ``Functional``): each copy's
+    outputs equal its own model's (rtol / atol 1e-5)."""
     torch.manual_seed(0)
-    net = ClassCNN(width=3).eval()
-    net.head.bias.requires_grad_(False)
+    if name == "cnn":
+        net = ClassCNN(width=3).eval()
+        net.head.bias.requires_grad_(False)
+        names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "head.weight"]
+        kinds = ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "Tanh", "AvgPool2d", "Identity", "Flatten", "Linear"]
+    else:
+        net = Functional().eval()
+        names = [n for n, _ in net.named_parameters()]
+        kinds = ["Conv2d", "LeakyReLU", "Conv2d", "LeakyReLU", "Sigmoid", "AdaptiveAvgPool2d", "Identity", "Flatten",
+                 "Linear", "GELU", "Linear"]
     x = torch.randn(5, 1, 8, 8)
     ctx = Daunce(net, TASK, DaunceConfig(n_models=2), progress=False).context
-    assert ctx.names == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "head.weight"]
+    assert ctx.names == names
     C = 3
     copies = [[p + 0.3 * torch.randn_like(p) for p in ctx.theta0] for _ in range(C)]
     params = [torch.stack([c[j] for c in copies]) for j in range(len(ctx.theta0))]
     fwd = stacked.StackedForward(ctx)
-    assert [type(m).__name__ for m in fwd.layers] == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "Tanh", "AvgPool2d",
-                                                      "Identity", "Flatten", "Linear"]
+    assert [type(m).__name__ for m in fwd.layers] == kinds
     out = fwd(params, x)
     for c in range(C):
         ctx.load_state(copies[c])

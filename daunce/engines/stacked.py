@@ -99,24 +99,33 @@ _ACT = {"relu": (nn.ReLU, ("inplace",)), "relu6": (nn.ReLU6, ("inplace",)), "tan
         "tanhshrink": (nn.Tanhshrink, ())}
 _MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 _AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
-_FUNCTIONS: dict = {}
-for _name, _spec in _ACT.items():
-    for _ns in (F, torch):
-        if hasattr(_ns, _name):
-            _FUNCTIONS[getattr(_ns, _name)] = _spec
-    if hasattr(torch.Tensor, _name):
-        _FUNCTIONS["method:" + _name] = _spec
-for _d in (1, 2, 3):
-    _FUNCTIONS[getattr(F, f"max_pool{_d}d")] = (getattr(nn, f"MaxPool{_d}d"), _MAX_POOL)
-    _FUNCTIONS[getattr(F, f"avg_pool{_d}d")] = (getattr(nn, f"AvgPool{_d}d"), _AVG_POOL[:5 if _d == 1 else 6])
-    _FUNCTIONS[getattr(F, f"adaptive_avg_pool{_d}d")] = (getattr(nn, f"AdaptiveAvgPool{_d}d"), ("output_size",))
-    _FUNCTIONS[getattr(F, f"adaptive_max_pool{_d}d")] = (getattr(nn, f"AdaptiveMaxPool{_d}d"),
-                                                         ("output_size", "return_indices"))
+
+
+def _function_table() -> dict:
+    """Activation and pooling functions (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.max_pool2d`` ...) -> their
+    module and argument names."""
+    table: dict = {}
+    for name, spec in _ACT.items():
+        for ns in (F, torch):
+            if hasattr(ns, name):
+                table[getattr(ns, name)] = spec
+        if hasattr(torch.Tensor, name):
+            table["method:" + name] = spec
+    for d in (1, 2, 3):
+        table[getattr(F, f"max_pool{d}d")] = (getattr(nn, f"MaxPool{d}d"), _MAX_POOL)
+        table[getattr(F, f"avg_pool{d}d")] = (getattr(nn, f"AvgPool{d}d"), _AVG_POOL[:5 if d == 1 else 6])
+        table[getattr(F, f"adaptive_avg_pool{d}d")] = (getattr(nn, f"AdaptiveAvgPool{d}d"), ("output_size",))
+        table[getattr(F, f"adaptive_max_pool{d}d")] = (getattr(nn, f"AdaptiveMaxPool{d}d"),
+                                                       ("output_size", "return_indices"))
+    return table
+
+
+_FUNCTIONS = _function_table()
 _FLATTEN = (torch.flatten, "method:flatten")
 _RESHAPE = (torch.reshape, "method:view", "method:reshape")
 _DROPOUT_FNS = {fn: ("p", "training", "inplace") for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
                                                                F.alpha_dropout, F.feature_alpha_dropout)}
-_DROPOUT_FNS[torch.dropout] = ("p", "training")
+_DROPOUT_FNS[torch.dropout] = ("p", "train")
 _IDENTITY = ("method:contiguous",)
 
 
@@ -207,7 +216,7 @@ def _as_module(node, model: nn.Module, size: dict, what: str) -> nn.Module:
         return nn.Flatten()
     if key in _DROPOUT_FNS:
         kw = _arguments(node, _DROPOUT_FNS[key], what)
-        if kw.get("training", True):
+        if kw.get("training", kw.get("train", True)):
             raise ValueError(f"{what} with training=True (the function's default, or self.training in training "
                              "mode): it draws a new mask at every call; pass training=self.training and "
                              "train_mode=False")
