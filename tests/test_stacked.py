@@ -387,6 +387,12 @@ def test_traced_functions_that_do_not_map_are_named():
     for cls, reason in cases.items():
         ok, why = stacked.supported(cls().eval())
         assert not ok and why.startswith(reason), (cls.__name__, why)
+    # minibatch copies share no input: said before forward is traced (a large model would be traced for nothing)
+    train, _ = data.digits(40, 4, seed=4)
+    mb = Daunce(Branchy(), TASK, DaunceConfig(n_models=2, steps=2, batch_size=8, rho=0.3, damping=1e-2),
+                progress=False)
+    mb.choose_trainer(train)
+    assert mb.trainer_reason.startswith("not shared: copies train on minibatches"), mb.trainer_reason
     # in train mode self.training is True when forward is traced: F.dropout(training=self.training) is refused
     ok, why = stacked.supported(ClassCNN().eval(), train_mode=True)
     assert not ok and "torch.nn.functional.dropout with training=True" in why, why

@@ -461,12 +461,15 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
     full batch (``batch_size=None``: every copy's batch is its subset). ``per_copy_bytes`` bounds one copy's
     memory in a block: weights and optimiser state, the activations of the union of the batches (the training
     set) and its subset's inputs (gathered layout)."""
+    minibatch = ("copies train on minibatches of their own subsets: the union of a block's batches is not shared, so "
+                 "there is no input to share")
+    if config.batch_size is not None and not isinstance(ctx.model, (nn.Sequential, nn.Linear, *_CONV)):
+        return False, minibatch, 0  # before tracing forward: a large model (an LLM) would be traced for nothing
     ok, why = supported(ctx.model, config.train_mode)
     if not ok:
         return False, why, 0
     if config.batch_size is not None:
-        return False, ("copies train on minibatches of their own subsets: the union of a block's batches is not "
-                       "shared, so there is no input to share"), 0
+        return False, minibatch, 0
     probe = torch.arange(min(3, len(train)))
     batch = ctx.fetch(train, probe)
     ctx.reset()
