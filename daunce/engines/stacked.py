@@ -36,6 +36,7 @@ sequential trainer (``check`` says why).
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Optional
 
 import torch
@@ -236,7 +237,9 @@ def _traced_layers(model: nn.Module, train_mode: bool) -> list:
     modes = [(m, m.training) for m in model.modules()]
     model.train(train_mode)  # ``self.training`` is read while tracing
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        with warnings.catch_warnings():  # what forward warns about while traced is not the user's concern here
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(model).graph
     except Exception as e:  # noqa: BLE001 - any failure to trace means: not a chain we can read
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"torch.fx could not trace {name}: {type(e).__name__}: {first[:300]}") from e
