@@ -33,9 +33,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from daunce import ClassificationTask, Daunce, DaunceConfig, scores
 from daunce.engines import sequential, stacked, vmap
-from daunce.experiments import vision
+from daunce.experiments import models, vision
 
-PREVIOUS = {"lr": "vmap", "mlp": "vmap", "cnn": "sequential"}  # what trainer="auto" chose before "shared"
+PREVIOUS = {"lr": "vmap", "mlp": "vmap", "cnn": "sequential",  # what trainer="auto" chose before "shared"
+            "mlp_class": "vmap"}  # before torch.fx tracing: not an nn.Sequential, so vmap
 
 
 def matmul_gflops(size: int = 1536, reps: int = 5) -> float:
@@ -70,9 +71,13 @@ def activation_mb(model, train, m: int) -> float:
 
 
 def setup(name: str):
-    s = vision.settings("default")[name]
+    """Notebook 02's model ``name`` trained to theta0, its training set and queries; ``"mlp_class"`` is its MLP
+    written as a class (``models.MLPModule``, ``torch.tanh`` in ``forward``) with the same weights."""
+    s = vision.settings("default")["mlp" if name == "mlp_class" else name]
     train, query = vision.load_data(s)
     model, _ = vision.fit(vision.make_model(s, train), train, s.recipe)
+    if name == "mlp_class":
+        model = models.MLPModule.from_sequential(model)
     return model, train, query
 
 
@@ -200,6 +205,11 @@ def main():
     ap.add_argument("--no-auto", action="store_true", help="skip timing the 'auto' rule's resolution")
     ap.add_argument("--lora-copies", type=int, default=2, help="LoRA copies of notebook 03 timed (0: skip)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the trainers of a model this many times, interleaved; each keeps its fastest round")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the other models in the existing results and replace only those of "
+                         "--models (and of the LoRA copies when --lora-copies > 0)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     importlib.import_module("torch._dynamo")  # torch.optim imports it on first use: keep it out of the timings
@@ -219,12 +229,28 @@ def main():
         trainers = ["sequential", "vmap", "shared:union", "shared:gather", "shared:auto"]
         if name == "cnn":
             trainers = ["sequential", "shared:union", "shared:gather"]
+        if name == "mlp_class":
+            trainers = ["sequential", "vmap", "shared:auto"]
+            ok, why = stacked.supported(model)
+            assert ok, f"the class-defined MLP is not supported by the shared-input trainer: {why}"
         timed = {}
-        for tr in trainers:
-            timed[tr] = time_trainer(d, tr, K if tr != "sequential" or name == "cnn" else min(K, 16),
-                                     train, query, cache)
-            print(name, tr, {k: v for k, v in timed[tr].items() if k != "signals"}, flush=True)
+        for r in range(args.rounds):  # the trainers interleaved, round after round: noise from the shared
+            for tr in trainers:       # machine falls on all of them; each keeps its fastest round
+                if tr == "sequential" and r > 0:
+                    continue
+                t = time_trainer(d, tr, K if tr != "sequential" or name == "cnn" else min(K, 16), train, query, cache)
+                s_copy = t["s_train_per_copy"] + t["s_signals_per_copy"]
+                rounds = timed[tr]["s_per_copy_rounds"] if tr in timed else []
+                if tr not in timed or s_copy < min(rounds):
+                    timed[tr] = t
+                timed[tr]["s_per_copy_rounds"] = rounds + [s_copy]
+                print(name, f"round {r + 1}/{args.rounds}", tr, {k: v for k, v in t.items() if k != "signals"},
+                      flush=True)
         prev = timed[PREVIOUS[name]]
+        # the activations are counted at module outputs: the class form's torch.tanh and flatten are functions, so
+        # its nn.Sequential form (the same function) counts them
+        seq_model = setup("mlp")[0] if name == "mlp_class" else model
+        act_mb = activation_mb(seq_model, train, round(cfg.subset_ratio * len(train)))
         for tr, t in timed.items():
             s_copy = t["s_train_per_copy"] + t["s_signals_per_copy"]
             gflops = (gf_train + gf_sig) / s_copy
@@ -238,9 +264,18 @@ def main():
                 s_train_per_copy=t["s_train_per_copy"], s_signals_per_copy=t["s_signals_per_copy"],
                 gflop_per_copy=gf_train + gf_sig, gflop_train_per_copy=gf_train, gflops=gflops,
                 matmul_gflops=rate, fraction_of_floor=gflops / rate, copy_bandwidth_gbs=bandwidth,
-                activation_mb_per_copy_step=activation_mb(model, train, round(cfg.subset_ratio * len(train))),
+                activation_mb_per_copy_step=act_mb,
                 speedup_vs_previous=(prev["s_train_per_copy"] + prev["s_signals_per_copy"]) / s_copy,
-                max_rel_score_diff_vs_sequential=diff, layout_reason=t.get("layout_reason", "")))
+                max_rel_score_diff_vs_sequential=diff, layout_reason=t.get("layout_reason", ""),
+                s_per_copy_rounds=t["s_per_copy_rounds"],
+                pearson_vs_sequential=float(torch.corrcoef(torch.stack([S.flatten(), S_seq.flatten()]))[0, 1])))
+        if name == "mlp_class":  # the class form is the same function: its copies' scores are the nn.Sequential's
+            ds = Daunce(seq_model, ClassificationTask(), cfg, progress=False, orthogonal_block=K)
+            ref = time_trainer(ds, "sequential", min(K, 16), train, query, sequential.base_cache(ds.context, cfg, train))
+            S_ref = scores.covariance(*ref["signals"])
+            S_seq = scores.covariance(*timed["sequential"]["signals"])
+            for row in rows[-len(timed):]:
+                row["max_rel_score_diff_vs_nn_sequential_form"] = float((S_seq - S_ref).abs().max() / S_ref.abs().max())
         if name in ("lr", "mlp") and not args.no_auto:
             for tr in ("shared", PREVIOUS[name]):
                 a = auto_share(model, train, query, args.k, tr)
@@ -249,27 +284,74 @@ def main():
 
     if args.lora_copies:
         rows.extend(lora_rows(rate, args.lora_copies))
+    command = (f".venv/bin/python benchmarks/copy_throughput.py --models {' '.join(args.models)} --k {args.k} "
+               f"--k-cnn {args.k_cnn} --steps {args.steps} --lora-copies {args.lora_copies} --threads {args.threads}"
+               + (f" --rounds {args.rounds}" if args.rounds > 1 else "") + (" --merge" if args.merge else "")
+               + (" --no-auto" if args.no_auto else ""))
+    run = dict(models=list(args.models) + (["lora"] if args.lora_copies else []), command=command,
+               machine=_common.machine(), matmul_gflops=rate, copy_bandwidth_gbs=bandwidth, steps=args.steps,
+               rounds=args.rounds)
+    runs = [run]
+    if args.merge:
+        runs, kept, kept_auto = previous_results(run)
+        rows = kept + rows
+        rerun = {r["model"] for r in auto_rows}  # "auto"'s timings of a model are replaced only when run again
+        auto_rows = [r for r in kept_auto if r["model"] not in rerun] + auto_rows
+    for r in rows:
+        r.setdefault("run", len(runs))
+    write_results(runs, rows, auto_rows)
+
+
+def previous_results(run: dict) -> tuple[list, list, list]:
+    """The runs, rows and "auto" rows of the existing results, less those of ``run``'s models (which it
+    replaces), with ``run`` appended to the runs. Results written before runs were recorded are one run, whose
+    command is read from the markdown."""
+    path = _common.RESULTS / "copy_throughput.json"
+    if not path.exists():
+        return [run], [], []
+    old = json.loads(path.read_text())
+    runs = old.get("runs")
+    if runs is None:
+        md_path = _common.RESULTS / "copy_throughput.md"
+        md = md_path.read_text() if md_path.exists() else ""
+        cmd = md.split("Command: `")[1].split("`")[0] if "Command: `" in md else "(not recorded)"
+        models = list(dict.fromkeys(r["model"].split(" ")[0] for r in old["rows"]))
+        runs = [dict(models=models, command=cmd, machine=old["machine"], matmul_gflops=old["matmul_gflops"],
+                     copy_bandwidth_gbs=old["copy_bandwidth_gbs"], steps=old["steps"], rounds=1)]
+    replaced = set(run["models"])
+    rows = [dict(r, run=r.get("run", 1)) for r in old["rows"] if r["model"].split(" ")[0] not in replaced]
+    return runs + [run], rows, old.get("auto", [])
+
+
+def write_results(runs: list, rows: list, auto_rows: list) -> None:
+    """``copy_throughput.{md,json}`` from every run's rows (``row["run"]``: its run, counted from 1)."""
     cols = ["model", "n_train", "d", "K", "trainer", "layout", "s_train_per_copy", "s_signals_per_copy",
             "gflop_per_copy", "gflops", "fraction_of_floor", "speedup_vs_previous", "activation_mb_per_copy_step",
             "max_rel_score_diff_vs_sequential", "max_abs_signal_diff_vs_previous"]
     fmt = [{c: (f"{r[c]:.4g}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols} for r in rows]
+    steps = sorted({r["steps"] for r in runs})
     notes = (f"Notebook 02's models and data (default profile), \"if\" copies, full batch, r = 0.5, orthogonal design, "
-             f"{args.steps} fixed Adam steps per copy; K = {args.k} (LR, MLP; the sequential loop timed on 16 copies) "
-             f"and {args.k_cnn} (CNN). Seconds are CPU seconds of this process per copy; FLOPs counted with "
+             f"{'/'.join(map(str, steps))} fixed Adam steps per copy; K = 256 (LR, MLP; the sequential loop timed on 16 "
+             f"copies) and 32 (CNN). `mlp_class`: the MLP written as a class (`models.MLPModule`: `torch.tanh` in "
+             f"`forward`, the same weights), which the shared-input trainer reads by tracing `forward` with torch.fx. "
+             f"Seconds are CPU seconds of this process per copy; FLOPs counted with "
              f"FlopCounterMode on one copy of the sequential loop (training, then signals of the "
-             f"training set and the queries). float32 matmul floor measured in this run: {rate:.1f} GFLOP/s; memory "
-             f"bandwidth of a large copy: {bandwidth:.1f} GB/s. `act MB`: the forward activations of one copy-step "
+             f"training set and the queries); each row is set against the float32 matmul floor of its own run (below). "
+             f"`act MB`: the forward activations of one copy-step "
              f"(every layer's output on the copy's subset), what a step streams through memory at least twice. "
              f"`speedup_vs_previous`: against the trainer \"auto\" chose before shared-input passes "
-             f"({', '.join(f'{k}: {v}' for k, v in PREVIOUS.items())}). The last column: the largest difference of the "
-             f"covariance scores (training set x queries, from the copies both trainers trained) from the sequential "
-             f"loop's, relative to the largest score (float rounding). "
+             f"({', '.join(f'{k}: {v}' for k, v in PREVIOUS.items())}), measured in the same run. The last column: the "
+             f"largest difference of the covariance scores (training set x queries, from the copies both trainers "
+             f"trained) from the sequential loop's, relative to the largest score (float rounding: within 1e-3). "
              f"LoRA rows: notebook 03's copies (SmolLM2-135M-Instruct, adapters on the top 4 layers, 40 training "
              f"examples and 30 queries of each data set, 3 Adam steps of batch 8 and the signal passes), consecutive "
              f"evaluation batches (the former path) against length-sorted ones; the last column is the largest "
-             f"difference of their signals. "
-             f"Command: `.venv/bin/python benchmarks/copy_throughput.py --models {' '.join(args.models)} --k {args.k} "
-             f"--k-cnn {args.k_cnn} --steps {args.steps} --lora-copies {args.lora_copies}`.")
+             f"difference of their signals. With `--rounds` the trainers of a model are timed in interleaved rounds "
+             f"(the machine's load falls on all of them) and each keeps its fastest (every round's seconds are in the "
+             f"JSON).\n\nRuns:\n\n"
+             + "".join(f"{i}. {', '.join(r['models'])}: {r['machine']}; float32 matmul floor {r['matmul_gflops']:.1f} "
+                       f"GFLOP/s, memory bandwidth of a large copy {r['copy_bandwidth_gbs']:.1f} GB/s. Command: "
+                       f"`{r['command']}`.\n" for i, r in enumerate(runs, 1)))
     text = _common.write("copy_throughput", "Copy throughput against the arithmetic floor", notes, fmt, cols)
     if auto_rows:
         acols = ["model", "K", "trainer", "s_resolve", "s_fit", "resolve_share", "mean_steps"]
@@ -280,9 +362,11 @@ def main():
                  + _common.table(afmt, acols))
         (_common.RESULTS / "copy_throughput.md").write_text(text + extra)
         print(extra)
+    last = runs[-1]
     (_common.RESULTS / "copy_throughput.json").write_text(json.dumps(
-        {"machine": _common.machine(), "matmul_gflops": rate, "copy_bandwidth_gbs": bandwidth, "steps": args.steps,
-         "rows": rows, "auto": auto_rows},
+        {"machine": last["machine"], "matmul_gflops": last["matmul_gflops"],
+         "copy_bandwidth_gbs": last["copy_bandwidth_gbs"], "steps": last["steps"], "runs": runs, "rows": rows,
+         "auto": auto_rows},
         indent=1))
 
 

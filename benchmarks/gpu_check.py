@@ -1,6 +1,6 @@
 """The GPU check: what a borrowed accelerator should answer about Daunce, in one run of under 8 minutes.
 
-Four measurements, each written to one JSON file and one markdown table under ``--out``
+Five measurements, each written to one JSON file and one markdown table under ``--out``
 (default ``benchmarks/results/gpu_check/``):
 
 1. **Trainers.** Seconds per copy of the sequential loop and of the vmap trainer at K = 64 on two
@@ -28,6 +28,11 @@ Four measurements, each written to one JSON file and one markdown table under ``
    notebook's block of 512.
 4. **"auto".** What ``trainer="auto"`` and ``signal_path="auto"`` choose on the device for the four
    models (``trainer_used`` / ``trainer_reason``, ``signal_path_used`` / ``signal_path_reason``).
+5. **Shared-input trainer.** Seconds of K = 64 full-batch copies (50 Adam steps, signals of the training set and
+   the queries recorded) with the vmap trainer and with the shared-input trainer (``daunce.engines.stacked``) on
+   5,000 generated 784-dimensional examples, for notebook 02's MLP written as a class (``models.MLPModule``:
+   the trainer reads its ``forward`` with ``torch.fx``) and for the logistic regression; the two trainers are
+   timed in interleaved rounds, each keeping its fastest. Check: equal scores; and what ``"auto"`` picks there.
 
     benchmarks/gpu_check.sh                                    # on a GPU machine (or: python benchmarks/gpu_check.py)
     .venv/bin/python benchmarks/gpu_check.py --dry-run --device cpu --out /tmp/gpu_check   # toy sizes, CPU
@@ -61,8 +66,11 @@ on the CPU:
   200 steps, and 5 steps with the orthogonal design (a float64 QR of a 6.6M x 64 matrix on the CPU,
   3.4 GB, a few seconds). The third run is shortened to what the share allows; planned share 150 s.
 * Section 4: two copies of one step per model ~ 10 s (share 30 s). Start-up (imports, CUDA context) ~ 20 s.
+* Section 5: a copy is 50 steps x 2,500 examples x 6 x 51k MACs ~ 0.04 TFLOP (the MLP), overhead-bound like
+  section 1's: a block of 64 copies ~ 3-5 s per trainer and round, two rounds of two trainers on two models
+  ~ 20-40 s with the warm-ups. Planned share 60 s.
 
-Planned total 410 s, expected ~ 250 s. A guard checks the wall clock before every section and between
+Planned total 470 s, expected ~ 290 s (a section that would start after ``--budget-s`` is skipped). A guard checks the wall clock before every section and between
 the units inside one: once ``--budget-s`` (default 420 s) has passed, what is left is skipped and the
 JSON says so; the longest unit that can start before the limit is about 30 s. Should one run far longer
 than planned, a watchdog writes the results so far at ``--budget-s`` + 50 s, marks the section it
@@ -111,6 +119,7 @@ REAL = {
              "ks": [4, 16, 64], "seq_copies": 4, "lora_r": 8},
     "resnet9": {"n_train": 5000, "n_query": 500, "width": 64, "image": 32, "steps": 200, "probe_steps": 5,
                 "ortho_block": 64, "paper_ortho_block": 512, "project_n": 50000, "project_k": 100},
+    "shared": {"n_train": 5000, "n_query": 100, "d_in": 784, "hidden": 64, "steps": 50, "K": 64, "rounds": 2},
 }
 DRY = {
     "mlp": {"n_train": 96, "n_query": 16, "d_in": 32, "hidden": 16, "steps": 4, "K": 8, "seq_copies": 2,
@@ -121,6 +130,7 @@ DRY = {
              "seq_copies": 2, "lora_r": 2},
     "resnet9": {"n_train": 24, "n_query": 8, "width": 2, "image": 32, "steps": 3, "probe_steps": 1,
                 "ortho_block": 2, "paper_ortho_block": 512, "project_n": 50000, "project_k": 100},
+    "shared": {"n_train": 96, "n_query": 16, "d_in": 32, "hidden": 16, "steps": 3, "K": 4, "rounds": 2},
 }
 # LlamaConfig sizes (random weights; nothing is downloaded). Qwen2.5 adds biases to q/k/v, which
 # changes nothing measurable here.
@@ -140,6 +150,7 @@ SECTIONS = [
     ("2_lora_signals", "LoRA signals: one pass per copy vs multi-adapter", 110),
     ("3_resnet9_copy", "one ResNet-9 copy of the paper profile", 150),
     ("4_auto", "what \"auto\" chooses", 30),
+    ("5_shared", "vmap vs shared-input trainer (class-defined MLP, logistic regression)", 60),
 ]
 
 
@@ -634,8 +645,70 @@ def section_auto(run: Run, deadline: float) -> dict:
     return {"results": rows, "skipped": skipped}
 
 
+# ------------------------------------------------------------------------------------------ section 5
+def section_shared(run: Run, deadline: float) -> dict:
+    Daunce, DaunceConfig, ClassificationTask = daunce_objects()
+    from torch.utils.data import TensorDataset
+
+    from daunce.experiments import models
+
+    torch, task, s = run.torch, ClassificationTask(), run.sizes["shared"]
+    x, y = generated_classification(torch, s["n_train"] + s["n_query"], (s["d_in"],), seed=1)
+    n, K = s["n_train"], s["K"]
+    train, query = TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:])
+    cfg = DaunceConfig(variant="if", n_models=K, subset_ratio=0.5, rho=0.3, damping=1e-2, lr=1e-2, steps=s["steps"],
+                       seed=0)
+    rows, skipped = [], []
+    for name in ("mlp_class", "lr"):
+        if run.clock.elapsed() > deadline:
+            skipped.append(f"{name}: the section's share of the budget was used")
+            continue
+        if name == "mlp_class":  # notebook 02's MLP written as a class: the trainer traces forward with torch.fx
+            model = models.MLPModule.from_sequential(models.seeded(models.mlp, 0, s["d_in"], 10, hidden=s["hidden"]))
+        else:
+            model = models.seeded(models.logistic_regression, 0, s["d_in"], 10)
+        model = model.eval().to(run.device)
+        for trainer in ("vmap", "shared"):  # warm-up: kernels, cuBLAS handles, vmap, the fx trace
+            Daunce(model, task, cfg.replace(n_models=2, steps=2), progress=False, trainer=trainer).fit(train)
+        seconds: dict = {"vmap": [], "shared": []}
+        fitted: dict = {}
+        for r in range(s["rounds"]):  # interleaved: whatever else loads the machine falls on both
+            for trainer in ("vmap", "shared"):
+                if r > 0 and run.clock.elapsed() > deadline:
+                    break
+                d = Daunce(model, task, cfg, progress=False, trainer=trainer, vmap_block=K)
+                _, sec = run.timed(d.fit, train, query)
+                seconds[trainer].append(sec)
+                fitted[trainer] = d
+        d_vm, d_sh = fitted["vmap"], fitted["shared"]
+        assert d_vm.trainer_used == "vmap" and d_sh.trainer_used == "shared", d_sh.trainer_reason
+        S_vm, S_sh = d_vm.attribute(train, query), d_sh.attribute(train, query)
+        sc, rho = compare(S_vm, S_sh), corr(S_vm, S_sh)
+        auto = Daunce(model, task, cfg, progress=False)
+        auto.choose_trainer(train)
+        t_vm, t_sh = min(seconds["vmap"]), min(seconds["shared"])
+        rows.append({
+            "workload": name, "K": K, "n_train": n, "n_query": len(query), "steps": s["steps"], "d_in": s["d_in"],
+            "trainable_parameters": d_sh.context.n_params, "vmap_s_at_K": t_vm, "shared_s_at_K": t_sh,
+            "vmap_s_per_copy": t_vm / K, "shared_s_per_copy": t_sh / K, "speedup": t_vm / t_sh,
+            "vmap_rounds_s": seconds["vmap"], "shared_rounds_s": seconds["shared"],
+            "shared_reason": d_sh.trainer_reason, "auto_trainer": auto.trainer_used,
+            "shared_layout": d_sh.trainer_reason.split("; layout ")[1].split(":")[0]
+            if "; layout " in d_sh.trainer_reason else "",
+            "auto_reason": auto.trainer_reason, "scores_rel_diff": sc["rel_diff"], "scores_corr": rho,
+            "scores_equal": sc["rel_diff"] <= SCORE_RTOL and rho >= SCORE_MIN_CORR,
+        })
+        print(f"  {name}: {rows[-1]}", flush=True)
+        del d_vm, d_sh, fitted
+        run.free()
+    return {"results": rows, "skipped": skipped,
+            "config": "DaunceConfig(variant='if', subset_ratio=0.5, rho=0.3, damping=1e-2, lr=1e-2, steps=<steps>) "
+                      "full batch, fit(train, query) in memory (signals recorded), vmap block = K; each trainer's "
+                      "fastest of <rounds> interleaved rounds"}
+
+
 FUNCS = {"1_trainers": section_trainers, "2_lora_signals": section_lora, "3_resnet9_copy": section_resnet,
-         "4_auto": section_auto}
+         "4_auto": section_auto, "5_shared": section_shared}
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -687,6 +760,16 @@ def markdown_rows(report: dict) -> list[dict]:
                                   f"{fmt_s(r['orthogonal_block_paper_seconds_low'])}-"
                                   f"{fmt_s(r['orthogonal_block_paper_seconds_high'])}, "
                                   f"{gib(r['orthogonal_block_paper_host_bytes'])} float64 on the host"})
+        elif key == "5_shared":
+            for r in res:
+                rows.append({"section": key, "case": f"{r['workload']} {r['d_in']} inputs, n={r['n_train']}, "
+                             f"K={r['K']}, {r['steps']} steps",
+                             "baseline": f"vmap {fmt_s(r['vmap_s_at_K'])}", "measured": f"shared {fmt_s(r['shared_s_at_K'])}",
+                             "speed-up": f"{r['speedup']:.2f}x",
+                             "check": f"scores equal: {r['scores_equal']} (rel {r['scores_rel_diff']:.1e}, "
+                                      f"corr {r['scores_corr']:.6f})",
+                             "notes": f"{r['shared_reason'].split('; ')[0]}; layout {r['shared_layout']}; "
+                                      f"auto picks {r['auto_trainer']}"})
         else:
             for r in res:
                 if "error" in r:

@@ -65,12 +65,15 @@ class Daunce:
             up to float rounding; ``"shared"`` trains blocks of full-batch copies in shared-input passes
             (``daunce.engines.stacked``: the first layer of all copies of a block as one large matmul on the
             union of their subsets, later layers as batched matmuls), the same copies up to float rounding.
-            ``"auto"`` uses "shared" where it applies (an ``nn.Sequential`` of supported layers, full batch) and
-            the model has no trainable convolution on a CPU, else vmap when the model can be vectorised and it
+            ``"auto"`` uses "shared" where it applies (an ``nn.Sequential`` of supported layers, or a module whose
+            ``forward`` ``torch.fx`` traces into one chain of them and of functional activations, pooling and
+            flatten/view: ``daunce.engines.stacked.supported``; full batch) and the model has no trainable
+            convolution on a CPU, else vmap when the model can be vectorised and it
             is expected to be faster, else the sequential loop, and says why (``trainer_used``,
             ``trainer_reason``). The choice is made on the training set. From
             ``benchmarks/results/copy_throughput.md``: on ``02_vision_lds``'s logistic regression and MLP "shared"
-            was 4.4x and 1.6x faster than vmap at K = 256; on its CNN the sequential loop stayed fastest (the copies'
+            was 4.4x and 1.6x faster than vmap at K = 256 (the MLP written as a class, ``models.MLPModule``: 1.57x);
+            on its CNN the sequential loop stayed fastest (the copies'
             convolutions are bound by memory traffic on their activations, which sharing does not reduce).
         vmap_block: copies per vmap or shared-input block; ``None`` chooses it from ``vmap_memory`` (bytes).
         shared_layout: the shared-input trainer's layout: ``"union"`` (the first layer on the union of the

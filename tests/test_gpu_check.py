@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-SECTIONS = ["1_trainers", "2_lora_signals", "3_resnet9_copy", "4_auto"]
+SECTIONS = ["1_trainers", "2_lora_signals", "3_resnet9_copy", "4_auto", "5_shared"]
 
 
 def _run(*args, timeout=120, **env):
@@ -32,7 +32,7 @@ def _numbers(obj):
 
 
 def test_dry_run_on_cpu(tmp_path):
-    proc = _run("--dry-run", "--device", "cpu", "--out", str(tmp_path))
+    proc = _run("--dry-run", "--device", "cpu", "--out", str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check (dry-run)")
@@ -66,6 +66,15 @@ def test_dry_run_on_cpu(tmp_path):
         assert "error" not in r, r
         assert r["trainer_used"] in ("sequential", "vmap", "shared") and r["trainer_reason"], r
         assert r["signal_path_used"] in ("sequential", "vmap", "shared", "multi-adapter") and r["signal_path_reason"], r
+
+    shared = {r["workload"]: r for r in report["sections"]["5_shared"]["results"]}
+    assert list(shared) == ["mlp_class", "lr"]
+    for r in shared.values():  # the same copies from both trainers, both timed in every round
+        assert r["scores_equal"] and r["scores_rel_diff"] <= 1e-2, r
+        assert len(r["vmap_rounds_s"]) == len(r["shared_rounds_s"]) == report["sizes"]["shared"]["rounds"]
+        assert r["speedup"] == r["vmap_s_at_K"] / r["shared_s_at_K"] > 0 and r["shared_layout"] in ("union", "gather")
+    assert "MLPModule.forward traced by torch.fx" in shared["mlp_class"]["shared_reason"], shared["mlp_class"]
+    assert "5_shared" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_without_accelerator_it_stops_clearly(tmp_path):

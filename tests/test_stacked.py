@@ -2,8 +2,11 @@
 matmul per layer for all copies, with subsets, the orthogonal design, the isotropic noise term and the stopping
 rule; the layer-by-layer evaluation of distinct copies; and what ``trainer="auto"`` chooses and why."""
 
+import re
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from daunce import ClassificationTask, Daunce, DaunceConfig
@@ -170,3 +173,227 @@ def test_bad_layout_is_refused(digits):
     mods, _, _ = digits
     with pytest.raises(ValueError, match="shared_layout must be one of"):
         Daunce(mods["lr"], TASK, DaunceConfig(n_models=2), shared_layout="rows")
+
+
+# ------------------------------------------------------------------------- models written as nn.Module classes
+class ClassMLP(nn.Module):
+    """Linear-ReLU-Linear with the activation in forward (F.relu), as most PyTorch models are written."""
+
+    def __init__(self, d_in=64, hidden=12, n_classes=10):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class ClassLogReg(nn.Module):
+    def __init__(self, d_in=64, n_classes=10):
+        super().__init__()
+        self.linear = nn.Linear(d_in, n_classes)
+
+    def forward(self, x):
+        return self.linear(torch.flatten(x, 1))
+
+
+class ClassCNN(nn.Module):
+    """conv -> relu -> max pool -> conv -> tanh -> avg pool -> view(N, -1) -> linear, on 8 x 8 images."""
+
+    def __init__(self, width=4, n_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.head = nn.Linear(2 * width * 2 * 2, n_classes)
+
+    def forward(self, x):
+        n = x.size(0)
+        x = F.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = F.avg_pool2d(self.conv2(x).tanh(), kernel_size=2)
+        x = F.dropout(x, 0.5, training=self.training)
+        return self.head(x.view(n, -1))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.fc2(torch.add(F.relu(self.fc1(x)), x))
+
+
+class OwnParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(0.01 * torch.randn(10, 64))
+
+    def forward(self, x):
+        return F.linear(x.flatten(1), self.weight)
+
+
+class Branchy(nn.Module):
+    """Data-dependent Python control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1))
+
+
+def _class_model(name):
+    if name == "cnn":
+        return models.seeded(ClassCNN, 0)
+    return models.seeded(ClassMLP if name == "mlp" else ClassLogReg, 0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "lr", "cnn"])
+def test_class_defined_models_train_shared_like_the_sequential_loop(name):
+    """A model written as a class is traced with torch.fx into the same layer chain: its copies (by parameter
+    name) and scores are the sequential loop's up to float32 rounding (scores within 1e-4 of their largest value,
+    weights rtol 1e-4 / atol 1e-5, as for nn.Sequential above)."""
+    train, query = data.digits(120, 10, seed=4, image=True)
+    model = _class_model(name)
+    training.train_classifier(model, train, epochs=3)
+    cfg = DaunceConfig(n_models=4, subset_ratio=0.5, rho=0.3, damping=1e-2, isotropic_noise=True, optimizer="adam",
+                       lr=1e-2, steps=10)
+    seq, s_seq = _fit(model, train, query, cfg, "sequential")
+    sh, s_sh = _fit(model, train, query, cfg, "shared", vmap_block=3, shared_layout="gather" if name == "mlp"
+                    else "union")
+    assert sh.trainer_used == "shared"
+    assert f"{type(model).__name__}.forward traced by torch.fx into a chain of" in sh.trainer_reason, sh.trainer_reason
+    assert sh.context.names == [n for n, _ in model.named_parameters()]
+    _assert_same(s_seq, s_sh)
+    for k in range(cfg.n_models):
+        for a, b in zip(seq.state(k), sh.state(k)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    if name != "cnn":  # "auto" picks the shared-input trainer for them (a CPU keeps conv nets sequential)
+        auto = Daunce(model, TASK, cfg, progress=False)
+        assert auto.choose_trainer(train) == "shared", auto.trainer_reason
+
+
+class Functional(nn.Module):
+    """More of the functional forms: a ModuleList loop, leaky ReLU and tanh-GELU with arguments, x.sigmoid(),
+    adaptive pooling, x.contiguous(), torch.reshape to (x.shape[0], -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 2, 3)])
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        for conv in self.convs:
+            x = F.leaky_relu(conv(x), 0.1)
+        x = F.adaptive_avg_pool2d(x.sigmoid(), 2).contiguous()
+        x = torch.reshape(x, (x.shape[0], -1))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+@pytest.mark.parametrize("name", ["cnn", "functional"])
+def test_stacked_forward_evaluates_distinct_copies_of_a_traced_model(name):
+    """Distinct copies through the traced models' functional ops (the CNN: F.relu, F.max_pool2d, x.tanh(),
+    F.avg_pool2d, F.dropout in eval mode, x.view(n, -1), with a frozen head bias; ``Functional``): each copy's
+    outputs equal its own model's (rtol / atol 1e-5)."""
+    torch.manual_seed(0)
+    if name == "cnn":
+        net = ClassCNN(width=3).eval()
+        net.head.bias.requires_grad_(False)
+        names = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "head.weight"]
+        kinds = ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "Tanh", "AvgPool2d", "Identity", "Flatten", "Linear"]
+    else:
+        net = Functional().eval()
+        names = [n for n, _ in net.named_parameters()]
+        kinds = ["Conv2d", "LeakyReLU", "Conv2d", "LeakyReLU", "Sigmoid", "AdaptiveAvgPool2d", "Identity", "Flatten",
+                 "Linear", "GELU", "Linear"]
+    x = torch.randn(5, 1, 8, 8)
+    ctx = Daunce(net, TASK, DaunceConfig(n_models=2), progress=False).context
+    assert ctx.names == names
+    C = 3
+    copies = [[p + 0.3 * torch.randn_like(p) for p in ctx.theta0] for _ in range(C)]
+    params = [torch.stack([c[j] for c in copies]) for j in range(len(ctx.theta0))]
+    fwd = stacked.StackedForward(ctx)
+    assert [type(m).__name__ for m in fwd.layers] == kinds
+    out = fwd(params, x)
+    for c in range(C):
+        ctx.load_state(copies[c])
+        with torch.no_grad():
+            ref = ctx.model(x)
+        torch.testing.assert_close(out[c], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_class_defined_head_only_copies_share_the_frozen_body(digits):
+    """A frozen fc1 in a class-defined MLP: the frozen layer is the module's own tensor, the trainable fc2 is
+    stacked by name, and the copies equal the sequential loop's."""
+    _, train, query = digits
+    model = models.seeded(ClassMLP, 0)
+    model.fc1.requires_grad_(False)
+    cfg = DaunceConfig(n_models=3, rho=0.3, damping=1e-2, isotropic_noise=False, optimizer="adam", lr=1e-2, steps=8)
+    _, s_seq = _fit(model, train, query, cfg, "sequential")
+    d, s_sh = _fit(model, train, query, cfg, "shared", shared_layout="union")
+    assert d.trainer_used == "shared" and d.context.names == ["fc2.weight", "fc2.bias"]
+    _assert_same(s_seq, s_sh)
+
+
+@pytest.mark.parametrize("model, reason", [
+    (Residual(), "Residual.forward uses torch.add on two tensors (a branch: relu, flatten)"),
+    (OwnParameter(), "OwnParameter.forward reads the tensor weight directly (in torch.nn.functional.linear)"),
+    (Branchy(), "torch.fx could not trace Branchy.forward: TraceError: symbolically traced variables cannot be "
+                "used as inputs to control flow"),
+])
+def test_models_that_are_not_a_chain_fall_back_with_the_reason(digits, model, reason):
+    _, train, _ = digits
+    cfg = DaunceConfig(n_models=2, steps=2, rho=0.3, damping=1e-2, optimizer="adam", lr=1e-2)
+    d = Daunce(model, TASK, cfg, progress=False)
+    assert d.choose_trainer(train) in ("vmap", "sequential")  # Branchy's control flow cannot be vmapped either
+    assert d.trainer_reason.startswith("not shared: " + reason), d.trainer_reason
+    with pytest.raises(ValueError, match=re.escape("trainer='shared' cannot be used: " + reason)):
+        Daunce(model, TASK, cfg, trainer="shared", progress=False).fit(train)
+
+
+def test_traced_functions_that_do_not_map_are_named():
+    """Each unsupported use of a function names the function and what is wrong with it."""
+
+    class Stochastic(ClassLogReg):
+        def forward(self, x):
+            return F.dropout(self.linear(x.flatten(1)), 0.1)  # training=True: the function's default
+
+    class Scaled(ClassLogReg):
+        def forward(self, x):
+            return 2.0 * self.linear(x.flatten(1))
+
+    class Reshaped(ClassLogReg):
+        def forward(self, x):
+            return self.linear(x.view(-1, 64))
+
+    class TwoOutputs(ClassLogReg):
+        def forward(self, x):
+            h = self.linear(x.flatten(1))
+            return h, h
+
+    class TwoInputs(ClassLogReg):
+        def forward(self, x, y):
+            return self.linear(x.flatten(1))
+
+    cases = {Stochastic: "Stochastic.forward calls torch.nn.functional.dropout with training=True",
+             Scaled: "Scaled.forward calls operator.mul, which the shared-input trainer does not evaluate",
+             Reshaped: "Reshaped.forward calls the method .view() with a shape other than (x.size(0), -1)",
+             TwoOutputs: "TwoOutputs.forward returns a tuple of 2 values",
+             TwoInputs: "TwoInputs.forward takes 2 inputs (x, y)"}
+    for cls, reason in cases.items():
+        ok, why = stacked.supported(cls().eval())
+        assert not ok and why.startswith(reason), (cls.__name__, why)
+    # minibatch copies share no input: said before forward is traced (a large model would be traced for nothing)
+    train, _ = data.digits(40, 4, seed=4)
+    mb = Daunce(Branchy(), TASK, DaunceConfig(n_models=2, steps=2, batch_size=8, rho=0.3, damping=1e-2),
+                progress=False)
+    mb.choose_trainer(train)
+    assert mb.trainer_reason.startswith("not shared: copies train on minibatches"), mb.trainer_reason
+    # in train mode self.training is True when forward is traced: F.dropout(training=self.training) is refused
+    ok, why = stacked.supported(ClassCNN().eval(), train_mode=True)
+    assert not ok and "torch.nn.functional.dropout with training=True" in why, why
+    assert stacked.supported(ClassCNN().train(), train_mode=False)[0]

@@ -21,18 +21,26 @@ the gathered layout), so ``layout="auto"`` decides by the first trainable layer'
 ``SharedInputTrainer.layout_report`` says why). Both minimise every copy's own objective on its own batch, so the copies
 are the sequential loop's up to float rounding (``tests/test_stacked.py``).
 
-Supported models: a lone ``Linear`` or convolution, or an ``nn.Sequential`` (nested too) of ``Linear``,
-``Conv1d/2d/3d`` (``groups=1``, zero padding),
-``Flatten`` and parameter-free activation, pooling, dropout (in eval mode) and identity modules, and tasks whose
-``outputs(model, batch)`` is ``model(batch[0])`` (checked on a probe batch). Other models keep the vmap or the
+Supported models: a lone ``Linear`` or convolution, an ``nn.Sequential`` (nested too) of ``Linear``,
+``Conv1d/2d/3d`` (``groups=1``, zero padding), ``Flatten`` and parameter-free activation, pooling, dropout (in
+eval mode) and identity modules, or any other module whose ``forward`` ``torch.fx.symbolic_trace`` traces into a
+single chain of such modules and the functions people write for them in ``forward`` (``F.relu``, ``torch.tanh``,
+``x.sigmoid()``, ``F.gelu`` ...; ``F.max_pool2d``, ``F.avg_pool2d``, the adaptive poolings; ``torch.flatten(x, 1)``,
+``x.view(x.size(0), -1)``, ``x.reshape(x.shape[0], -1)``; ``F.dropout(x, p, training=self.training)`` in eval
+mode); and tasks whose ``outputs(model, batch)`` is ``model(batch[0])`` (checked on a probe batch). A traced graph
+with a branch (a residual add, a concatenation), a parameter used outside its module (``F.linear(x, self.w)``),
+several inputs or another function is not a chain: ``supported`` names it. Other models keep the vmap or the
 sequential trainer (``check`` says why).
 """
 
 from __future__ import annotations
 
+import operator
+import warnings
 from typing import Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import vmap as _vmap
@@ -62,25 +70,254 @@ _POOL = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, n
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
-def _layers(model: nn.Module) -> list:
-    """The model's leaf modules in call order (nested ``nn.Sequential`` flattened; a lone linear or convolution
-    layer is a model of one layer), or a ``ValueError``."""
+def _layers(model: nn.Module, train_mode: bool = False) -> list:
+    """The model's leaf modules in call order, or a ``ValueError`` that says why there is no such chain.
+
+    A lone linear or convolution layer is a model of one layer; an ``nn.Sequential`` is flattened (nested ones
+    too); any other module is traced with ``torch.fx.symbolic_trace`` (``_traced_layers``: its submodules in the
+    order ``forward`` calls them, and the functions it calls as modules), in ``train_mode``'s mode (what
+    ``self.training`` reads)."""
     if isinstance(model, nn.Linear) or type(model) in _CONV:
         return [model]
     if not isinstance(model, nn.Sequential):
-        raise ValueError(f"{type(model).__name__} is not an nn.Sequential")
+        return _traced_layers(model, train_mode)
     out = []
     for m in model:
         out.extend(_layers(m) if isinstance(m, nn.Sequential) else [m])
     return out
 
 
-def supported(model: nn.Module, train_mode: bool = False) -> tuple[bool, str]:
-    """Whether ``StackedForward`` can evaluate ``model``: ``(ok, reason)``."""
+# ----------------------------------------------------------------------------------- models traced by torch.fx
+# A function called in ``forward`` stands for the module that computes the same thing: target -> (module class,
+# the names of its arguments after the input, in order). ``inplace`` is read and dropped (the module works out of
+# place). ``"method:name"`` keys are tensor methods (``x.relu()``).
+_ACT = {"relu": (nn.ReLU, ("inplace",)), "relu6": (nn.ReLU6, ("inplace",)), "tanh": (nn.Tanh, ()),
+        "sigmoid": (nn.Sigmoid, ()), "gelu": (nn.GELU, ("approximate",)), "silu": (nn.SiLU, ("inplace",)),
+        "elu": (nn.ELU, ("alpha", "inplace")), "leaky_relu": (nn.LeakyReLU, ("negative_slope", "inplace")),
+        "softplus": (nn.Softplus, ("beta", "threshold")), "mish": (nn.Mish, ("inplace",)),
+        "hardtanh": (nn.Hardtanh, ("min_val", "max_val", "inplace")), "hardswish": (nn.Hardswish, ("inplace",)),
+        "hardsigmoid": (nn.Hardsigmoid, ("inplace",)), "softsign": (nn.Softsign, ()),
+        "tanhshrink": (nn.Tanhshrink, ())}
+_MAX_POOL = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_POOL = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _function_table() -> dict:
+    """Activation and pooling functions (``F.relu``, ``torch.relu``, ``x.relu()``, ``F.max_pool2d`` ...) -> their
+    module and argument names."""
+    table: dict = {}
+    for name, spec in _ACT.items():
+        for ns in (F, torch):
+            if hasattr(ns, name):
+                table[getattr(ns, name)] = spec
+        if hasattr(torch.Tensor, name):
+            table["method:" + name] = spec
+    for d in (1, 2, 3):
+        table[getattr(F, f"max_pool{d}d")] = (getattr(nn, f"MaxPool{d}d"), _MAX_POOL)
+        table[getattr(F, f"avg_pool{d}d")] = (getattr(nn, f"AvgPool{d}d"), _AVG_POOL[:5 if d == 1 else 6])
+        table[getattr(F, f"adaptive_avg_pool{d}d")] = (getattr(nn, f"AdaptiveAvgPool{d}d"), ("output_size",))
+        table[getattr(F, f"adaptive_max_pool{d}d")] = (getattr(nn, f"AdaptiveMaxPool{d}d"),
+                                                       ("output_size", "return_indices"))
+    return table
+
+
+_FUNCTIONS = _function_table()
+_FLATTEN = (torch.flatten, "method:flatten")
+_RESHAPE = (torch.reshape, "method:view", "method:reshape")
+_DROPOUT_FNS = {fn: ("p", "training", "inplace") for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+                                                               F.alpha_dropout, F.feature_alpha_dropout)}
+_DROPOUT_FNS[torch.dropout] = ("p", "train")
+_IDENTITY = ("method:contiguous",)
+
+
+def _fn_name(node) -> str:
+    """How ``node``'s operation reads in ``forward``: ``torch.nn.functional.linear``, ``torch.add``,
+    ``operator.add``, ``the method .view()``, ``module fc1 (Linear)``."""
+    if node.op == "call_method":
+        return f"the method .{node.target}()"
+    if node.op == "call_module":
+        return f"module {node.target}"
+    if node.op == "get_attr":
+        return f"attribute {node.target}"
+    if node.op == "placeholder":
+        return f"the input {node.target}"
+    t = node.target
+    for prefix, ns in (("torch.nn.functional", F), ("torch", torch), ("operator", operator)):
+        name = getattr(t, "__name__", None)
+        if name and getattr(ns, name, None) is t:
+            return f"{prefix}.{name}"
+        for n in dir(ns):
+            if not n.startswith("_") and getattr(ns, n, None) is t:
+                return f"{prefix}.{n}"
+    return f"{getattr(t, '__module__', None) or ''}.{getattr(t, '__qualname__', repr(t))}".lstrip(".")
+
+
+def _key(node):
+    return "method:" + node.target if node.op == "call_method" else node.target
+
+
+def _size_nodes(graph) -> dict:
+    """Nodes that compute a tensor's batch size (``x.size(0)``, ``x.shape[0]``, ``x.size()[0]``) -> that tensor's
+    node, and the nodes of its whole shape (``x.shape``, ``x.size()``) -> ``(tensor node, "shape")``."""
+    out: dict = {}
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target == "size" and node.args:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            out[node] = node.args[0] if dim == 0 else ((node.args[0], "shape") if dim is None else None)
+        elif node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+            out[node] = (node.args[0], "shape")
+        elif (node.op == "call_function" and node.target is operator.getitem
+              and isinstance(out.get(node.args[0]), tuple)):
+            out[node] = out[node.args[0]][0] if node.args[1] == 0 else None
+    return {n: v for n, v in out.items() if v is not None}
+
+
+def _arguments(node, names: tuple, what: str) -> dict:
+    """The arguments of ``node`` after its input, by name (``names``, in positional order), or a ``ValueError``."""
+    rest = node.args[1:]
+    if len(rest) > len(names):
+        raise ValueError(f"{what} with {len(rest)} positional arguments after the input is not supported")
+    kw = dict(zip(names, rest))
+    for k, v in node.kwargs.items():
+        if k not in names:
+            raise ValueError(f"{what} with the argument {k}={v!r} is not supported")
+        kw[k] = v
+    if any(isinstance(v, torch.fx.Node) for v in kw.values()):
+        raise ValueError(f"{what} with an argument computed in forward is not supported")
+    return kw
+
+
+def _as_module(node, model: nn.Module, size: dict, what: str) -> nn.Module:
+    """The module that computes what ``node`` computes on its input, or a ``ValueError``."""
+    if node.op == "call_module":
+        return model.get_submodule(node.target)
+    key = _key(node)
+    if key in _FUNCTIONS:
+        cls, names = _FUNCTIONS[key]
+        kw = _arguments(node, names, what)
+        kw.pop("inplace", None)
+        if kw.pop("return_indices", False):
+            raise ValueError(f"{what} with return_indices=True returns two tensors: not supported")
+        return cls(**kw)
+    if key in _FLATTEN:
+        kw = _arguments(node, ("start_dim", "end_dim"), what)
+        start, end = kw.get("start_dim", 0), kw.get("end_dim", -1)
+        if (start, end) != (1, -1):
+            raise ValueError(f"{what} flattens dims {start}..{end}: only flatten(x, 1) (start_dim=1, end_dim=-1), "
+                             "which keeps the batch dimension, is supported")
+        return nn.Flatten()
+    if key in _RESHAPE:
+        shape = node.args[1:] if key != torch.reshape else tuple(node.args[1:]) + tuple(node.kwargs.values())
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        if (len(shape) != 2 or not isinstance(size.get(shape[0]), torch.fx.Node)
+                or not (isinstance(shape[1], int) and (shape[1] == -1 or shape[1] > 0))):
+            raise ValueError(f"{what} with a shape other than (x.size(0), -1) (or x.shape[0]): the shared-input "
+                             "trainer keeps the batch dimension of every layer")
+        return nn.Flatten()
+    if key in _DROPOUT_FNS:
+        kw = _arguments(node, _DROPOUT_FNS[key], what)
+        if kw.get("training", kw.get("train", True)):
+            raise ValueError(f"{what} with training=True (the function's default, or self.training in training "
+                             "mode): it draws a new mask at every call; pass training=self.training and "
+                             "train_mode=False")
+        return nn.Identity()
+    if key in _IDENTITY:
+        _arguments(node, (), what)
+        return nn.Identity()
+    raise ValueError(f"{what}, which the shared-input trainer does not evaluate on stacked copies (it evaluates "
+                     "supported modules, the functional activations, pooling, flatten/view/reshape to (batch, -1) "
+                     "and dropout with training=False)")
+
+
+def _traced_layers(model: nn.Module, train_mode: bool) -> list:
+    """The modules of ``model``'s forward, traced with ``torch.fx``, when the graph is one chain: one input,
+    every operation on the output of the one before, one output; a ``ValueError`` that says where it is not."""
+    name = f"{type(model).__name__}.forward"
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train_mode)  # ``self.training`` is read while tracing
     try:
-        layers = _layers(model)
+        with warnings.catch_warnings():  # what forward warns about while traced is not the user's concern here
+            warnings.simplefilter("ignore")
+            graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:  # noqa: BLE001 - any failure to trace means: not a chain we can read
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"torch.fx could not trace {name}: {type(e).__name__}: {first[:300]}") from e
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ValueError(f"{name} takes {len(inputs)} inputs ({', '.join(n.target for n in inputs)}): the "
+                         "shared-input trainer evaluates models called as model(x) on one tensor")
+    size = _size_nodes(graph)
+    for node in nodes:  # direct parameter reads and merges first: they name the reason best
+        if node.op == "get_attr":
+            users = ", ".join(_fn_name(u) for u in node.users)
+            raise ValueError(f"{name} reads the tensor {node.target} directly (in {users}): the shared-input "
+                             "trainer stacks parameters only inside the modules it evaluates (nn.Linear, "
+                             "nn.Conv1d/2d/3d called as modules)")
+        tensors = [a for a in _node_args(node) if a not in size]
+        if node.op != "output" and len(tensors) > 1:
+            raise ValueError(f"{name} uses {_fn_name(node)} on {_count(len(tensors))} tensors (a branch: "
+                             f"{', '.join(a.name for a in tensors)}): the shared-input trainer evaluates a single "
+                             "chain of layers (no residual connection, concatenation or merge)")
+    layers, current = [], inputs[0]
+    chain = {current}  # the chain's nodes so far: the batch size of any of them is the batch size
+    for node in nodes[nodes.index(current) + 1:]:
+        if node in size:
+            continue
+        users = [u for u in current.users if u not in size]
+        if len(users) != 1:
+            what = "its input " + current.name if current.op == "placeholder" else "the output of " + _fn_name(current)
+            ops = ", ".join(_fn_name(u) for u in users) or "none"
+            raise ValueError(f"{name} uses {what} in {_count(len(users))} operations ({ops}): the shared-input "
+                             "trainer evaluates a single chain of layers")
+        if node.op == "output":
+            if node.args[0] is not current:
+                out = node.args[0]
+                what = (f"a {type(out).__name__} of {len(out)} values" if isinstance(out, (tuple, list, dict))
+                        else f"{_fn_name(out) if isinstance(out, torch.fx.Node) else repr(out)}, not its last layer")
+                raise ValueError(f"{name} returns {what}: the shared-input trainer evaluates models that return the "
+                                 "one tensor of their last layer")
+            break
+        for a in _node_args(node):
+            if a in size and (size[a] not in chain or _key(node) not in _RESHAPE):
+                raise ValueError(f"{name} passes a tensor's shape to {_fn_name(node)}: only the batch size, in "
+                                 "x.view(x.size(0), -1) or x.reshape(x.shape[0], -1), is supported")
+        args = [a for a in _node_args(node) if a not in size]
+        if args != [current]:
+            raise ValueError(f"{name}: {_fn_name(node)} does not take the output of {_fn_name(current)} as its "
+                             "input: the shared-input trainer evaluates a single chain of layers")
+        layer = _as_module(node, model, size, f"{name} calls {_fn_name(node)}")
+        if node.args[:1] != (current,):
+            raise ValueError(f"{name} calls {_fn_name(node)} with its input {current.name} other than as the "
+                             "first positional argument: not supported")
+        layers.append(layer)
+        current = node
+        chain.add(node)
+    return layers
+
+
+def _count(n: int) -> str:
+    return {0: "no", 1: "one", 2: "two", 3: "three"}.get(n, str(n))
+
+
+def _node_args(node) -> list:
+    """Every ``torch.fx.Node`` among ``node``'s arguments (nested in tuples, lists and dicts), with repeats."""
+    found: list = []
+    torch.fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
+    return found
+
+
+def supported(model: nn.Module, train_mode: bool = False) -> tuple[bool, str]:
+    """Whether ``StackedForward`` can evaluate ``model``: ``(ok, reason)``. ``reason`` names what is not supported:
+    a module, a function ``forward`` calls, a branch, or why ``torch.fx`` could not trace ``forward``."""
+    try:
+        layers = _layers(model, train_mode)
     except ValueError as e:
-        return False, f"the shared-input trainer evaluates nn.Sequential models only ({e})"
+        return False, str(e)
     for m in layers:
         if isinstance(m, nn.Linear):
             continue
@@ -101,18 +338,25 @@ def supported(model: nn.Module, train_mode: bool = False) -> tuple[bool, str]:
         if isinstance(m, _ELEMENTWISE + _POOL):
             continue
         return False, f"module {type(m).__name__} is not supported by the shared-input trainer"
-    return True, f"nn.Sequential of {len(layers)} supported layers"
+    if isinstance(model, nn.Sequential) or isinstance(model, nn.Linear) or type(model) in _CONV:
+        return True, f"nn.Sequential of {len(layers)} supported layers"
+    return True, f"{type(model).__name__}.forward traced by torch.fx into a chain of {len(layers)} supported layers"
 
 
 class StackedForward:
-    """Evaluates C copies of a supported ``nn.Sequential`` from their stacked trainable tensors.
+    """Evaluates C copies of a supported model (``supported``: an ``nn.Sequential``, or a module whose ``forward``
+    ``torch.fx`` traces into a chain of supported operations) from their stacked trainable tensors. Each layer's
+    parameters are found by identity among ``ctx.params`` (the order of ``ctx.names``), so a traced model's
+    ``fc1.weight`` is the stacked tensor of that name, and a frozen parameter (not in ``ctx.params``) is the
+    module's own tensor, shared by every copy. ``train_mode``: the mode ``forward`` is traced in (what
+    ``self.training`` reads, e.g. in ``F.dropout``).
 
     A tensor between layers is in one of three layouts: ``"shared"`` ``(N, ...)`` (the same for every copy: no
     trainable layer yet), ``"copy"`` ``(C, N, ...)`` and ``"chan"`` ``(N, C * channels, ...)`` (the copies'
     channels side by side, the layout of grouped convolutions and pooling)."""
 
-    def __init__(self, ctx: ModelContext):
-        self.layers = _layers(ctx.model)
+    def __init__(self, ctx: ModelContext, train_mode: bool = False):
+        self.layers = _layers(ctx.model, train_mode)
         index = {id(p): j for j, p in enumerate(ctx.params)}
         self.slots = [{name: index.get(id(p)) for name, p in m.named_parameters(recurse=False)}
                       for m in self.layers]
@@ -220,12 +464,15 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
     full batch (``batch_size=None``: every copy's batch is its subset). ``per_copy_bytes`` bounds one copy's
     memory in a block: weights and optimiser state, the activations of the union of the batches (the training
     set) and its subset's inputs (gathered layout)."""
+    minibatch = ("copies train on minibatches of their own subsets: the union of a block's batches is not shared, so "
+                 "there is no input to share")
+    if config.batch_size is not None and not isinstance(ctx.model, (nn.Sequential, nn.Linear, *_CONV)):
+        return False, minibatch, 0  # before tracing forward: a large model (an LLM) would be traced for nothing
     ok, why = supported(ctx.model, config.train_mode)
     if not ok:
         return False, why, 0
     if config.batch_size is not None:
-        return False, ("copies train on minibatches of their own subsets: the union of a block's batches is not "
-                       "shared, so there is no input to share"), 0
+        return False, minibatch, 0
     probe = torch.arange(min(3, len(train)))
     batch = ctx.fetch(train, probe)
     ctx.reset()
@@ -235,7 +482,7 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
             ref = ctx.outputs(batch)
             direct = ctx.model(batch[0])
             stacked = [t.unsqueeze(0).expand(2, *t.shape) for t in ctx.theta0]
-            out = StackedForward(ctx)(stacked, batch[0])
+            out = StackedForward(ctx, config.train_mode)(stacked, batch[0])
     except Exception as e:  # noqa: BLE001 - any failure means: not usable
         return False, f"the model does not run layer by layer on stacked weights ({type(e).__name__}: {e})", 0
     close = dict(rtol=1e-4, atol=1e-5)
@@ -247,7 +494,7 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
     m = max(1, round(config.subset_ratio * len(train)))
     # weights, gradient, optimiser state, theta0 and eta; activations from the first trainable layer on (x3 for
     # their gradients) on the union (the training set); the inputs of the copy's subset (the gathered layout)
-    act = _per_copy_activations(ctx.model, batch[0]) / len(probe)
+    act = _per_copy_activations(ctx.model, batch[0], config.train_mode) / len(probe)
     per_copy = 6 * ctx.n_params * elsize + (3 * int(act) * len(train) + batch[0][0].numel() * m) * elsize
     return True, f"shared-input passes ({why}, {ctx.n_params} trainable parameters)", per_copy
 
@@ -269,11 +516,11 @@ def worthwhile(ctx: ModelContext) -> tuple[bool, str]:
 
 
 @torch.no_grad()
-def _per_copy_activations(model: nn.Module, x: torch.Tensor) -> int:
+def _per_copy_activations(model: nn.Module, x: torch.Tensor, train_mode: bool = False) -> int:
     """Output elements of the layers from the first one with a trainable parameter on: what each copy holds of
     its own (the layers before it run once, shared by the copies)."""
     total, started, h = 0, False, x
-    for m in _layers(model):
+    for m in _layers(model, train_mode):
         h = m(h)
         started = started or any(p.requires_grad for p in m.parameters(recurse=False))
         total += h.numel() if started else 0
@@ -290,7 +537,7 @@ class SharedInputTrainer(VectorisedTrainer):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
-        self.forward = StackedForward(ctx)
+        self.forward = StackedForward(ctx, config.train_mode)
         self.layout_report: dict = {}
         self._inputs: Optional[tuple] = None  # (layout, sorted batch indices, step inputs, eps_all) of the last step
         self._prox_buffers: list = []

@@ -74,3 +74,29 @@ def seeded(fn, seed: int, *args, **kw) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return fn(*args, **kw)
+
+
+class MLPModule(nn.Module):
+    """``mlp`` written as a class, the way most PyTorch models are: ``fc1``, then ``torch.tanh`` in ``forward``,
+    then ``fc2``; ``(B, ...) -> (B, n_classes)``. The same function as ``mlp`` with the same weights
+    (``from_sequential``); the shared-input trainer reads its ``forward`` with ``torch.fx``
+    (``daunce.engines.stacked.supported``)."""
+
+    def __init__(self, d_in: int, n_classes: int, hidden: int = 64):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(torch.flatten(x, 1))))
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "MLPModule":
+        """The class form of an ``mlp(...)`` model, with a copy of its weights (and their ``requires_grad``)."""
+        first, last = seq[1], seq[3]
+        out = cls(first.in_features, last.out_features, first.out_features)
+        for mine, theirs in ((out.fc1, first), (out.fc2, last)):
+            for name, p in theirs.named_parameters():
+                getattr(mine, name).data.copy_(p.detach())
+                getattr(mine, name).requires_grad_(p.requires_grad)
+        return out.to(first.weight.device, first.weight.dtype)
