@@ -32,6 +32,10 @@ ADAM_LR = 1e-2
 class DaunceConfig:
     """How the K perturbed copies are trained and how their signals become scores.
 
+    Every field is checked on construction, for its type as well as its range (a bool is not a count, a string
+    is not a number, ``seed`` is an integer), so a bad value is refused before a run writes anything to its work
+    folder. numpy numbers are accepted and stored as Python ``int`` / ``float``.
+
     Attributes:
         variant: the perturbed objective (``daunce.objectives``; derived in ``notebooks/01_theory.ipynb``):
             ``"if"`` (Hessian form, the paper's default), ``"efim"`` (Fisher form),
