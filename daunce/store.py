@@ -70,10 +70,10 @@ def fingerprint(dataset: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw bytes of a tensor (any dtype, bfloat16 included), on the CPU."""
+def _tensor_bytes(t: torch.Tensor):
+    """The raw bytes of a tensor (any dtype, bfloat16 included), on the CPU, as a buffer (no copy on the CPU)."""
     t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
 def model_fingerprint(model: torch.nn.Module) -> dict:
