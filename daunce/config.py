@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -30,6 +31,10 @@ ADAM_LR = 1e-2
 @dataclass(frozen=True)
 class DaunceConfig:
     """How the K perturbed copies are trained and how their signals become scores.
+
+    Every field is checked on construction, for its type as well as its range (a bool is not a count, a string
+    is not a number, ``seed`` is an integer), so a bad value is refused before a run writes anything to its work
+    folder. numpy numbers are accepted and stored as Python ``int`` / ``float``.
 
     Attributes:
         variant: the perturbed objective (``daunce.objectives``; derived in ``notebooks/01_theory.ipynb``):
@@ -131,15 +136,44 @@ class DaunceConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"
 
     def __post_init__(self):
+        # every field is checked for its type as well as its range before anything uses it: a bool is not a count
+        # (True == 1), a string is not a ratio, a float is not a seed. numpy scalars are accepted and stored as
+        # Python numbers, so the configuration's JSON (a work folder's manifest) is the same either way.
         def bad(msg):
             raise ValueError(f"DaunceConfig: {msg}")
 
-        if self.variant not in VARIANTS:
-            bad(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not isinstance(self.n_models, int) or self.n_models < 2:
-            bad(f"n_models (K) must be an integer >= 2 to form a covariance, got {self.n_models!r}")
-        if not (0.0 < float(self.subset_ratio) <= 1.0):
-            bad(f"subset_ratio must lie in (0, 1], got {self.subset_ratio!r}")
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+        def normalise(name):
+            v = getattr(self, name)
+            if is_int(v) and type(v) is not int:
+                object.__setattr__(self, name, int(v))
+            elif is_real(v) and not is_int(v) and type(v) is not float:
+                object.__setattr__(self, name, float(v))
+
+        def one_of(name, allowed):
+            v = getattr(self, name)
+            if not isinstance(v, str) or v not in allowed:
+                bad(f"{name} must be one of {allowed}, got {v!r}")
+
+        def integer(name, low, none_ok=False, what=""):
+            v = getattr(self, name)
+            if v is None and none_ok:
+                return
+            if not is_int(v) or v < low:
+                bad(f"{name}{what} must be {'None or ' if none_ok else ''}an integer >= {low}, got {v!r}"
+                    + (" (a bool is not a count)" if isinstance(v, bool) else ""))
+
+        for f in dataclasses.fields(self):
+            normalise(f.name)
+        one_of("variant", VARIANTS)
+        integer("n_models", 2, what=" (K, to form a covariance)")
+        if not is_real(self.subset_ratio) or not 0.0 < self.subset_ratio <= 1.0:
+            bad(f"subset_ratio must be a number in (0, 1], got {self.subset_ratio!r}")
         for name in AUTO_FIELDS:
             if name == "optimizer":  # a string either way: checked below
                 continue
@@ -150,37 +184,30 @@ class DaunceConfig:
             v = getattr(self, name)
             if name in AUTO_FIELDS and v == AUTO:
                 continue
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            if not (is_real(v) and v > 0):
                 bad(f"{name} must be a positive finite number{' or auto' if name in AUTO_FIELDS else ''}, got {v!r}")
-        if self.damping != AUTO and (isinstance(self.damping, bool) or not isinstance(self.damping, (int, float))
-                                     or not (math.isfinite(self.damping) and self.damping >= 0)):
+        if self.damping != AUTO and not (is_real(self.damping) and self.damping >= 0):
             bad(f"damping must be a number >= 0 or 'auto', got {self.damping!r}")
         if self.isotropic_noise != AUTO and not isinstance(self.isotropic_noise, bool):
             bad(f"isotropic_noise must be True, False or 'auto', got {self.isotropic_noise!r}")
-        if self.perturbation not in PERTURBATIONS:
-            bad(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}")
-        if self.optimizer not in OPTIMIZERS + (AUTO,):
-            bad(f"optimizer must be one of {OPTIMIZERS} or 'auto', got {self.optimizer!r}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            bad(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            bad(f"steps must be None or an integer >= 1, got {self.steps!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            bad(f"batch_size must be None (full batch) or an integer >= 1, got {self.batch_size!r}")
-        if self.score not in SCORES:
-            bad(f"score must be one of {SCORES}, got {self.score!r}")
-        if isinstance(self.tol, bool) or not (isinstance(self.tol, (int, float)) and math.isfinite(self.tol)
-                                              and 0 < self.tol < 1):
+        one_of("perturbation", PERTURBATIONS)
+        one_of("optimizer", OPTIMIZERS + (AUTO,))
+        integer("epochs", 1)
+        integer("steps", 1, none_ok=True)
+        integer("batch_size", 1, none_ok=True, what=" (None: full batch)")
+        one_of("score", SCORES)
+        if not is_int(self.seed):
+            bad(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.train_mode, bool):
+            bad(f"train_mode must be True or False, got {self.train_mode!r}")
+        if not (is_real(self.tol) and 0 < self.tol < 1):
             bad(f"tol must be a number in (0, 1) (relative gradient norm), got {self.tol!r}")
-        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
-            bad(f"max_steps must be an integer >= 1, got {self.max_steps!r}")
-        if self.momentum != AUTO and (isinstance(self.momentum, bool) or not (
-                isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1)):
+        integer("max_steps", 1)
+        if self.momentum != AUTO and not (is_real(self.momentum) and 0 <= self.momentum < 1):
             bad(f"momentum must be a number in [0, 1) or 'auto', got {self.momentum!r}")
         if self.momentum != AUTO and self.momentum and self.optimizer == "adam":
             bad(f"momentum applies to optimizer='sgd' only (Adam has its own moments), got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            bad(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        one_of("lr_schedule", LR_SCHEDULES)
 
     @property
     def stops_early(self) -> bool:

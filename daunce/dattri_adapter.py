@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import scores
 from .config import DaunceConfig
 from .method import Daunce
 from .task import ClassificationTask
@@ -54,4 +55,8 @@ class DaunceAttributor:
         training loader may be any set of examples (the copies were trained on the cached one)."""
         if self.full_train is None:
             self.cache(train_dataloader)
-        return self.daunce.attribute(_dataset(train_dataloader), _dataset(test_dataloader))
+        # any set of training examples: the covariance of the copies' signals on it (Daunce.attribute itself accepts
+        # only the fitted training set)
+        d = self.daunce
+        return scores.score(d.signals(_dataset(train_dataloader)), d.signals(_dataset(test_dataloader)),
+                            d.config.score).float()

@@ -19,7 +19,13 @@ This class is a small front; the work is done elsewhere and handed one public ob
 * ``daunce.store``: with a ``workdir``, every finished copy (its trainable weights and signals) is
   written atomically to ``workdir/copies/copy_XXXX.pt``; a rerun loads finished copies instead of
   training them again, growing ``n_models`` trains only the new ones, and a workdir of another run
-  (configuration, orthogonal design or training set) is refused.
+  (configuration, orthogonal design, training set, model architecture, theta0's weights or task) is refused.
+  A damaged copy file is moved aside with a warning and the copy trained again.
+
+A ``Daunce`` object is bound to the training set of its last ``fit``: in memory a ``fit`` on another training
+set starts afresh (the earlier copies, cached signals, resolved "auto" settings and trainer choice are dropped);
+with a workdir it is refused (the folder holds the copies of the first training set). ``attribute`` refuses a
+training set other than the fitted one (``signals`` gives the copies' signals on any dataset).
 """
 
 from __future__ import annotations
@@ -42,11 +48,21 @@ from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset
 from .engines.ray_executor import EXECUTORS, fit_on_ray
 from .plans import CopyPlan, OrthogonalDesign, make_plan, orthogonal_block_size, uses_isotropic_noise
 from .progress import progress_bar
-from .store import CopyStore, check_manifest, fingerprint, read_manifest, update_manifest
+from .store import (
+    CopyStore,
+    check_manifest,
+    fingerprint,
+    model_fingerprint,
+    read_manifest,
+    task_fingerprint,
+    update_manifest,
+)
 
 TRAINERS = ("auto", "sequential", "vmap", "shared")
 SIGNAL_PATHS = ("auto", "sequential", "multi-adapter")
 SignalFn = Callable[[torch.Tensor, object], torch.Tensor]
+#: manifest fields that bind a workdir to the model and the task (added to a manifest written before them)
+BINDING_FIELDS = ("architecture", "model_weights", "task")
 
 
 class Daunce:
@@ -173,6 +189,7 @@ class Daunce:
         self._per_copy_bytes = 0
         self._signal_cache: dict[tuple, torch.Tensor] = {}  # (dataset fingerprint, k) -> signals (n,)
         self._adapter_pass: Optional[multiadapter.MultiAdapterPass] = None
+        self._bound = False  # whether the workdir's manifest has been checked against this model and task
 
     # ---------------------------------------------------------------------------------- context
     @property
@@ -274,20 +291,75 @@ class Daunce:
             self._signal_cache[(fp, k)] = s
 
     # ---------------------------------------------------------------------------------- fitting
+    def _binding(self) -> dict:
+        """The manifest fields that bind a workdir to this model and task: ``architecture`` and ``model_weights``
+        (``daunce.store.model_fingerprint`` of theta0) and ``task`` (``daunce.store.task_fingerprint``). Also
+        tells the store the shapes of a copy's trainable tensors (checked when a copy file is read)."""
+        self.store.state_shapes = [tuple(p.shape) for _, p in self.model.named_parameters() if p.requires_grad]
+        fp = model_fingerprint(self.model)
+        return {"architecture": fp["architecture"], "model_weights": fp["weights"], "task": task_fingerprint(self.task)}
+
+    def _bind_workdir(self) -> None:
+        """Before copies of a workdir are used by an object that has not fitted (e.g. ``attribute`` in a new
+        process): the folder's model, task and training set must be this object's; the fitted training set is
+        taken from its manifest. Folders of an earlier version without these fields are checked on what they
+        hold (``fit`` adds the fields)."""
+        if self._bound or self.workdir is None:
+            return
+        stored = read_manifest(self.workdir)
+        if stored is None:
+            return
+        now = self._binding()
+        check_manifest(self.workdir, {**stored, **{k: v for k, v in now.items() if k in stored}}, what="copies")
+        if self.train_fingerprint is None:
+            self.n_train, self.train_fingerprint = stored.get("n_train"), stored.get("train_fingerprint")
+        self._bound = True
+
+    def _forget(self) -> None:
+        """Drop what this object learnt from its last training set (copies in memory, cached signals, the
+        resolved "auto" settings, the trainer and signal-path choices, timings): a fit on another set starts
+        afresh."""
+        self.store.clear()
+        self._signal_cache.clear()
+        self.resolved_config = None if self.config.auto_fields else self.config.static()
+        self.resolved = {}
+        self.trainer_used, self.trainer_reason = None, ""
+        self.signal_path_used, self.signal_path_reason = None, ""
+        self.vmap_block_used = self.adapter_block_used = None
+        self._per_copy_bytes = 0
+        self.seconds.clear()
+        self.trained_copies.clear()
+        self.copy_steps.clear()
+        self.copy_converged.clear()
+        self.unconverged.clear()
+        self._design = OrthogonalDesign(self.config.seed, self.orthogonal_block)
+        self.train_fingerprint, self.n_train, self._train_set = None, None, None
+
     def fit(self, train_dataset: Dataset, query_dataset: Optional[Dataset] = None) -> "Daunce":
         """Train the K perturbed copies on ``train_dataset`` (skipping finished ones in the workdir)
-        and record every copy's training signals (and the query signals, if given)."""
+        and record every copy's training signals (and the query signals, if given).
+
+        A second ``fit`` on another training set starts afresh in memory (``_forget``); with a workdir it is
+        refused, as is a workdir whose manifest names another model (architecture or theta0's weights), task,
+        configuration or training set. A damaged copy file is moved aside with a warning and trained again."""
         n = check_dataset(train_dataset, "train_dataset")
         if query_dataset is not None:
             check_dataset(query_dataset, "query_dataset")
+        fp = fingerprint(train_dataset)
+        if self.train_fingerprint is not None and fp != self.train_fingerprint:
+            if self.workdir is not None:
+                raise ValueError(f"{self.workdir} holds copies fitted on another training set ({self.n_train} "
+                                 f"examples, fingerprint {self.train_fingerprint}; now {n} examples, fingerprint {fp}):"
+                                 " use a new workdir for another training set")
+            self._forget()
         self.n_train = n
-        self.train_fingerprint = fingerprint(train_dataset)
+        self.train_fingerprint = fp
         self._train_set = train_dataset
         self.resolve(train_dataset)
         if self.workdir is not None:
             manifest = {"config": json.loads(self.config.training_key()), "n_train": n,
                         "train_fingerprint": self.train_fingerprint,
-                        "orthogonal_block": self.orthogonal_block_size(n)}
+                        "orthogonal_block": self.orthogonal_block_size(n), **self._binding()}
             if self.resolved.get("explicit_in_manifest"):  # a folder of the same settings given explicitly
                 manifest["config"] = json.loads(self.resolved_config.training_key())
             elif self.config.auto_fields:  # only then: the manifests of explicit configurations stay as they were
@@ -297,7 +369,8 @@ class Daunce:
             if "unconverged" in stored:
                 manifest["unconverged"] = stored["unconverged"]
                 self.unconverged |= set(stored["unconverged"])
-            check_manifest(self.workdir, manifest, what="copies", ignore=("unconverged",))
+            check_manifest(self.workdir, manifest, what="copies", ignore=("unconverged",), adopt=BINDING_FIELDS)
+            self._bound = True
         todo = [k for k in range(self.config.n_models) if not self.is_trained(k)]
         if not todo:
             return self
@@ -455,6 +528,11 @@ class Daunce:
         per example, higher = worse, e.g. minus the margin) computes another signal from the stored weights
         on the same path, without storing it."""
         check_dataset(dataset, "dataset")
+        return self._signals(dataset, signal)
+
+    def _signals(self, dataset: Dataset, signal: Optional[SignalFn] = None, fp: Optional[str] = None) -> torch.Tensor:
+        """``signals`` of a checked dataset whose fingerprint may be known (``fp``)."""
+        self._bind_workdir()
         K = self.config.n_models
         missing = [k for k in range(K) if not self.is_trained(k)]
         if missing:
@@ -463,7 +541,7 @@ class Daunce:
         if signal is not None:
             computed = self._compute_signals(list(range(K)), dataset, signal, None)
             return torch.stack([computed[k] for k in range(K)])
-        fp = fingerprint(dataset)
+        fp = fp or fingerprint(dataset)
         rows: list = [None] * K
         for k in range(K):
             if (fp, k) in self._signal_cache:
@@ -569,10 +647,20 @@ class Daunce:
     # ---------------------------------------------------------------------------------- scoring
     def attribute(self, train_dataset: Dataset, query_dataset: Dataset) -> torch.Tensor:
         """Scores ``(n_train, n_query)`` (float32): covariance (or correlation) of training and query
-        signals across the K copies. Positive = the training example helped the query."""
+        signals across the K copies. Positive = the training example helped the query.
+
+        ``train_dataset`` must be the training set the copies were fitted on (by this object, or in its workdir):
+        another one is refused (the covariance of another set's signals is not its attribution; ``signals`` gives
+        the copies' signals on any dataset)."""
         check_dataset(train_dataset, "train_dataset")
         check_dataset(query_dataset, "query_dataset")
-        A = self.signals(train_dataset)
+        self._bind_workdir()
+        fp = fingerprint(train_dataset)
+        if self.train_fingerprint is not None and fp != self.train_fingerprint:
+            raise ValueError(f"attribute: train_dataset ({len(train_dataset)} examples, fingerprint {fp}) is not the "
+                             f"training set the copies were fitted on ({self.n_train} examples, fingerprint "
+                             f"{self.train_fingerprint}): call fit() on it first")
+        A = self._signals(train_dataset, fp=fp)
         B = self.signals(query_dataset)
         return _scores.score(A, B, self.config.score).float()
 

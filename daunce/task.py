@@ -14,6 +14,7 @@ positive covariance between a training example's and a query's signals means the
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,6 +45,23 @@ class Task(Protocol):
     def collate(self, items: list) -> Any:
         """Turn a list of dataset items into a batch. Default: torch's ``default_collate``."""
         return default_collate(items)
+
+
+def describe(task: Any, fields: dict | None = None, skip: tuple = ()) -> str:
+    """``"ClassName(a=1, b='x')"``: a task's class and configuration, the fingerprint a work folder's manifest keeps
+    (``daunce.store.task_fingerprint``). ``fields`` (a dict) come first; then every public attribute (no leading
+    underscore, not in ``skip``) whose value JSON can hold, in name order. Attributes JSON cannot hold
+    (modules, tensors, functions) are left out: they are not configuration."""
+    out = dict(fields or {})
+    for name, value in sorted(getattr(task, "__dict__", {}).items()):
+        if name.startswith("_") or name in out or name in skip:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        out[name] = value
+    return f"{type(task).__qualname__}({', '.join(f'{k}={v!r}' for k, v in out.items())})"
 
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,6 +107,11 @@ class ClassificationTask(Task):
 
     def output_function(self, outputs, batch):
         return -margin(outputs, batch[1])
+
+    def fingerprint(self) -> str:
+        """``"ClassificationTask(signal='loss')"`` (a subclass's name and public settings too): what a work folder
+        records of the task (``daunce.store.task_fingerprint``)."""
+        return describe(self, {"signal": self.signal_kind}, skip=("signal_kind",))
 
     def __repr__(self):
         return f"ClassificationTask(signal={self.signal_kind!r})"

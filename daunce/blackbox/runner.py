@@ -32,7 +32,11 @@ Backends whose fine-tunes are jobs on a server (``daunce.blackbox.openai.OpenAIB
 ``BlackBoxDaunce`` then writes every job id to the work folder the moment the job exists, submits all
 jobs before waiting on any (the server trains them in parallel), and a run interrupted while a job was
 running resumes polling that job instead of paying for a second fine-tune. Model ids and signals are
-written too (atomic JSON writes), so a finished model is never fine-tuned or scored twice.
+written too (atomic JSON writes), so a finished model is never fine-tuned or scored twice. An id must be a str
+or an int; any other is saved as its repr (``job_id_unstorable`` / ``model_id_unstorable``) before the error is
+raised, and a rerun refuses to start that copy's fine-tune again. The work folder's manifest binds it to the
+training set, the subset design and the backend (``identity()``, and the model name where the backend has one);
+a damaged copy file is moved aside (``copy_XXXX.json.damaged``) with a warning naming it.
 
 Examples are dicts ``{"prompt": str, "response": str}`` (the format of ``daunce.experiments.textdata``).
 """
@@ -41,6 +45,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
+import os
 import time
 from pathlib import Path
 from typing import Optional, Protocol, Sequence, runtime_checkable
@@ -51,7 +57,7 @@ import torch
 from .. import scores
 from ..plans import copy_seed
 from ..progress import progress_bar
-from ..store import atomic_write_json, check_manifest
+from ..store import atomic_write_json, check_manifest, read_manifest, set_aside
 
 Example = dict  # {"prompt": str, "response": str}
 
@@ -103,6 +109,29 @@ def _check_signal(signal: str, backend) -> None:
                         "provide response_lengths(examples); pass signal='sum' otherwise")
 
 
+def backend_identity(backend) -> str:
+    """What decides a fine-tune besides its data and seed: the backend's ``identity()``, else its class name."""
+    return getattr(backend, "identity", lambda: type(backend).__name__)()
+
+
+def backend_model_name(backend) -> Optional[str]:
+    """The name of the model a backend fine-tunes (its ``model_name``, ``base_model`` or ``name``), or None."""
+    for attr in ("model_name", "base_model", "name"):
+        v = getattr(backend, attr, None)
+        if isinstance(v, str):
+            return v
+    return None
+
+
+def storable_id(value):
+    """A job or model id as JSON stores it: a str, or an int (numpy integers included); None for anything else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
 # ----------------------------------------------------------------------------------- the method
 class BlackBoxDaunce:
     """Daunce through a fine-tuning API: K fine-tunes on random subsets, covariance of losses.
@@ -130,20 +159,30 @@ class BlackBoxDaunce:
                  fine_tune_seeds: str = "common"):
         if not (callable(getattr(backend, "fine_tune", None)) and callable(getattr(backend, "log_likelihoods", None))):
             raise TypeError("backend must provide fine_tune(examples, seed) and log_likelihoods(model_id, examples)")
-        if not isinstance(n_models, int) or n_models < 2:
+        # types as well as ranges: a bool is not a count, a string not a ratio, a float not a seed
+        if not isinstance(n_models, numbers.Integral) or isinstance(n_models, bool) or n_models < 2:
             raise ValueError(f"n_models (K) must be an integer >= 2, got {n_models!r}")
-        if not 0.0 < float(subset_ratio) <= 1.0:
-            raise ValueError(f"subset_ratio must lie in (0, 1], got {subset_ratio!r}")
-        if score not in ("cov", "corr"):
+        if (not isinstance(subset_ratio, numbers.Real) or isinstance(subset_ratio, bool)
+                or not 0.0 < float(subset_ratio) <= 1.0):
+            raise ValueError(f"subset_ratio must be a number in (0, 1], got {subset_ratio!r}")
+        if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if not isinstance(score, str) or score not in ("cov", "corr"):
             raise ValueError(f"score must be 'cov' or 'corr', got {score!r}")
+        if not isinstance(signal, str):
+            raise ValueError(f"signal must be 'mean' or 'sum', got {signal!r}")
         _check_signal(signal, backend)
-        if fine_tune_seeds not in ("common", "per-copy"):
+        if not isinstance(fine_tune_seeds, str) or fine_tune_seeds not in ("common", "per-copy"):
             raise ValueError(f"fine_tune_seeds must be 'common' or 'per-copy', got {fine_tune_seeds!r}")
+        if workdir is not None and not isinstance(workdir, (str, os.PathLike)):
+            raise ValueError(f"workdir must be None or a path, got {workdir!r}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress must be True or False, got {progress!r}")
         self.signal_kind = signal
         self.fine_tune_seeds = fine_tune_seeds
         self._lengths: dict[str, np.ndarray] = {}
         self.backend = backend
-        self.n_models = n_models
+        self.n_models = int(n_models)
         self.subset_ratio = float(subset_ratio)
         self.seed = int(seed)
         self.score_kind = score
@@ -177,12 +216,57 @@ class BlackBoxDaunce:
         return self.workdir / "copies" / f"copy_{k:04d}.json"
 
     def _record(self, k: int) -> dict:
+        """Copy ``k``'s record (read from the workdir once). A file that cannot be read, is not a record, or holds
+        another copy's record is moved aside (``.damaged``, kept: it may hold the id of a paid fine-tune) with a
+        warning naming it, and the copy starts afresh."""
         if k not in self._records:
             rec = {"k": k}
-            if self.workdir is not None and self._path(k).exists():
-                rec = json.loads(self._path(k).read_text())
+            path = self._path(k) if self.workdir is not None else None
+            if path is not None and path.exists():
+                problem = None
+                try:
+                    stored = json.loads(path.read_text())
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    problem = f"unreadable: {type(e).__name__}: {e}"
+                else:
+                    if not isinstance(stored, dict):
+                        problem = f"holds a {type(stored).__name__}, not a copy record"
+                    elif stored.get("k") != k:
+                        problem = f"it holds the record of copy {stored.get('k')!r}, not of copy {k}"
+                    elif not isinstance(stored.get("signals", {}), dict):
+                        problem = "its signals are not a dict"
+                if problem is None:
+                    rec = stored
+                else:
+                    set_aside(path, problem, f"fine-tune {k}")
             self._records[k] = rec
         return self._records[k]
+
+    def _keep_id(self, k: int, rec: dict, key: str, value, method: str) -> None:
+        """Store the id ``value`` a backend's ``method`` returned for copy ``k`` under ``rec[key]`` and save the
+        record at once. An id JSON cannot hold is saved as its repr (``key + "_unstorable"``) and then refused:
+        the fine-tune it names is paid for, so the record of it is kept before anything can fail."""
+        ok = storable_id(value)
+        if ok is not None:
+            rec[key] = ok
+            self._save(k)
+            return
+        rec[key + "_unstorable"] = repr(value)[:2000]
+        self._save(k)
+        where = f"saved in {self._path(k)}" if self.workdir is not None else "kept in memory"
+        raise TypeError(f"backend.{method} returned a {type(value).__name__} id for fine-tune {k} ({value!r:.200}); "
+                        f"ids must be str or int. Its repr is {where} ('{key}_unstorable') so this fine-tune is not "
+                        "started again: make the backend return str ids")
+
+    def _refuse_unstorable(self, k: int, rec: dict) -> None:
+        """A copy whose fine-tune was started but whose id could not be stored: never start it again."""
+        bad = {key: rec[key] for key in ("job_id_unstorable", "model_id_unstorable") if key in rec}
+        if bad and rec.get("model_id") is None:
+            where = self._path(k) if self.workdir is not None else "this object's record"
+            raise RuntimeError(f"fine-tune {k} was started but the backend returned an id that could not be stored "
+                               f"({bad}, in {where}); starting it again would pay twice: write the id as a string "
+                               "into 'job_id' (or 'model_id') of that record and remove the '_unstorable' key, or "
+                               "delete the record to fine-tune the copy again")
 
     def _save(self, k: int) -> None:
         if self.workdir is not None:
@@ -191,49 +275,73 @@ class BlackBoxDaunce:
     def _check_manifest(self, n: int, fp: str) -> None:
         """Claim the workdir for this run: fine-tunes of another training set, subset ratio, seed, seed design
         or backend are refused (``daunce.store.check_manifest``)."""
-        backend = getattr(self.backend, "identity", lambda: type(self.backend).__name__)()
         manifest = {"n_train": n, "train_fingerprint": fp, "subset_ratio": self.subset_ratio, "seed": self.seed,
-                    "fine_tune_seeds": self.fine_tune_seeds, "backend": backend}
-        check_manifest(self.workdir, manifest, "fine-tunes")
+                    "fine_tune_seeds": self.fine_tune_seeds, "backend": backend_identity(self.backend),
+                    "model_name": backend_model_name(self.backend)}
+        check_manifest(self.workdir, manifest, "fine-tunes", adopt=("model_name",))
+
+    def _bind_workdir(self) -> None:
+        """For an object that has not fitted: the workdir's backend must be this one; the fitted training set is
+        taken from its manifest (``attribute`` checks against it)."""
+        if self.train_fingerprint is not None or self.workdir is None:
+            return
+        stored = read_manifest(self.workdir)
+        if stored is None:
+            return
+        now = {"backend": backend_identity(self.backend), "model_name": backend_model_name(self.backend)}
+        check_manifest(self.workdir, {**stored, **{k: v for k, v in now.items() if k in stored}}, "fine-tunes")
+        self.n_train, self.train_fingerprint = stored.get("n_train"), stored.get("train_fingerprint")
 
     # -------------------------------------------------------------------------------- fit
     def fit(self, train: Sequence[Example], queries: Optional[Sequence[Example]] = None) -> "BlackBoxDaunce":
         """Fine-tune the K models (skipping those already in the workdir) and record the losses of
         every training example and query under each."""
         train = check_examples(train, "train")
+        if queries is not None:
+            queries = check_examples(queries, "queries")
         n = len(train)
+        fp = examples_fingerprint(train)
+        if self.train_fingerprint is not None and fp != self.train_fingerprint:
+            if self.workdir is not None:
+                raise ValueError(f"{self.workdir} holds fine-tunes of another training set ({self.n_train} examples, "
+                                 f"fingerprint {self.train_fingerprint}; now {n} examples, fingerprint {fp}): use a "
+                                 "new workdir for another training set")
+            # in memory: start afresh (the fine-tunes of the earlier training set are dropped)
+            self._records.clear()
+            self.seconds.clear()
         self.n_train = n
-        self.train_fingerprint = examples_fingerprint(train)
+        self.train_fingerprint = fp
         if self.workdir is not None:
             self._check_manifest(n, self.train_fingerprint)
         ks = list(range(self.n_models))
         if is_async(self.backend):
-            # submit every missing job first (ids stored at once), then wait on them in order
+            # submit every missing job first (ids stored the moment they exist), then wait on them in order
             for k in ks:
                 rec = self._record(k)
+                self._refuse_unstorable(k, rec)
                 if rec.get("model_id") is None and rec.get("job_id") is None:
                     t0 = time.perf_counter()
                     sub = [train[i] for i in self.subset(k, n)]
-                    rec["job_id"] = self.backend.start_fine_tune(sub, self.fine_tune_seed(k))
-                    rec["submit_seconds"] = time.perf_counter() - t0
+                    job = self.backend.start_fine_tune(sub, self.fine_tune_seed(k))
                     self.fine_tunes_started += 1
-                    self._save(k)
+                    rec["submit_seconds"] = time.perf_counter() - t0
+                    self._keep_id(k, rec, "job_id", job, "start_fine_tune")
         bar = progress_bar(ks, desc="black-box fine-tunes", progress=self.progress)
         for k in bar:
             rec = self._record(k)
+            self._refuse_unstorable(k, rec)
             t0 = time.perf_counter()
             if rec.get("model_id") is None:
                 if rec.get("job_id") is not None:
-                    rec["model_id"] = self.backend.wait_fine_tune(rec["job_id"])
+                    model_id, method = self.backend.wait_fine_tune(rec["job_id"]), "wait_fine_tune"
                 else:
                     sub = [train[i] for i in self.subset(k, n)]
-                    rec["model_id"] = self.backend.fine_tune(sub, self.fine_tune_seed(k))
+                    model_id, method = self.backend.fine_tune(sub, self.fine_tune_seed(k)), "fine_tune"
                     self.fine_tunes_started += 1
                 rec["fine_tune_seconds"] = time.perf_counter() - t0 + rec.get("submit_seconds", 0.0)
-                self._save(k)
+                self._keep_id(k, rec, "model_id", model_id, method)
             self._signals_of(k, train, self.train_fingerprint)
             if queries is not None:
-                queries = check_examples(queries, "queries")
                 self._signals_of(k, queries)
             self.seconds[k] = time.perf_counter() - t0
         return self
@@ -261,7 +369,11 @@ class BlackBoxDaunce:
         fp = examples_fingerprint(examples)
         path = self.workdir / "response_lengths.json" if self.workdir is not None else None
         if fp not in self._lengths and path is not None and path.exists():
-            self._lengths.update({k: np.asarray(v, dtype=np.float64) for k, v in json.loads(path.read_text()).items()})
+            try:
+                stored = json.loads(path.read_text())
+                self._lengths.update({k: np.asarray(v, dtype=np.float64) for k, v in stored.items()})
+            except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+                set_aside(path, f"unreadable: {type(e).__name__}: {e}", "response lengths")
         if fp not in self._lengths:
             lengths = np.asarray(self.backend.response_lengths(list(examples)), dtype=np.float64)
             if lengths.shape != (len(examples),) or not np.all(lengths > 0):
@@ -286,6 +398,7 @@ class BlackBoxDaunce:
 
     def _summed_signals(self, examples: Sequence[Example], n_models: Optional[int] = None) -> torch.Tensor:
         examples = check_examples(examples)
+        self._bind_workdir()
         K = n_models or self.n_models
         for k in range(K):
             if self._record(k).get("model_id") is None:
@@ -313,7 +426,15 @@ class BlackBoxDaunce:
                   n_models: Optional[int] = None, signal: Optional[str] = None) -> torch.Tensor:
         """Scores ``(n_train, n_query)`` float32: covariance (or correlation) of losses across the
         first ``n_models`` fine-tunes (default all K). Positive = the training example helped the query.
-        ``signal``: ``"mean"`` or ``"sum"`` (default: the object's)."""
+        ``signal``: ``"mean"`` or ``"sum"`` (default: the object's). ``train`` must be the training set the
+        fine-tunes were made on (by this object, or in its workdir): another one is refused."""
+        train = check_examples(train, "train")
+        self._bind_workdir()
+        fp = examples_fingerprint(train)
+        if self.train_fingerprint is not None and fp != self.train_fingerprint:
+            raise ValueError(f"attribute: train ({len(train)} examples, fingerprint {fp}) is not the training set the "
+                             f"fine-tunes were made on ({self.n_train} examples, fingerprint {self.train_fingerprint}):"
+                             " call fit() on it first")
         A = self.signals(train, n_models, signal)
         B = self.signals(queries, n_models, signal)
         return scores.score(A, B, self.score_kind).float()

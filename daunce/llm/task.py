@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..task import Task
+from ..task import Task, describe
 from .data import IGNORE
 from .layers import backbone_and_head
 
@@ -98,6 +98,11 @@ class CausalLMTask(Task):
         if self.signal_kind == "sum":
             return self.token_losses(outputs, batch)[0]
         return self.loss(outputs, batch)
+
+    def fingerprint(self) -> str:
+        """``"CausalLMTask(signal='mean')"``: what a work folder records of the task (the LM head is part of the
+        model's fingerprint, not the task's)."""
+        return describe(self, {"signal": self.signal_kind}, skip=("signal_kind", "head"))
 
     def __repr__(self):
         return f"CausalLMTask(signal={self.signal_kind!r})"
