@@ -38,7 +38,7 @@ from . import auto
 from . import scores as _scores
 from .config import DaunceConfig
 from .engines import multiadapter, sequential, stacked, vmap
-from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset
+from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset, check_training_set
 from .engines.ray_executor import EXECUTORS, fit_on_ray
 from .plans import CopyPlan, OrthogonalDesign, make_plan, orthogonal_block_size, uses_isotropic_noise
 from .progress import progress_bar
@@ -334,6 +334,9 @@ class Daunce:
         todo = [k for k in ks if not self.is_trained(k)]
         if not todo:
             return []
+        check_training_set(self.context, train)
+        if query is not None:
+            self.context.check_data(query, "query_dataset")
         cfg = self.resolve(train)
         if cache is None and self.config.variant != "bootstrap":
             cache = self.base_cache(train)
@@ -438,8 +441,8 @@ class Daunce:
     # ---------------------------------------------------------------------------------- signals
     def base_signals(self, dataset: Dataset, signal: Optional[SignalFn] = None) -> torch.Tensor:
         """Signals ``(n,)`` of theta0 itself on ``dataset`` (the task's signal, or ``signal``)."""
-        check_dataset(dataset, "dataset")
         ctx = self.context
+        ctx.check_data(dataset, "dataset")
         ctx.reset()
         return sequential.signals_now(ctx, dataset, signal)
 
@@ -450,8 +453,9 @@ class Daunce:
         the stored copies' weights (with vmap, peft mixed-adapter batches or one pass per copy:
         ``signal_path``; ``signal_path_used`` says which) and stored. ``signal(outputs, batch)`` (one value
         per example, higher = worse, e.g. minus the margin) computes another signal from the stored weights
-        on the same path, without storing it."""
-        check_dataset(dataset, "dataset")
+        on the same path, without storing it. The dataset's content is checked first (``ModelContext.check_data``:
+        finite features, the task's ``check_batch``, a model that runs on it)."""
+        self.context.check_data(dataset, "dataset")
         K = self.config.n_models
         missing = [k for k in range(K) if not self.is_trained(k)]
         if missing:
