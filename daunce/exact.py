@@ -178,6 +178,18 @@ SINGULAR_CONDITION = 1e12
 SINGULAR_CHECK_MAX_D = 2048
 
 
+def _check_grads(Gi: torch.Tensor, Gq: torch.Tensor) -> None:
+    """A ValueError unless the train and query gradients are ``(n, d)`` and ``(m, d)`` with the same d and finite."""
+    if Gi.ndim != 2 or Gq.ndim != 2 or Gi.shape[1] != Gq.shape[1]:
+        raise ValueError(f"train and query gradients must be (n, d) and (m, d) with the same d, got "
+                         f"{tuple(Gi.shape)} and {tuple(Gq.shape)}")
+    for name, t in (("train", Gi), ("query", Gq)):
+        bad = ~torch.isfinite(t).all(1)
+        if bool(bad.any()):
+            raise ValueError(f"the {name} gradients of {int(bad.sum())} example(s) hold NaN or infinite values (the "
+                             f"first: {name} example {int(bad.nonzero()[0, 0])})")
+
+
 def _check_damping(damping) -> float:
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
             or damping < 0:
@@ -205,17 +217,14 @@ def influence(model, task, train, query, *, form: str = "hessian", damping: floa
     damping = _check_damping(damping)
     Gi = per_example_grads(model, task, train) if train_grads is None else train_grads
     Gq = per_example_grads(model, task, query) if query_grads is None else query_grads
-    if Gi.ndim != 2 or Gq.ndim != 2 or Gi.shape[1] != Gq.shape[1]:
-        raise ValueError(f"train and query gradients must be (n, d) and (m, d) with the same d, got "
-                         f"{tuple(Gi.shape)} and {tuple(Gq.shape)}")
+    _check_grads(Gi, Gq)
     if curvature is None:
         curvature = loss_hessian(model, task, train) if form == "hessian" else Gi.T @ Gi / Gi.shape[0]
     d = Gi.shape[1]
     if tuple(curvature.shape) != (d, d):
         raise ValueError(f"curvature must be ({d}, {d}) for gradients of d = {d}, got {tuple(curvature.shape)}")
-    for name, t in (("train gradients", Gi), ("query gradients", Gq), ("curvature", curvature)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"the {name} hold NaN or infinite values")
+    if not bool(torch.isfinite(curvature).all()):
+        raise ValueError("the curvature holds NaN or infinite values")
     # a damped curvature of many parameters is not checked: its eigenvalues would cost more than the solve
     if damping == 0 or d <= SINGULAR_CHECK_MAX_D:
         _warn_if_singular(curvature, damping, form, Gi.shape[0])
@@ -333,10 +342,18 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: st
     return (mean, info) if return_info else mean
 
 
+def _check_resolved(config: DaunceConfig) -> None:
+    if config.plan_auto_fields:
+        raise ValueError(f"the limit needs a resolved configuration; {config.plan_auto_fields} are 'auto' "
+                         "(pass Daunce.resolved_config after fit, or set them)")
+
+
 def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grads, query_grads, curvature):
     """``daunce_limit``'s closed form with the full data's curvature (``subsets="full"``)."""
+    _check_resolved(config)
     Gi = (per_example_grads(model, task, train) if train_grads is None else train_grads).double()
     Gq = (per_example_grads(model, task, query) if query_grads is None else query_grads).double()
+    _check_grads(Gi, Gq)
     n, d = Gi.shape
     m = max(1, round(config.subset_ratio * n))
     s2, lam, gam = config.sigma2, config.damping, config.gamma
@@ -352,6 +369,9 @@ def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grad
             curvature = gauss_newton(model, task, train)
             if gam != 1.0:
                 curvature = curvature + (gam - 1.0) * loss_hessian(model, task, train)
+        if tuple(curvature.shape) != (d, d) or not bool(torch.isfinite(curvature).all()):
+            raise ValueError(f"curvature must be a finite ({d}, {d}) matrix for gradients of d = {d}, got shape "
+                             f"{tuple(curvature.shape)}")
         A, c = curvature.double() + lam * eye, 1.0
     C = s2 / m * G
     if config.isotropic_noise:
@@ -363,6 +383,7 @@ def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grad
 
 def _check_subset_limit(config: DaunceConfig) -> None:
     """Raise where the subset limit cannot be computed."""
+    _check_resolved(config)
     if config.variant == "bootstrap":
         raise ValueError("the bootstrap variant has no closed-form linear limit")
     if config.variant == "if" and config.gamma != 1.0:
@@ -423,6 +444,7 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
 
     Gi = (per_example_grads(model, task, train) if train_grads is None else train_grads).double()
     Gq = (per_example_grads(model, task, query) if query_grads is None else query_grads).double()
+    _check_grads(Gi, Gq)
     n, d = Gi.shape
     nq = Gq.shape[0]
     N = n + nq
