@@ -91,8 +91,8 @@ RULE_VERSION = 2
 PROXY_FINE_TUNES = 16
 PROXY_QUERIES = 64
 #: The fewest training examples the damping proxy (held-out queries and half-subset fine-tunes) can run on: 2 held-out
-#: queries and 6 examples left to fine-tune on (half subsets of 3).
-AUTO_MIN_EXAMPLES = 8
+#: queries and 2 examples left, whose half subsets (of 1) differ between fine-tunes.
+AUTO_MIN_EXAMPLES = 4
 KRYLOV_STEPS = 30
 #: Candidate dampings of the proxy, relative to the top curvature: 10^-6 ... 1 in half decades.
 PROXY_GRID = tuple(10 ** (e / 2) for e in range(-12, 1))

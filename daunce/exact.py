@@ -343,8 +343,10 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: st
 
 
 def _check_resolved(config: DaunceConfig) -> None:
-    if config.plan_auto_fields:
-        raise ValueError(f"the limit needs a resolved configuration; {config.plan_auto_fields} are 'auto' "
+    """A ValueError naming the fields the limit's formula reads as numbers (damping, rho) where they are "auto"."""
+    unresolved = [f for f in ("damping", "rho") if getattr(config, f) == "auto"]
+    if unresolved:
+        raise ValueError(f"the limit needs a resolved configuration; {unresolved} are 'auto' "
                          "(pass Daunce.resolved_config after fit, or set them)")
 
 
@@ -383,9 +385,9 @@ def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grad
 
 def _check_subset_limit(config: DaunceConfig) -> None:
     """Raise where the subset limit cannot be computed."""
-    _check_resolved(config)
     if config.variant == "bootstrap":
         raise ValueError("the bootstrap variant has no closed-form linear limit")
+    _check_resolved(config)
     if config.variant == "if" and config.gamma != 1.0:
         raise ValueError("the subset limit of the 'if' form needs gamma = 1 (its curvature is then the Gauss-Newton "
                          "matrix; with gamma != 1 it would need each subset's Hessian); pass subsets='full' to "

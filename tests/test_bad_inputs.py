@@ -148,7 +148,7 @@ BAD_EXACT = {
     "daunce_limit of an unresolved configuration": (
         lambda: exact.daunce_limit(None, TASK, None, None, DaunceConfig(variant="efim", rho=0.3, subset_ratio=1.0),
                                    subsets="full", train_grads=torch.randn(5, 8), query_grads=torch.randn(2, 8)),
-        r"needs a resolved configuration; \('damping', 'isotropic_noise'\) are 'auto'"),
+        r"needs a resolved configuration; \['damping'\] are 'auto'"),
 }
 
 
@@ -225,7 +225,9 @@ BAD_FIT = {
                                       r"model has 1 output under ClassificationTask's cross-entropy.*every signal "
                                       r"and score would be 0"),
     "auto on 2 examples": (lambda: Daunce(_model(), TASK, DaunceConfig(n_models=4), progress=False).fit(
-        TensorDataset(X[:2], Y[:2])), r"damping='auto' needs at least 8 training examples.*got 2"),
+        TensorDataset(X[:2], Y[:2])), r"damping='auto' needs at least 4 training examples.*got 2"),
+    "auto on 3 examples": (lambda: Daunce(_model(), TASK, DaunceConfig(n_models=4), progress=False).fit(
+        TensorDataset(X[:3], Y[:3])), r"damping='auto' needs at least 4 training examples.*got 3"),
     "auto on 1 example": (lambda: Daunce(_model(), TASK, DaunceConfig(n_models=4), progress=False).fit(
         TensorDataset(X[:1], Y[:1])), r"needs at least 2 training examples"),
 }
