@@ -276,3 +276,33 @@ def test_a_structural_task_without_the_hook_still_works():
     assert S_.shape == (N, Q) and bool(torch.isfinite(S_).all()) and float(S_.abs().max()) > 0
     with pytest.raises(ValueError, match=r"example 7 has a NaN"):
         _fit(task=Plain(), train=_with(at=(7, 1), value=float("nan")))
+
+
+class _Items(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset: checked batch by batch."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("nan", r"train_dataset: example 13 has a NaN or infinite value"),
+    ("label", r"train_dataset: example 21 has label 5, outside \[0, 2\)"),
+])
+def test_a_generic_dataset_is_checked_batch_by_batch(bad, match):
+    x, y = X.clone(), Y.clone()
+    if bad == "nan":
+        x[13, 2] = float("nan")
+    else:
+        y[21] = 5
+    d = Daunce(_model(), TASK, DaunceConfig(**FAST), eval_batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=match):  # example 13 / 21 lie in the second / third batch of 8
+        d.fit(_Items(x, y))
+    ok = Daunce(_model(), TASK, DaunceConfig(**FAST), eval_batch_size=8, progress=False).fit(_Items(X, Y))
+    assert ok.attribute(_Items(X, Y), _Items(X[:Q], Y[:Q])).shape == (N, Q)
