@@ -70,7 +70,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .config import ADAM_LR, AUTO, DaunceConfig
-from .engines.context import ModelContext
+from .engines.context import ModelContext, check_training_set
 from .engines.sequential import signals_now, theta0_values, train_copy
 from .objectives import perturbed_objective
 from .plans import make_plan
@@ -90,6 +90,9 @@ RULE_VERSION = 2
 #: tuned: on benchmarks/auto_settings.py the proxy's curves are smooth in lambda at this size.
 PROXY_FINE_TUNES = 16
 PROXY_QUERIES = 64
+#: The fewest training examples the damping proxy (held-out queries and half-subset fine-tunes) can run on: 2 held-out
+#: queries and 2 examples left, whose half subsets (of 1) differ between fine-tunes.
+AUTO_MIN_EXAMPLES = 4
 KRYLOV_STEPS = 30
 #: Candidate dampings of the proxy, relative to the top curvature: 10^-6 ... 1 in half decades.
 PROXY_GRID = tuple(10 ** (e / 2) for e in range(-12, 1))
@@ -480,12 +483,20 @@ def resolve(ctx: ModelContext, config: DaunceConfig, train: Dataset, *, n_exampl
             krylov_steps: int = KRYLOV_STEPS) -> tuple[DaunceConfig, dict]:
     """``(resolved config, details)``: the config with every ``"auto"`` field replaced by its value (see the
     module docstring for the rule) and a dict of what the rule measured. Fields set explicitly are kept.
-    The working model is left at theta0."""
+    The working model is left at theta0.
+
+    Raises ValueError for a training set ``check_training_set`` refuses, and for one of fewer than
+    ``AUTO_MIN_EXAMPLES`` examples when the damping is "auto" (its proxy holds queries out of the training set and
+    fine-tunes on half subsets of the rest)."""
     config = config.static()
     autos = config.auto_fields
     if not autos:
         return config, {}
-    n = len(train)
+    n = check_training_set(ctx, train)
+    if config.damping == AUTO and n < AUTO_MIN_EXAMPLES:
+        raise ValueError(f"damping='auto' needs at least {AUTO_MIN_EXAMPLES} training examples (its proxy holds "
+                         f"queries out and fine-tunes on half subsets of the rest), got {n}: set damping (and the "
+                         f"other 'auto' fields {list(autos)}) explicitly")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(n, generator=g)[: min(n, n_examples)]
     K = config.n_models

@@ -172,6 +172,31 @@ def _solve(M: torch.Tensor, damping: float, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(A, rhs)
 
 
+#: Condition number of the damped curvature above which ``influence`` warns that the solve is numerically singular.
+SINGULAR_CONDITION = 1e12
+#: Above this many parameters a damped curvature is not checked (its eigenvalues would cost more than the solve).
+SINGULAR_CHECK_MAX_D = 2048
+
+
+def _check_grads(Gi: torch.Tensor, Gq: torch.Tensor) -> None:
+    """A ValueError unless the train and query gradients are ``(n, d)`` and ``(m, d)`` with the same d and finite."""
+    if Gi.ndim != 2 or Gq.ndim != 2 or Gi.shape[1] != Gq.shape[1]:
+        raise ValueError(f"train and query gradients must be (n, d) and (m, d) with the same d, got "
+                         f"{tuple(Gi.shape)} and {tuple(Gq.shape)}")
+    for name, t in (("train", Gi), ("query", Gq)):
+        bad = ~torch.isfinite(t).all(1)
+        if bool(bad.any()):
+            raise ValueError(f"the {name} gradients of {int(bad.sum())} example(s) hold NaN or infinite values (the "
+                             f"first: {name} example {int(bad.nonzero()[0, 0])})")
+
+
+def _check_damping(damping) -> float:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) \
+            or damping < 0:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    return float(damping)
+
+
 def influence(model, task, train, query, *, form: str = "hessian", damping: float = 0.0,
               train_grads=None, query_grads=None, curvature=None) -> torch.Tensor:
     """Exact influence function ``(n_train, n_query)``, positive = helpful.
@@ -179,16 +204,44 @@ def influence(model, task, train, query, *, form: str = "hessian", damping: floa
     Args:
         form: ``"hessian"`` (H, the mean loss Hessian) or ``"fisher"`` (G, the mean outer product of
             per-example loss gradients, the empirical Fisher).
-        damping: lambda added to the curvature's diagonal.
+        damping: lambda >= 0 added to the curvature's diagonal.
         train_grads, query_grads, curvature: precomputed ``(n, d)``, ``(m, d)``, ``(d, d)`` to reuse.
+
+    Raises ValueError for a negative, NaN or infinite damping, shapes that do not agree on d, and a NaN or infinite
+    gradient or curvature. Warns (``RuntimeWarning``) when the damped curvature is singular or numerically so
+    (condition number above ``SINGULAR_CONDITION``, e.g. a Fisher of fewer examples than parameters at damping 0):
+    its inverse then amplifies rounding and the values mean nothing; use damping > 0.
     """
     if form not in ("hessian", "fisher"):
         raise ValueError(f"form must be 'hessian' or 'fisher', got {form!r}")
+    damping = _check_damping(damping)
     Gi = per_example_grads(model, task, train) if train_grads is None else train_grads
     Gq = per_example_grads(model, task, query) if query_grads is None else query_grads
+    _check_grads(Gi, Gq)
     if curvature is None:
         curvature = loss_hessian(model, task, train) if form == "hessian" else Gi.T @ Gi / Gi.shape[0]
+    d = Gi.shape[1]
+    if tuple(curvature.shape) != (d, d):
+        raise ValueError(f"curvature must be ({d}, {d}) for gradients of d = {d}, got {tuple(curvature.shape)}")
+    if not bool(torch.isfinite(curvature).all()):
+        raise ValueError("the curvature holds NaN or infinite values")
+    # a damped curvature of many parameters is not checked: its eigenvalues would cost more than the solve
+    if damping == 0 or d <= SINGULAR_CHECK_MAX_D:
+        _warn_if_singular(curvature, damping, form, Gi.shape[0])
     return Gi @ _solve(curvature, damping, Gq.T)
+
+
+def _warn_if_singular(curvature: torch.Tensor, damping: float, form: str, n: int) -> None:
+    d = curvature.shape[0]
+    A = curvature.double() + damping * torch.eye(d, dtype=torch.float64)
+    ev = torch.linalg.eigvalsh((A + A.T) / 2)
+    top, low = float(ev.abs().max()), float(ev.abs().min())
+    if top == 0 or low <= top / SINGULAR_CONDITION:
+        cond = "infinite" if low == 0 or top == 0 else f"{top / low:.3g}"
+        warnings.warn(f"influence: the {form} curvature plus damping {damping:g} is singular or numerically singular "
+                      f"(condition number {cond} > {SINGULAR_CONDITION:g}; d = {d} parameters, {n} "
+                      "training examples): the solve amplifies rounding and the values are not meaningful; use "
+                      "damping > 0", RuntimeWarning, stacklevel=3)
 
 
 def matched_damping(config: DaunceConfig) -> float:
@@ -289,10 +342,20 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: st
     return (mean, info) if return_info else mean
 
 
+def _check_resolved(config: DaunceConfig) -> None:
+    """A ValueError naming the fields the limit's formula reads as numbers (damping, rho) where they are "auto"."""
+    unresolved = [f for f in ("damping", "rho") if getattr(config, f) == "auto"]
+    if unresolved:
+        raise ValueError(f"the limit needs a resolved configuration; {unresolved} are 'auto' "
+                         "(pass Daunce.resolved_config after fit, or set them)")
+
+
 def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grads, query_grads, curvature):
     """``daunce_limit``'s closed form with the full data's curvature (``subsets="full"``)."""
+    _check_resolved(config)
     Gi = (per_example_grads(model, task, train) if train_grads is None else train_grads).double()
     Gq = (per_example_grads(model, task, query) if query_grads is None else query_grads).double()
+    _check_grads(Gi, Gq)
     n, d = Gi.shape
     m = max(1, round(config.subset_ratio * n))
     s2, lam, gam = config.sigma2, config.damping, config.gamma
@@ -308,6 +371,9 @@ def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grad
             curvature = gauss_newton(model, task, train)
             if gam != 1.0:
                 curvature = curvature + (gam - 1.0) * loss_hessian(model, task, train)
+        if tuple(curvature.shape) != (d, d) or not bool(torch.isfinite(curvature).all()):
+            raise ValueError(f"curvature must be a finite ({d}, {d}) matrix for gradients of d = {d}, got shape "
+                             f"{tuple(curvature.shape)}")
         A, c = curvature.double() + lam * eye, 1.0
     C = s2 / m * G
     if config.isotropic_noise:
@@ -321,6 +387,7 @@ def _check_subset_limit(config: DaunceConfig) -> None:
     """Raise where the subset limit cannot be computed."""
     if config.variant == "bootstrap":
         raise ValueError("the bootstrap variant has no closed-form linear limit")
+    _check_resolved(config)
     if config.variant == "if" and config.gamma != 1.0:
         raise ValueError("the subset limit of the 'if' form needs gamma = 1 (its curvature is then the Gauss-Newton "
                          "matrix; with gamma != 1 it would need each subset's Hessian); pass subsets='full' to "
@@ -379,6 +446,7 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
 
     Gi = (per_example_grads(model, task, train) if train_grads is None else train_grads).double()
     Gq = (per_example_grads(model, task, query) if query_grads is None else query_grads).double()
+    _check_grads(Gi, Gq)
     n, d = Gi.shape
     nq = Gq.shape[0]
     N = n + nq
@@ -509,17 +577,47 @@ def daunce_subset_limit(model, task, train, query, config: DaunceConfig, *, n_su
     return (mean, sem) if return_sem else mean
 
 
+def _paired(a, b, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    if a.shape != b.shape:
+        raise ValueError(f"{what} needs two score matrices of the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)} (a transposed matrix?)")
+    if a.numel() < 2:
+        raise ValueError(f"{what} needs at least 2 scores, got {a.numel()}")
+    for name, t in (("first", a), ("second", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: the {name} score matrix holds {int((~torch.isfinite(t)).sum())} NaN or "
+                             "infinite value(s)")
+    return a, b
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Pearson correlation of two score matrices, flattened."""
-    a = a.reshape(-1).double()
-    b = b.reshape(-1).double()
-    a = a - a.mean()
-    b = b - b.mean()
-    return float((a @ b) / math.sqrt(float((a @ a) * (b @ b)) + 1e-300))
+    """Pearson correlation of two score matrices of the same shape, over all their entries. Raises ValueError for
+    different shapes (two matrices of the same size but transposed are not compared) or a NaN or infinite entry;
+    a constant matrix has no correlation: NaN, with a ``RuntimeWarning``."""
+    a, b = _paired(a, b, "pearson")
+    a = a.reshape(-1) - a.mean()
+    b = b.reshape(-1) - b.mean()
+    den = math.sqrt(float(a @ a) * float(b @ b))
+    if den == 0:
+        warnings.warn("pearson: a score matrix is constant; the correlation is undefined (NaN)", RuntimeWarning,
+                      stacklevel=2)
+        return float("nan")
+    return float(a @ b) / den
 
 
 def per_query_pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation between two ``(n, m)`` score matrices, per query column: ``(m,)``."""
-    a = a.double() - a.double().mean(0)
-    b = b.double() - b.double().mean(0)
-    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0)).clamp_min(1e-300)
+    """Pearson correlation between two ``(n, m)`` score matrices, per query column: ``(m,)``. Raises ValueError for
+    matrices of different shapes or not 2-D, or a NaN or infinite entry; a column constant in either matrix has no
+    correlation and gives 0, with a ``RuntimeWarning`` that counts them."""
+    a, b = _paired(a, b, "per_query_pearson")
+    if a.ndim != 2:
+        raise ValueError(f"per_query_pearson needs (n, m) score matrices, got shape {tuple(a.shape)}")
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    den = a.norm(dim=0) * b.norm(dim=0)
+    flat = int((den == 0).sum())
+    if flat:
+        warnings.warn(f"per_query_pearson: {flat} of {den.numel()} query columns are constant in a score matrix; "
+                      "they count as 0", RuntimeWarning, stacklevel=2)
+    return (a * b).sum(0) / den.clamp_min(1e-300)

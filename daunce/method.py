@@ -44,7 +44,7 @@ from . import auto
 from . import scores as _scores
 from .config import DaunceConfig
 from .engines import multiadapter, sequential, stacked, vmap
-from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset
+from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset, check_training_set
 from .engines.ray_executor import EXECUTORS, fit_on_ray
 from .plans import CopyPlan, OrthogonalDesign, make_plan, orthogonal_block_size, uses_isotropic_noise
 from .progress import progress_bar
@@ -345,6 +345,10 @@ class Daunce:
         n = check_dataset(train_dataset, "train_dataset")
         if query_dataset is not None:
             check_dataset(query_dataset, "query_dataset")
+        # the data's content before anything is resolved, written or trained (checked once per dataset object)
+        check_training_set(self.context, train_dataset)
+        if query_dataset is not None:
+            self.context.check_data(query_dataset, "query_dataset")
         fp = fingerprint(train_dataset)
         if self.train_fingerprint is not None and fp != self.train_fingerprint:
             if self.workdir is not None:
@@ -410,6 +414,9 @@ class Daunce:
         todo = [k for k in ks if not self.is_trained(k)]
         if not todo:
             return []
+        check_training_set(self.context, train)
+        if query is not None:
+            self.context.check_data(query, "query_dataset")
         cfg = self.resolve(train)
         if cache is None and self.config.variant != "bootstrap":
             cache = self.base_cache(train)
@@ -514,8 +521,8 @@ class Daunce:
     # ---------------------------------------------------------------------------------- signals
     def base_signals(self, dataset: Dataset, signal: Optional[SignalFn] = None) -> torch.Tensor:
         """Signals ``(n,)`` of theta0 itself on ``dataset`` (the task's signal, or ``signal``)."""
-        check_dataset(dataset, "dataset")
         ctx = self.context
+        ctx.check_data(dataset, "dataset")
         ctx.reset()
         return sequential.signals_now(ctx, dataset, signal)
 
@@ -526,8 +533,9 @@ class Daunce:
         the stored copies' weights (with vmap, peft mixed-adapter batches or one pass per copy:
         ``signal_path``; ``signal_path_used`` says which) and stored. ``signal(outputs, batch)`` (one value
         per example, higher = worse, e.g. minus the margin) computes another signal from the stored weights
-        on the same path, without storing it."""
-        check_dataset(dataset, "dataset")
+        on the same path, without storing it. The dataset's content is checked first (``ModelContext.check_data``:
+        finite features, the task's ``check_batch``, a model that runs on it)."""
+        self.context.check_data(dataset, "dataset")
         return self._signals(dataset, signal)
 
     def _signals(self, dataset: Dataset, signal: Optional[SignalFn] = None, fp: Optional[str] = None) -> torch.Tensor:
@@ -654,6 +662,7 @@ class Daunce:
         the copies' signals on any dataset)."""
         check_dataset(train_dataset, "train_dataset")
         check_dataset(query_dataset, "query_dataset")
+        self.context.check_data(query_dataset, "query_dataset")
         self._bind_workdir()
         fp = fingerprint(train_dataset)
         if self.train_fingerprint is not None and fp != self.train_fingerprint:

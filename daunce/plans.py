@@ -136,6 +136,11 @@ def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
                          "(daunce.auto.resolve, or Daunce.resolved_config after fit)")
     g = torch.Generator().manual_seed(copy_seed(cfg.seed, k))
     m = max(1, round(cfg.subset_ratio * n))
+    if cfg.variant == "bootstrap" and m == n:
+        raise ValueError(f"variant='bootstrap' with subset_ratio={cfg.subset_ratio} on {n} training example(s) trains "
+                         f"every copy on all of them (round(r n) = {m} = n): the copies differ by nothing the "
+                         "attribution can use and every score is 0 (or minibatch noise): use subset_ratio < 1, "
+                         "e.g. 0.5")
     subset = _draw_subset(g, n, m)
     batches = BatchOrder(subset, cfg.batch_size or m, cfg.n_steps(m), g.get_state())
     for _ in range(batches.n_epochs):  # the order's draws come before the perturbations' (as they always did)

@@ -1,12 +1,18 @@
 """Scores from signal matrices: covariance or correlation across the K copies.
 
 Both functions take the training signals ``A`` of shape ``(K, n)`` and the query signals ``B`` of
-shape ``(K, m)`` and return ``(n, m)``. Work is done in blocks of training examples, so nothing
+shape ``(K, m)`` and return ``(n, m)``. A signal that does not vary across the K copies (exactly the same value in
+every copy) scores 0 against everything; a ``RuntimeWarning`` counts such training and query examples (with
+identical copies, e.g. a one-logit cross-entropy or a bootstrap at subset ratio 1, it is all of them).
+
+Work is done in blocks of training examples, so nothing
 larger than the output and the two signal matrices is held at once (each block's centred copy
 is at most ``K x block``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -25,7 +31,9 @@ def _blocked(A, B, normalise: bool, block: int, out, dtype):
     K, n = A.shape
     m = B.shape[1]
     Bc = B.to(dtype)
+    flat_q = int((Bc == Bc[:1]).all(0).sum())
     Bc = Bc - Bc.mean(0, keepdim=True)
+    flat_i = 0
     if normalise:
         Bc = Bc / Bc.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     else:
@@ -36,10 +44,16 @@ def _blocked(A, B, normalise: bool, block: int, out, dtype):
         raise ValueError(f"out must have shape {(n, m)}, got {tuple(out.shape)}")
     for s in range(0, n, block):
         a = A[:, s : s + block].to(dtype)
+        flat_i += int((a == a[:1]).all(0).sum())
         a = a - a.mean(0, keepdim=True)
         if normalise:
             a = a / a.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         out[s : s + block] = (a.T @ Bc).to(out.dtype)
+    if flat_i or flat_q:
+        warnings.warn(f"{flat_i} of {n} training and {flat_q} of {m} query signals do not vary across the K = {K} "
+                      "copies: their scores are 0. If that is all of them the copies are identical (e.g. "
+                      "variant='bootstrap' at subset_ratio=1, a constant loss, rho or sigma2 of 0)", RuntimeWarning,
+                      stacklevel=3)
     return out
 
 

@@ -7,6 +7,13 @@ respect to them once, so the linear term of the perturbed objective,
 ``grad_l(theta0)^T (theta - theta0)``, is taken through the chain rule at the outputs,
 ``dl/df(f0)^T (f(theta) - f0)``, without any per-example parameter gradient.
 
+Optional hook: a task may define ``check_batch(batch, index, output_shape, what)``, which raises ValueError
+naming the dataset ``what`` and the dataset index (``index[row]``, ``index`` of shape ``(B,)``) of the first
+example of ``batch`` it cannot use; ``output_shape`` is the per-example shape of the model's outputs, or None on the
+first (probe) call, made before the model runs. Daunce calls it on every dataset before training or scoring
+(``daunce.engines.context.check_data``); tasks without it are not checked there. It is not part of the ``Task``
+protocol, so structural tasks written before it still satisfy ``isinstance(task, Task)``.
+
 Sign convention: ``loss`` and ``signal`` are "badness" (higher = worse on that example), so a
 positive covariance between a training example's and a query's signals means the training example
 *helped* the query.
@@ -112,6 +119,40 @@ class ClassificationTask(Task):
         """``"ClassificationTask(signal='loss')"`` (a subclass's name and public settings too): what a work folder
         records of the task (``daunce.store.task_fingerprint``)."""
         return describe(self, {"signal": self.signal_kind}, skip=("signal_kind",))
+
+    def check_batch(self, batch, index: torch.Tensor, output_shape=None, what: str = "dataset") -> None:
+        """Raise ValueError for a batch this task cannot use, naming ``what`` and the dataset index of the first
+        offending example: not ``(x, y)`` pairs; labels that are not integers (float or bool) or not one per
+        example; with ``output_shape`` (the per-example shape of the model's outputs): outputs that are not one
+        logit vector per example, a single logit (the cross-entropy of one logit is 0 whatever the model does: every
+        score would be 0), and labels outside ``[0, classes)``."""
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            got = f"tuples of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__
+            raise ValueError(f"{what}: ClassificationTask needs (x, y) examples (features, integer label), got "
+                             f"{got}")
+        y = batch[1]
+        if not torch.is_tensor(y) or y.ndim != 1 or y.shape[0] != len(index):
+            shape = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ValueError(f"{what}: ClassificationTask needs one integer label per example, shape ({len(index)},) "
+                             f"for a batch of {len(index)}, got labels of shape {shape}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise ValueError(f"{what}: ClassificationTask needs integer class labels, got {y.dtype} (example "
+                             f"{int(index[0])} has label {y[0].item()!r}): convert them with .long()")
+        if output_shape is None:
+            return
+        if len(output_shape) != 1:
+            raise ValueError(f"{what}: ClassificationTask needs one logit vector per example, outputs of shape "
+                             f"(B, classes); the model gives per-example outputs of shape {output_shape}")
+        classes = output_shape[0]
+        if classes < 2:
+            raise ValueError(f"{what}: the model has {classes} output under ClassificationTask's cross-entropy: the "
+                             "softmax of one logit is 1, its loss 0 whatever the weights, so every signal and score "
+                             "would be 0. Give the model one output per class (2 for a binary task)")
+        bad = (y < 0) | (y >= classes)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{what}: example {int(index[row])} has label {int(y[row])}, outside [0, {classes}) for a "
+                             f"model with {classes} outputs ({int(bad.sum())} example(s) of {len(index)} checked here)")
 
     def __repr__(self):
         return f"ClassificationTask(signal={self.signal_kind!r})"

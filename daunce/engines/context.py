@@ -113,6 +113,7 @@ class ModelContext:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.params = [p for _, p in self.model.named_parameters() if p.requires_grad]
         self.theta0 = [p.detach().clone() for p in self.params]
+        self._checked: dict[int, tuple] = {}  # id(dataset) -> (dataset, its length): datasets check_data passed
 
     # ------------------------------------------------------------------------------------ state
     @property
@@ -162,6 +163,17 @@ class ModelContext:
         for s in range(0, n, bs):
             yield torch.arange(s, min(n, s + bs)) if order is None else order[s : s + bs]
 
+    def check_data(self, dataset: Dataset, what: str) -> int:
+        """``len(dataset)`` after ``check_data`` (module function) passed on it; a dataset object already checked
+        (and of the same length) is not checked again."""
+        key = id(dataset)
+        seen = self._checked.get(key)
+        if seen is not None and seen[0] is dataset and seen[1] == len(dataset):
+            return seen[1]
+        n = check_data(self, dataset, what)
+        self._checked[key] = (dataset, n)
+        return n
+
     # ------------------------------------------------------------------------------- task calls
     def outputs(self, batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """The task's outputs of ``model`` (default: the working model) on ``batch``."""
@@ -191,5 +203,98 @@ def check_dataset(dataset, what: str) -> int:
     return n
 
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "check_dataset", "fetch", "per_example", "resolve_device",
-           "to_device"]
+def check_training_set(ctx: "ModelContext", train: Dataset) -> int:
+    """``len(train)`` after ``ctx.check_data(train, "train_dataset")``; a ValueError for fewer than two examples
+    (every copy would train on the same data: the covariance across copies would be 0 or noise)."""
+    n = ctx.check_data(train, "train_dataset")
+    if n < 2:
+        raise ValueError(f"train_dataset has {n} example: Daunce needs at least 2 training examples (with one, every "
+                         "copy trains on the same data and every score is 0)")
+    return n
+
+
+#: Examples in the probe batch on which ``check_data`` runs the model once.
+PROBE_EXAMPLES = 8
+
+
+def _describe(batch: Any) -> str:
+    """The shapes and dtypes of a batch's tensors, for an error message."""
+    if torch.is_tensor(batch):
+        return f"tensor {tuple(batch.shape)} {str(batch.dtype).replace('torch.', '')}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (list, tuple)):
+        return f"{type(batch).__name__} of {len(batch)}: (" + ", ".join(_describe(v) for v in batch) + ")"
+    return type(batch).__name__
+
+
+def _tensors(batch: Any, path: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """``(where, tensor)`` for every tensor of a (nested) batch; ``where`` names its place, e.g. ``"[0]"``."""
+    if torch.is_tensor(batch):
+        yield path or "the example", batch
+    elif isinstance(batch, dict):
+        for k, v in batch.items():
+            yield from _tensors(v, f"{path}[{k!r}]")
+    elif isinstance(batch, (list, tuple)):
+        for j, v in enumerate(batch):
+            yield from _tensors(v, f"{path}[{j}]")
+
+
+def check_finite(batch: Any, index: torch.Tensor, what: str) -> None:
+    """Raise ValueError naming the dataset index of the first example of ``batch`` (rows at dataset indices
+    ``index``, ``(B,)``) with a NaN or infinite value in a floating-point tensor, and how many examples have one."""
+    B = len(index)
+    for where, t in _tensors(batch):
+        if not (t.is_floating_point() or t.is_complex()) or t.ndim == 0 or t.shape[0] != B:
+            continue
+        bad = ~torch.isfinite(t.reshape(B, -1)).all(1)
+        if bool(bad.any()):
+            rows = bad.nonzero().squeeze(1).cpu()
+            raise ValueError(f"{what}: example {int(index[rows[0]])} has a NaN or infinite value in its features "
+                             f"(tensor {where} of the batch; {len(rows)} example(s) of {B} checked here have one): "
+                             "clean or drop those examples before fitting or scoring")
+
+
+def check_data(ctx: ModelContext, dataset: Dataset, what: str) -> int:
+    """``len(dataset)`` after checking its content against the model and the task, before any training or scoring:
+
+    * every floating-point tensor of every example is finite (``check_finite``; one vectorised pass over a
+      ``TensorDataset``'s tensors, else one pass over the dataset in evaluation batches);
+    * the task's ``check_batch(batch, index, output_shape)`` hook, where the task has one (``ClassificationTask``:
+      ``(x, y)`` examples, integer labels in the range of the model's outputs, more than one output): first on a
+      probe batch of the first ``PROBE_EXAMPLES`` examples with ``output_shape=None`` (the batch's structure), then on
+      every batch with the per-example shape of the model's outputs. Tasks without the hook are not checked there;
+    * the model runs on the probe batch: an error there (a feature size the model does not take) is raised again
+      as a ValueError naming the dataset and the batch's shapes.
+
+    Raises ValueError (each problem named with the dataset and, where it is an example's, its index)."""
+    n = check_dataset(dataset, what)
+    hook = getattr(ctx.task, "check_batch", None)
+    probe_idx = torch.arange(min(n, PROBE_EXAMPLES))
+    probe = ctx.fetch(dataset, probe_idx)
+    if hook is not None:
+        hook(probe, probe_idx, None, what)
+    was_training = ctx.model.training
+    ctx.model.train(False)
+    try:
+        with torch.no_grad():
+            out = ctx.outputs(probe)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise ValueError(f"{what}: the model cannot run on its first examples (batch of {_describe(probe)}; model "
+                         f"{type(ctx.model).__name__}): {e}") from e
+    finally:
+        ctx.model.train(was_training)
+    shape = tuple(out.shape[1:]) if torch.is_tensor(out) and out.ndim >= 1 else None
+    if isinstance(dataset, TensorDataset):
+        batches: Iterator = iter([(tuple(dataset.tensors), torch.arange(n))])
+    else:
+        batches = ((fetch(dataset, idx, ctx.collate), idx) for idx in ctx.index_batches(n))
+    for batch, idx in batches:
+        check_finite(batch, idx, what)
+        if hook is not None:
+            hook(batch, idx, shape, what)
+    return n
+
+
+__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "PROBE_EXAMPLES", "check_data", "check_dataset", "check_finite",
+           "check_training_set", "fetch", "per_example", "resolve_device", "to_device"]

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ..config import DaunceConfig
 from ..objectives import perturbed_objective, proximal_term
 from ..plans import CopyPlan
-from .context import ModelContext, per_example
+from .context import ModelContext, check_training_set, per_example
 
 SignalFn = Callable[[torch.Tensor, object], torch.Tensor]
 
@@ -36,7 +36,9 @@ def theta0_values(ctx: ModelContext, config: DaunceConfig, batch, m: int) -> dic
 
 def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
     """Outputs, dloss/doutputs and loss of theta0 on every training example (and the output function
-    for the TRAK-like form): ``{"outputs": (n, ...), "grad": (n, ...), "loss": (n,), ["f": (n,)]}``."""
+    for the TRAK-like form): ``{"outputs": (n, ...), "grad": (n, ...), "loss": (n,), ["f": (n,)]}``. The training set
+    is checked first (``check_training_set``; once per dataset object)."""
+    check_training_set(ctx, train)
     ctx.reset()
     ctx.model.train(config.train_mode)
     n = len(train)
