@@ -145,7 +145,23 @@ RETIRED = {r"\$F\b|\(F\s*\+|\\hat F|empirical Fisher\s+`?F\b": "F for the empiri
            r"K_\\lambda": "K for a kernel (M_λ; K counts copies)",
            r"σ_i|\\sigma_i|sigma_i": "σ for a signal's spread (τ_i; σ² is the perturbation's variance)",
            r"\br_S\b": "r for a reliability (r is the subset ratio)",
-           r"LoRA \(r\s*=": "r for a LoRA rank (r is the subset ratio)"}
+           r"LoRA \(r\s*=": "r for a LoRA rank (r is the subset ratio)",
+           r"Pearson \$?r\b|\br\s*=\s*[−-]?0\.\d{3}": "r for a Pearson correlation (r is the subset ratio)",
+           r"[(|]\s*C\s*[−-]\s*1\s*\)|\bC classes": "C for the number of classes (n_c; C is a curvature)",
+           r"\bc classes|\$c\$ classes|\(c\s*[−-]\s*1\)": "c for the number of classes (n_c, apart from C)",
+           r"[A-Za-z]_S\b|[A-Za-z]_\{S\}|\|S\||∈\s*S\b|\\in S\b|\\mid S\b|halves \$?S\b":
+               "S for a subset (D_k a copy's, T a retraining subset; S is a score)",
+           r"\bS seeds|\$S\$ seeds": "S for a number of seeds (in words; S is a score)"}
+# the retirements a notebook's prose has not caught up with yet: notebook 02's prose is rewritten after the issues
+# that change its experiments (issue #32); it still writes A_S, m(C − 1) and "S seeds"
+NOT_YET = {"02_vision_lds": ("S for a subset (D_k a copy's, T a retraining subset; S is a score)",
+                             "C for the number of classes (n_c; C is a curvature)",
+                             "S for a number of seeds (in words; S is a score)")}
+
+
+def retired_symbols(text: str, exempt=()) -> list[str]:
+    """What each retired symbol in ``text`` should have been (``RETIRED``'s explanations), except ``exempt``."""
+    return [why for pat, why in RETIRED.items() if why not in exempt and re.search(pat, text)]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -155,17 +171,56 @@ def test_notebooks_share_one_notation(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     assert "docs/method.md" in "".join(cells[0]["source"]), f"{notebook.name}: no pointer to the notation table"
     prose = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "markdown"}
-    found = [(i, why) for i, text in prose.items() for pat, why in RETIRED.items() if re.search(pat, text)]
+    found = [(i, why) for i, text in prose.items() for why in retired_symbols(text, NOT_YET.get(notebook.stem, ()))]
     assert not found, f"{notebook.name}: retired symbols in markdown cells {found}"
+
+
+def test_retired_symbols_are_caught():
+    """The patterns catch the double meanings they retire and leave the symbols' own meanings alone."""
+    assert retired_symbols("the Pearson correlation reaches $r=0.956$") == [
+        "r for a Pearson correlation (r is the subset ratio)"]
+    assert retired_symbols("a subset's curvature $C_S$, of rank at most $m(C-1)$") == [
+        "C for the number of classes (n_c; C is a curvature)",
+        "S for a subset (D_k a copy's, T a retraining subset; S is a score)"]
+    assert retired_symbols("retrain on M half-subsets × S seeds") == [
+        "S for a number of seeds (in words; S is a score)"]
+    assert retired_symbols("subset ratio $r=0.5$, curvature $C$ with $A=C+\\lambda I$, score $S(i,q)$, "
+                           "rank at most $m(n_c-1)$, $\\sum_{i\\in T} S(i,q)$, copy $k$'s $C_k$") == []
+
+
+def notation_symbols(table: str) -> dict[str, list[str]]:
+    """Each symbol of a markdown notation table (first column; several per row separated by commas outside
+    parentheses and braces; ``g_i = ∇ℓ_i(θ0)`` names g_i, ``S(i, q)`` names S) with the meanings given to it."""
+    out: dict[str, list[str]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or len(cells) < 2 or cells[0] in ("symbol", "") or set(cells[0]) <= set("-|"):
+            continue
+        symbols = [x.strip() for x in re.split(r",\s*(?![^({]*[)}])", cells[0])]
+        for sym in symbols:
+            name = re.sub(r"\(.*?\)$", "", sym.split(" = ")[0]).strip()
+            out.setdefault(name, []).append(cells[1])
+    return out
+
+
+def test_a_symbol_with_two_meanings_fails():
+    table = "| symbol | meaning |\n|---|---|\n| C | curvature |\n| r, D_k, m | subset ratio |\n| C, c | classes |\n"
+    symbols = notation_symbols(table)
+    assert symbols["C"] == ["curvature", "classes"] and symbols["D_k"] == ["subset ratio"]
+    assert notation_symbols("| S(i, q), S_∞ | score |\n| g_i = ∇ℓ_i(θ0) | gradient |") == {
+        "S": ["score"], "S_∞": ["score"], "g_i": ["gradient"]}
 
 
 def test_the_notation_table_defines_every_symbol_the_notebooks_lean_on():
     text = (ROOT / "docs" / "method.md").read_text()
-    table = text[text.index("## Notation"):text.index("## The algorithm")]
-    for symbol in ("| G |", "| Ĝ |", "| C |", "| A |", "| K |", "| τ_i |", "| M_λ |", "| d_λ |", "| λ |", "| γ |"):
+    table = text[text.index("## Notation"):text.index("## The influence function")]
+    for symbol in ("| G |", "| Ĝ |", "| C |", "| A |", "| K |", "| τ_i |", "| M_λ |", "| d_λ |", "| λ |", "| γ |",
+                   "| ξ_i^k |", "| IF(i, q) |", "| n_c |", "| T |"):
         assert symbol in table, f"docs/method.md's notation table lacks {symbol}"
-    for retired in RETIRED:                      # and the page itself uses the symbols it defines
-        assert not re.search(retired, text), retired
+    twice = {sym: meanings for sym, meanings in notation_symbols(table).items() if len(meanings) > 1}
+    assert not twice, f"docs/method.md's notation table gives these symbols two meanings: {twice}"
+    found = retired_symbols(text)           # and the page itself uses the symbols it defines
+    assert not found, f"docs/method.md uses retired symbols: {found}"
 
 
 if __name__ == "__main__":  # pragma: no cover
