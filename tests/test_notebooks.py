@@ -34,9 +34,13 @@ def _finite_numbers(obj):
 def test_notebook_smoke_run(notebook, tmp_path):
     papermill = pytest.importorskip("papermill")
     out = tmp_path / "out"
+    parameters = {"profile": "smoke", "out_dir": str(out)}
+    exercised = "answers" in _parameters_cell(notebook)
+    if exercised:  # the exercises' solutions filled in: each check must pass
+        parameters["answers"] = True
     papermill.execute_notebook(
         str(notebook), str(tmp_path / notebook.name), kernel_name="python3", cwd=str(ROOT),
-        parameters={"profile": "smoke", "out_dir": str(out)}, progress_bar=False)
+        parameters=parameters, progress_bar=False)
     metrics = sorted(p for p in out.rglob("*.json") if "work" not in p.relative_to(out).parts)
     assert metrics, "the notebook wrote no metrics JSON under out_dir"
     data = json.loads(metrics[0].read_text())
@@ -44,12 +48,34 @@ def test_notebook_smoke_run(notebook, tmp_path):
     assert numbers, "the metrics JSON holds no numbers"
     assert all(math.isfinite(x) or math.isnan(x) for x in numbers)
     assert list(out.rglob("*.png")), "the notebook saved no figure under out_dir"
+    if exercised:
+        assert data["exercises"] and all(v is True for v in data["exercises"].values()), data.get("exercises")
     if notebook.stem == "02_vision_lds":
         _check_vision_rows(data)
     if notebook.stem == "03_llm_subset_removal":
         check_removal_contract(data, min_seeds=2, min_K=3)
     if notebook.stem == "04_blackbox_backdoor":
         check_backdoor_contract(data, min_K=3)
+
+
+def _parameters_cell(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    return next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+
+
+def test_notebooks_with_exercises_check_them():
+    """A notebook with exercises declares the papermill parameter ``answers`` and has one check cell per answer
+    variable (``answer_<n> = None`` in one cell, ``exercises.check(..., answer_<n>, ...)`` in a later one)."""
+    for notebook in NOTEBOOKS:
+        cells = ["".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+        asked = {m for c in cells for m in re.findall(r"^(answer_\d+) = None", c, flags=re.M)}
+        if not asked:
+            continue
+        assert re.search(r"^answers = False", _parameters_cell(notebook), flags=re.M), notebook.name
+        for name in sorted(asked):
+            first = next(i for i, c in enumerate(cells) if re.search(rf"^{name} = None", c, flags=re.M))
+            assert any(re.search(rf"exercises\.check\([^)]*\b{name}\b", c) for c in cells[first + 1:]), (
+                f"{notebook.name}: {name} has no check cell after it")
 
 
 def check_removal_contract(data, min_seeds, min_K):
