@@ -20,7 +20,8 @@ def check(name: str, answer: Any, is_correct: Callable[[Any], bool], *, hint: st
     """Print whether ``answer`` to exercise ``name`` is right and return it (``None`` while unanswered).
 
     Prints ``"<name>: not answered yet"`` for ``answer=None``, ``"<name>: correct"`` when ``is_correct(answer)``, and
-    ``"<name>: not quite (<answer>): <hint>"`` otherwise. With ``solutions=True`` (the notebook filled in its own
+    ``"<name>: not quite (<answer>): <hint>"`` otherwise (also where ``is_correct`` cannot read the answer: a
+    ``TypeError`` or ``ValueError``). With ``solutions=True`` (the notebook filled in its own
     solutions) an unanswered or wrong answer raises ``AssertionError`` naming the exercise, so a solution that no
     longer fits the notebook's numbers fails the run."""
     if answer is None:
@@ -28,7 +29,10 @@ def check(name: str, answer: Any, is_correct: Callable[[Any], bool], *, hint: st
         if solutions:
             raise AssertionError(f"{name}: answers=True but the solution was not filled in")
         return None
-    ok = bool(is_correct(answer))
+    try:
+        ok = bool(is_correct(answer))
+    except (TypeError, ValueError):  # an answer of the wrong kind (a string for a number, say) is a wrong answer
+        ok = False
     print(f"{name}: correct" if ok else f"{name}: not quite ({answer!r}): {hint}")
     if solutions and not ok:
         raise AssertionError(f"{name}: the filled-in solution {answer!r} fails its check ({hint})")
