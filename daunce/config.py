@@ -38,9 +38,10 @@ class DaunceConfig:
 
     Attributes:
         variant: the perturbed objective (``daunce.objectives``; derived in ``notebooks/01_theory.ipynb``):
-            ``"if"`` (Hessian form, the paper's default), ``"efim"`` (Fisher form),
-            ``"trak"`` (Fisher form with the task's output function inside the square),
-            ``"bootstrap"`` (plain fine-tuning on the subset: the black-box variant).
+            ``"if"`` (Hessian form; this package's default, the form notebook 02 tunes), ``"efim"`` (Fisher form;
+            the default of the authors' public code), ``"trak"`` (Fisher form with the task's output function inside
+            the square), ``"bootstrap"`` (plain fine-tuning on the subset: the black-box variant). The paper states
+            all four; ``docs/method.md`` compares the paper, its authors' code and this package.
         n_models: K, the number of perturbed copies (at least 2).
         subset_ratio: r, the fraction of the training set each copy trains on, in (0, 1].
             The reference code uses 0.3; in ``01_theory``'s sweep r = 0.3, 0.5 and 1 agreed about equally

@@ -45,15 +45,21 @@ def _in_unit(x, lo=-1.0) -> bool:
 def test_notebook_smoke_run(notebook, tmp_path):
     papermill = pytest.importorskip("papermill")
     out = tmp_path / "out"
+    parameters = {"profile": "smoke", "out_dir": str(out)}
+    exercised = "answers" in _parameters_cell(notebook)
+    if exercised:  # the exercises' solutions filled in: each check must pass
+        parameters["answers"] = True
     papermill.execute_notebook(
         str(notebook), str(tmp_path / notebook.name), kernel_name="python3", cwd=str(ROOT),
-        parameters={"profile": "smoke", "out_dir": str(out)}, progress_bar=False)
+        parameters=parameters, progress_bar=False)
     found = [p for p in out.rglob(f"{notebook.stem}.json") if "work" not in p.relative_to(out).parts]
     assert len(found) == 1, f"the notebook wrote {len(found)} {notebook.stem}.json under out_dir (outside work/)"
     data = json.loads(found[0].read_text())
     assert data["profile"] == "smoke"
     check_metrics(notebook.stem, data)
     assert list(out.rglob("*.png")), "the notebook saved no figure under out_dir"
+    if exercised:
+        assert data["exercises"] and all(v is True for v in data["exercises"].values()), data.get("exercises")
     if notebook.stem != "01_theory":   # the cores a run had and the workers it used (daunce.parallel.describe)
         par = data["parallel"]
         assert par["cores"] >= 1 and 1 <= par["workers"] and par["torch_threads"] >= 1, par
@@ -186,6 +192,26 @@ CHECKS = {"01_theory": check_theory, "02_vision_lds": check_vision, "03_llm_subs
           "04_blackbox_backdoor": check_backdoor}
 
 
+def _parameters_cell(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text())["cells"]
+    return next("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+
+
+def test_notebooks_with_exercises_check_them():
+    """A notebook with exercises declares the papermill parameter ``answers`` and has one check cell per answer
+    variable (``answer_<n> = None`` in one cell, ``exercises.check(..., answer_<n>, ...)`` in a later one)."""
+    for notebook in NOTEBOOKS:
+        cells = ["".join(c["source"]) for c in json.loads(notebook.read_text())["cells"] if c["cell_type"] == "code"]
+        asked = {m for c in cells for m in re.findall(r"^(answer_\d+) = None", c, flags=re.M)}
+        if not asked:
+            continue
+        assert re.search(r"^answers = False", _parameters_cell(notebook), flags=re.M), notebook.name
+        for name in sorted(asked):
+            first = next(i for i, c in enumerate(cells) if re.search(rf"^{name} = None", c, flags=re.M))
+            assert any(re.search(rf"exercises\.check\([^)]*\b{name}\b", c) for c in cells[first + 1:]), (
+                f"{notebook.name}: {name} has no check cell after it")
+
+
 def check_removal_contract(data, min_seeds, min_K):
     """Notebook 03's contract: every retraining seed in the intervals (random removal one draw per seed), the
     copies' stopping tests recorded, the three controls and a library baseline retrained, and paired verdicts on
@@ -279,7 +305,23 @@ RETIRED = {r"\$F\b|\(F\s*\+|\\hat F|empirical Fisher\s+`?F\b": "F for the empiri
            r"K_\\lambda": "K for a kernel (M_λ; K counts copies)",
            r"σ_i|\\sigma_i|sigma_i": "σ for a signal's spread (τ_i; σ² is the perturbation's variance)",
            r"\br_S\b": "r for a reliability (r is the subset ratio)",
-           r"LoRA \(r\s*=": "r for a LoRA rank (r is the subset ratio)"}
+           r"LoRA \(r\s*=": "r for a LoRA rank (r is the subset ratio)",
+           r"Pearson \$?r\b|\br\s*=\s*[−-]?0\.\d{3}": "r for a Pearson correlation (r is the subset ratio)",
+           r"[(|]\s*C\s*[−-]\s*1\s*\)|\bC classes": "C for the number of classes (n_c; C is a curvature)",
+           r"\bc classes|\$c\$ classes|\(c\s*[−-]\s*1\)": "c for the number of classes (n_c, apart from C)",
+           r"[A-Za-z]_S\b|[A-Za-z]_\{S\}|\|S\||∈\s*S\b|\\in S\b|\\mid S\b|halves \$?S\b":
+               "S for a subset (D_k a copy's, T a retraining subset; S is a score)",
+           r"\bS seeds|\$S\$ seeds": "S for a number of seeds (in words; S is a score)"}
+# the retirements a notebook's prose has not caught up with yet: notebook 02's prose is rewritten after the issues
+# that change its experiments (issue #32); it still writes A_S, m(C − 1) and "S seeds"
+NOT_YET = {"02_vision_lds": ("S for a subset (D_k a copy's, T a retraining subset; S is a score)",
+                             "C for the number of classes (n_c; C is a curvature)",
+                             "S for a number of seeds (in words; S is a score)")}
+
+
+def retired_symbols(text: str, exempt=()) -> list[str]:
+    """What each retired symbol in ``text`` should have been (``RETIRED``'s explanations), except ``exempt``."""
+    return [why for pat, why in RETIRED.items() if why not in exempt and re.search(pat, text)]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -289,17 +331,56 @@ def test_notebooks_share_one_notation(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     assert "docs/method.md" in "".join(cells[0]["source"]), f"{notebook.name}: no pointer to the notation table"
     prose = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "markdown"}
-    found = [(i, why) for i, text in prose.items() for pat, why in RETIRED.items() if re.search(pat, text)]
+    found = [(i, why) for i, text in prose.items() for why in retired_symbols(text, NOT_YET.get(notebook.stem, ()))]
     assert not found, f"{notebook.name}: retired symbols in markdown cells {found}"
+
+
+def test_retired_symbols_are_caught():
+    """The patterns catch the double meanings they retire and leave the symbols' own meanings alone."""
+    assert retired_symbols("the Pearson correlation reaches $r=0.956$") == [
+        "r for a Pearson correlation (r is the subset ratio)"]
+    assert retired_symbols("a subset's curvature $C_S$, of rank at most $m(C-1)$") == [
+        "C for the number of classes (n_c; C is a curvature)",
+        "S for a subset (D_k a copy's, T a retraining subset; S is a score)"]
+    assert retired_symbols("retrain on M half-subsets × S seeds") == [
+        "S for a number of seeds (in words; S is a score)"]
+    assert retired_symbols("subset ratio $r=0.5$, curvature $C$ with $A=C+\\lambda I$, score $S(i,q)$, "
+                           "rank at most $m(n_c-1)$, $\\sum_{i\\in T} S(i,q)$, copy $k$'s $C_k$") == []
+
+
+def notation_symbols(table: str) -> dict[str, list[str]]:
+    """Each symbol of a markdown notation table (first column; several per row separated by commas outside
+    parentheses and braces; ``g_i = ∇ℓ_i(θ0)`` names g_i, ``S(i, q)`` names S) with the meanings given to it."""
+    out: dict[str, list[str]] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if not line.startswith("| ") or len(cells) < 2 or cells[0] in ("symbol", "") or set(cells[0]) <= set("-|"):
+            continue
+        symbols = [x.strip() for x in re.split(r",\s*(?![^({]*[)}])", cells[0])]
+        for sym in symbols:
+            name = re.sub(r"\(.*?\)$", "", sym.split(" = ")[0]).strip()
+            out.setdefault(name, []).append(cells[1])
+    return out
+
+
+def test_a_symbol_with_two_meanings_fails():
+    table = "| symbol | meaning |\n|---|---|\n| C | curvature |\n| r, D_k, m | subset ratio |\n| C, c | classes |\n"
+    symbols = notation_symbols(table)
+    assert symbols["C"] == ["curvature", "classes"] and symbols["D_k"] == ["subset ratio"]
+    assert notation_symbols("| S(i, q), S_∞ | score |\n| g_i = ∇ℓ_i(θ0) | gradient |") == {
+        "S": ["score"], "S_∞": ["score"], "g_i": ["gradient"]}
 
 
 def test_the_notation_table_defines_every_symbol_the_notebooks_lean_on():
     text = (ROOT / "docs" / "method.md").read_text()
-    table = text[text.index("## Notation"):text.index("## The algorithm")]
-    for symbol in ("| G |", "| Ĝ |", "| C |", "| A |", "| K |", "| τ_i |", "| M_λ |", "| d_λ |", "| λ |", "| γ |"):
+    table = text[text.index("## Notation"):text.index("## The influence function")]
+    for symbol in ("| G |", "| Ĝ |", "| C |", "| A |", "| K |", "| τ_i |", "| M_λ |", "| d_λ |", "| λ |", "| γ |",
+                   "| ξ_i^k |", "| IF(i, q) |", "| n_c |", "| T |"):
         assert symbol in table, f"docs/method.md's notation table lacks {symbol}"
-    for retired in RETIRED:                      # and the page itself uses the symbols it defines
-        assert not re.search(retired, text), retired
+    twice = {sym: meanings for sym, meanings in notation_symbols(table).items() if len(meanings) > 1}
+    assert not twice, f"docs/method.md's notation table gives these symbols two meanings: {twice}"
+    found = retired_symbols(text)           # and the page itself uses the symbols it defines
+    assert not found, f"docs/method.md uses retired symbols: {found}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,6 +66,8 @@ PARALLEL_JSON = Path("benchmarks") / "results" / "parallel_efficiency.json"
 
 # what each figure shows (alt text); a figure without an entry is shown under its file name
 CAPTIONS = {
+    "01_method": "the method in one picture: theta0, K perturbed copies, the K x n matrix of losses, its covariance",
+    "01_toy": "a toy with a planted mislabelled example: the from-scratch Daunce scores find it",
     "01_convergence": "agreement with the exact influence function against K",
     "01_scatter": "Daunce scores against the exact influence function",
     "01_linear_regression": "linear regression: influence function, leave-one-out and the bootstrap",
@@ -312,9 +314,9 @@ def _section_01(j: dict) -> list[str]:
         a, b = lr["efim_iid"], lr["efim_orthogonal"]
         kk = [k for k in ks if k in a]
         slope = _loglog_slope([float(k) for k in kk], [a[k]["rel_error"] for k in kk])
-        return (f"* **Convergence.** The Fisher form reaches r = {_f(a[kmax]['pearson_if'])} with the paper's i.i.d. "
-                f"perturbations at K = {kmax} and {_f(b[kmax]['pearson_if'])} with orthogonal perturbations (same "
-                "mean and covariance, a variance reduction of this package). Its relative error against the "
+        return (f"* **Convergence.** The Fisher form reaches Pearson {_f(a[kmax]['pearson_if'])} with the paper's "
+                f"i.i.d. perturbations at K = {kmax} and {_f(b[kmax]['pearson_if'])} with orthogonal perturbations "
+                "(same mean and covariance, a variance reduction of this package). Its relative error against the "
                 f"estimator's exact limit falls from {_f(a[kk[0]]['rel_error'], 2)} at K = {kk[0]} to "
                 f"{_f(a[kk[-1]]['rel_error'], 2)} at K = {kk[-1]} (i.i.d.; log-log slope {_f(slope, 2)}, where "
                 f"1/√K would give -0.50) and to {_f(b[kmax]['rel_error'], 2)} with the orthogonal design.")
@@ -325,11 +327,12 @@ def _section_01(j: dict) -> list[str]:
                 "influence function itself but the empirical Fisher G sandwiched between two damped Gauss-Newton "
                 "inverses, ∇ℓ_qᵀ (GN + λI)⁻¹ G (GN + λI)⁻¹ ∇ℓ_i, which is proportional to the damped IF only where "
                 f"G ≈ GN. On LR Gauss-Newton and Hessian coincide, and the limit agrees with the Hessian-form IF at "
-                f"r = {_f(a['limit_vs_if'])}, the ceiling of the `if` row (its copies reach "
-                f"r = {_f(a[kmax]['pearson_limit'])} with that limit at K = {kmax}).")
+                f"Pearson {_f(a['limit_vs_if'])}, the ceiling of the `if` row (its copies reach "
+                f"Pearson {_f(a[kmax]['pearson_limit'])} with that limit at K = {kmax}).")
         if "if" in mlp and "efim" in mlp:
             km = str(S.get("mlp_Kmax", ks[-1]))
-            text += (f" On the MLP the limit and the Hessian IF part ways (r = {_f(mlp['if']['limit_vs_if'])}); there "
+            text += (f" On the MLP the limit and the Hessian IF part ways (Pearson {_f(mlp['if']['limit_vs_if'])}); "
+                     "there "
                      f"`if` reaches {_f(mlp['if'][km]['pearson_if'])} at K = {km} and `efim` "
                      f"{_f(mlp['efim'][km]['pearson_if'])}.")
         return text
@@ -337,22 +340,30 @@ def _section_01(j: dict) -> list[str]:
     def linear_regression():
         r = j["linear_regression"]
         return (f"* **Linear regression in closed form** (n = {S['lin_n']}): the IF predicts leave-one-out changes at "
-                f"r = {_f(r['pearson_if_vs_loo'], 4)}; the bootstrap (K = {r['K']} refits on half-subsets) agrees "
-                f"with its own first-order limit at r = {_f(r['pearson_bootstrap_vs_limit'], 4)} and with the IF "
-                f"at r = {_f(r['pearson_bootstrap_vs_if'])}.")
+                f"Pearson {_f(r['pearson_if_vs_loo'], 4)}; the bootstrap (K = {r['K']} refits on half-subsets) "
+                f"agrees with its own first-order limit at Pearson {_f(r['pearson_bootstrap_vs_limit'], 4)} and with "
+                f"the IF at {_f(r['pearson_bootstrap_vs_if'])}.")
 
     def knobs():
-        sw = j["sweeps"]
+        sw, how = j["sweeps"], j.get("sweep_settings") or {}
         names = {"rho": "ρ", "subset_ratio": "subset ratio r", "gamma": "γ"}
-        rows = [[names.get(knob, knob), " · ".join(f"{v}: {_f(r) if _num(r) is not None else 'diverged'}"
-                                                    for v, r in vals.items())] for knob, vals in sw.items()]
-        return [f"Knobs, one at a time (`efim`, K = {S['sweep_K']}; Pearson with the IF):", "",
-                *_table(["knob", "value: r"], rows), ""]
+
+        def setting(knob):
+            h = how.get(knob)
+            return (f"`{h['variant']}`, " + (f"r = {h['subset_ratio']:g}, " if knob != "subset_ratio" else "")
+                    + f"against the {h['target']}") if h else "not recorded"
+
+        rows = [[names.get(knob, knob), setting(knob),
+                 " · ".join(f"{v}: {_f(r) if _num(r) is not None else 'diverged'}" for v, r in vals.items())]
+                for knob, vals in sw.items()]
+        return [f"Knobs, one at a time (K = {S['sweep_K']}, i.i.d. perturbations; Pearson with the exact influence "
+                "function of the form swept):", "", *_table(["knob", "form, fixed settings, target", "value: Pearson"],
+                                                            rows), ""]
 
     def cov_corr():
         c = j["cov_vs_corr"]
         return (f"* **Covariance or correlation.** At K = {kmax} the covariance agrees with the IF at "
-                f"r = {_f(c['cov']['pearson_if'])} and the correlation at {_f(c['corr']['pearson_if'])} (mean "
+                f"Pearson {_f(c['cov']['pearson_if'])} and the correlation at {_f(c['corr']['pearson_if'])} (mean "
                 f"per-query Pearson {_f(c['cov']['mean_per_query_pearson'])} vs "
                 f"{_f(c['corr']['mean_per_query_pearson'])}): dividing by each example's spread changes what is "
                 "estimated.")
@@ -361,12 +372,21 @@ def _section_01(j: dict) -> list[str]:
         v = j["subset_limit"]
         return (f"* **Below subset ratio 1 the limit averages over subsets.** On a logistic regression whose subsets' "
                 f"curvature is rank-deficient (r = 0.5, noise term on), the mean of K = {v['K']} converged copies "
-                f"agrees with the subset-averaged limit at r = {_f(v['pearson_copies_vs_subset_limit'])} (scale ratio "
+                f"agrees with the subset-averaged limit at Pearson {_f(v['pearson_copies_vs_subset_limit'])} (scale "
+                "ratio "
                 f"{_f(v['scale_copies_over_subset_limit'], 2)}) and with the full-data formula at "
                 f"{_f(v['pearson_copies_vs_full_data_formula'])} (scale ratio "
                 f"{_f(v['scale_copies_over_full_data_formula'], 2)}).")
 
-    for part in (convergence, if_limit, linear_regression, cov_corr, subset_limit):
+    def toy():
+        t = j["toy"]
+        return (f"* **The toy of part A** (a planted mislabelled example): Daunce written from scratch in plain torch "
+                f"and the package agree at Pearson {_f(t['scratch_vs_package'])}, and with the exact IF at "
+                f"{_f(t['scratch_vs_if'])} and {_f(t['package_vs_if'])}; the planted example ranks "
+                f"{t['planted_rank_from_scratch']} (from scratch), {t['planted_rank_package']} (package) and "
+                f"{t['planted_rank_exact_IF']} (exact IF) among the most harmful for the queries.")
+
+    for part in (toy, convergence, if_limit, linear_regression, cov_corr, subset_limit):
         out += _optional(part)
     out += [""] + _optional(knobs)
     return out
@@ -398,7 +418,7 @@ def _converged(row: dict) -> str:
     if row.get("converged") is not None:
         parts.append("all" if row["converged"] else "**no**")
     if _num(row.get("linear_response_r")) is not None:
-        parts.append(f"r = {_f(row['linear_response_r'])}")
+        parts.append(f"linear response {_f(row['linear_response_r'])}")
     return ", ".join(parts) or "–"
 
 
@@ -424,7 +444,8 @@ def _section_02(j: dict) -> list[str]:
                 + f", θ0 query accuracy {_f(M.get('theta0_query_accuracy'))}; {M['n_query_report']} report and "
                 f"{M['n_query_tune']} tuning queries; ground truth {gt['subsets']} half-subsets × {gt['seeds']} "
                 "seed(s)")
-        head += f", noise ceiling √r = {_f(math.sqrt(ceiling), 2)})" if ceiling is not None and ceiling > 0 else ")"
+        head += (f", noise ceiling {_f(math.sqrt(ceiling), 2)}: the square root of the ground truth's reliability)"
+                 if ceiling is not None and ceiling > 0 else ")")
         rec = M.get("theta0_recipe") or {}
         if M.get("batchnorm"):
             head += (f". θ0 and every retrain from scratch: width {rec.get('width')}, {rec.get('optimizer')} with "
@@ -478,21 +499,43 @@ def _notes_02(j: dict) -> list[str]:
     return out
 
 
+def _same_setting(a, b) -> bool:
+    """Two recorded dampings (floats or ``None``) are the same setting."""
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(float(a), float(b), rel_tol=1e-9)
+
+
 def _baseline_tuning_02(j: dict) -> list[str]:
+    """Every baseline's tuning LDS: one row per model, method and training side (loss or minus-margin), one column
+    per damping tried (methods without a damping knob in a column of their own). The cell marked *chosen* is the
+    setting the method's reported row used (its ``damping`` and ``train_signal`` in the results), not recomputed."""
     tuning = j.get("baseline_tuning") or {}
-    values = sorted({v["damping"] for vals in tuning.values() for v in vals if v["damping"] is not None})
-    if not tuning or not values:
+    if not tuning:
         return []
+    tried = [v for vals in tuning.values() for v in vals]
+    columns = sorted({v["damping"] for v in tried if v["damping"] is not None})
+    columns += [None] if any(v["damping"] is None for v in tried) else []
+    reported = {(name, r["method"]): r for name, M in j["models"].items() for r in M["results"]}
+    order = {name: i for i, name in enumerate(j["models"])}
     rows = []
-    for key, vals in tuning.items():
-        by = {v["damping"]: v["tune_lds"] for v in vals}
-        if set(by) == {None}:
-            continue
-        best = max((d for d in by if by[d] is not None), key=lambda d: by[d])
-        cells = [(_f(by[g]) + (" (chosen)" if g == best else "")) if by.get(g) is not None else "–" for g in values]
-        rows.append([_MODEL_NAMES.get(key.split("/")[0], key), key.split("/")[1], *cells])
-    return ["<details><summary>Every baseline's LDS on the tuning queries at each damping tried</summary>", "",
-            *_table(["model", "method", *(f"{g:g}" for g in values)], rows), "", "</details>", ""]
+    for key in sorted(tuning, key=lambda k: order.get(k.split("/")[0], len(order))):  # stable: methods keep their order
+        name, method = key.split("/", 1)
+        rep = reported.get((name, method))
+        for signal in dict.fromkeys(v.get("train_signal") for v in tuning[key]):  # in the order they were tried
+            by = [(v["damping"], v["tune_lds"]) for v in tuning[key] if v.get("train_signal") == signal]
+            pick = [rep.get("damping")] if rep is not None and rep.get("train_signal", signal) == signal else []
+            cells = []
+            for g in columns:
+                lds = next((x for d, x in by if _same_setting(d, g)), None)
+                cells.append("–" if lds is None else
+                             _f(lds) + (" (chosen)" if pick and _same_setting(pick[0], g) else ""))
+            rows.append([_MODEL_NAMES.get(name, name), method, signal or "–", *cells])
+    return ["<details><summary>Every baseline's LDS on the tuning queries at each setting tried (one row per "
+            "training side; *chosen*: the setting of the reported row)</summary>", "",
+            *_table(["model", "method", "training side", *(f"{g:g}" if g is not None else "no damping"
+                                                             for g in columns)], rows),
+            "", "</details>", ""]
 
 
 def _verdict_02(j: dict) -> list[str]:
@@ -672,6 +715,7 @@ def _section_04(j: dict) -> list[str]:
         first = next(iter(met.values()))
         ks = sorted({int(k.split("@")[1]) for k in first if k.startswith("precision@")})
         decoys = [k for k in first if k.endswith("s_in_top") and not k.startswith("clean")]
+        n_pos = round(first["positive_rate"]["mean"] * j["n_train"])  # the decoys counted among the top n_pos
 
         def cell(v, nd=2):
             return f"{_f(v['mean'], nd)} {_ci(v['lo'], v['hi'], nd)}"
@@ -680,7 +724,8 @@ def _section_04(j: dict) -> list[str]:
                 + [cell(r[c], 1) for c in decoys] for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]["mean"])]
         return [f"{title} (positive rate {_f(first['positive_rate']['mean'], 2)}):", "",
                 *_table(["method", "AUPRC", *[f"P@{k}" for k in ks],
-                         *[c.replace("_s_in_top", "s").replace("_", " ") + " in top" for c in decoys]], rows), ""]
+                         *[c.removesuffix("_in_top").replace("_", " ") + f" in top {n_pos}" for c in decoys]], rows),
+                ""]
 
     def verdict():
         lines = []
