@@ -62,11 +62,12 @@ reproduce: setup data
 readme: setup
 	$(BIN)/python -m daunce.experiments.report
 
-# the tests run in TEST_WORKERS processes (pytest-xdist), each single-threaded (tests/conftest.py)
+# the tests run in TEST_WORKERS processes (pytest-xdist), each single-threaded, the notebook smoke runs first and
+# one test handed out at a time (tests/conftest.py)
 TEST_WORKERS ?= auto
 test: setup data
 	$(BIN)/ruff check daunce tests benchmarks
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk 1
 
 clean-runs:
 	rm -rf runs

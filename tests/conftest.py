@@ -22,3 +22,24 @@ def digits_lr():
     model = models.seeded(models.logistic_regression, 0, 64, 10)
     training.train_classifier(model, train, epochs=10, optimizer="lbfgs", weight_decay=1e-2)
     return model, train, query
+
+
+# The notebook smoke runs are the longest tests by far (notebook 02's about 6 minutes on one core, 01's about 3): under
+# pytest-xdist they start first, one per worker (`make test` passes --maxschedchunk 1, so each worker holds two tests at
+# a time), and the short tests fill the other workers meanwhile; the order of the other tests is kept.
+_LONGEST_FIRST = ("02_vision_lds", "01_theory", "03_llm_subset_removal", "04_blackbox_backdoor")
+
+
+def pytest_collection_modifyitems(config, items):
+    smoke = {i.callspec.params["notebook"].stem: i for i in items
+             if i.originalname == "test_notebook_smoke_run" and hasattr(i, "callspec")}
+    longest = [smoke[s] for s in _LONGEST_FIRST if s in smoke]
+    if not longest:
+        return
+    rest = [i for i in items if i not in longest]
+    ordered = []
+    for j, item in enumerate(longest):   # long, short, long, short, ...: each worker's first pair holds one long test
+        ordered.append(item)
+        if j < len(rest):
+            ordered.append(rest[j])
+    items[:] = ordered + rest[len(longest):]

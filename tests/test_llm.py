@@ -356,7 +356,8 @@ def test_multi_adapter_signals_equal_sequential(tiny, tmp_path, setting):
 
     pm, train, query, every = _lora_setting(tiny, setting)
     task = llm.CausalLMTask()
-    cfg = daunce.DaunceConfig(n_models=4, batch_size=2, lr=0.1, rho=0.3)  # large steps: copies far apart
+    # large steps: copies far apart; explicit damping and noise term ("auto" would run proxy fine-tunes)
+    cfg = daunce.DaunceConfig(n_models=4, batch_size=2, lr=0.1, rho=0.3, damping=1e-3, isotropic_noise=False)
     fitted = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "seq", progress=False, trainer="sequential").fit(train)
     shutil.copytree(tmp_path / "seq", tmp_path / "multi")
     seq = daunce.Daunce(pm, task, cfg, workdir=tmp_path / "seq", progress=False, trainer="sequential",
@@ -403,7 +404,8 @@ def test_multi_adapter_falls_back_without_lora(tiny):
     model, tok = tiny
     train = llm.TextDataset(tok, EXAMPLES[:4], 64)
     query = llm.TextDataset(tok, EXAMPLES[4:], 64)
-    cfg = daunce.DaunceConfig(n_models=2, batch_size=2, steps=1, lr=1e-2)
+    # explicit settings: the test is about the signal path, and "auto" would resolve them with proxy fine-tunes
+    cfg = daunce.DaunceConfig(n_models=2, batch_size=2, steps=1, lr=1e-2, rho=0.1, damping=1e-3, isotropic_noise=False)
     task = llm.CausalLMTask()
 
     plain = copy.deepcopy(model)

@@ -81,8 +81,12 @@ def check_theory(data):
     """Notebook 01: the derivation's identities hold to rounding, the Fisher-form limit is the Fisher-form IF, the
     copies approach it as K grows, and every Pearson is one."""
     S = data["settings"]
-    nulls = [p for p, v in _leaves(data) if v is None and not p.startswith(("sweeps.", "rho_check."))]
-    assert not nulls, f"01: null outside the sweeps (where null marks a diverged setting): {nulls}"
+    # null marks a diverged setting in the sweeps, the swept knob itself in sweep_settings (the subset-ratio sweep's
+    # ratio), and an exercise the reader has not answered (a run without answers=True)
+    allowed = ("sweeps.", "rho_check.", "exercises.", "sweep_settings.subset_ratio.subset_ratio")
+    nulls = [p for p, v in _leaves(data) if v is None and not p.startswith(allowed)]
+    assert not nulls, f"01: null outside the sweeps, the swept knob and the unanswered exercises: {nulls}"
+    assert all(v in (None, True, False) for v in data.get("exercises", {}).values()), data.get("exercises")
     for p, v in _leaves(data):
         if ("pearson" in p.rsplit(".", 1)[-1] or p.endswith("_if")) and v is not None:
             assert _in_unit(v), f"01: {p} = {v} is no correlation"

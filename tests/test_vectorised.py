@@ -90,7 +90,7 @@ def test_batchnorm_model_falls_back_to_sequential(digits_mlp):
     _, train, query = digits_mlp
     model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
     model.eval()
-    cfg = DaunceConfig(n_models=2, steps=3)
+    cfg = DaunceConfig(n_models=2, steps=3, rho=0.3, damping=1e-2, isotropic_noise=False)  # no proxy fine-tunes
     d = Daunce(model, TASK, cfg, progress=False)
     d.fit(train)
     assert d.trainer_used == "sequential" and "BatchNorm" in d.trainer_reason
@@ -126,12 +126,14 @@ def test_task_that_breaks_under_vmap_falls_back(digits_mlp):
                 raise RuntimeError
             return out
 
+    # explicit settings: "auto" would resolve them with proxy fine-tunes, which this test is not about
+    fixed = dict(n_models=2, steps=2, rho=0.3, damping=1e-2, isotropic_noise=False)
     # minibatches (no shared-input passes): vmap would be next, and its probe fails
-    d = Daunce(model, ItemTask(), DaunceConfig(n_models=2, steps=2, batch_size=50), progress=False)
+    d = Daunce(model, ItemTask(), DaunceConfig(**fixed, batch_size=50), progress=False)
     d.fit(train)
     assert d.trainer_used == "sequential"
     # full batch: the shared-input passes call no model under vmap, so the task runs there
-    full = Daunce(model, ItemTask(), DaunceConfig(n_models=2, steps=2), progress=False)
+    full = Daunce(model, ItemTask(), DaunceConfig(**fixed), progress=False)
     assert full.choose_trainer(train) == "shared"
 
 
