@@ -5,7 +5,8 @@ Two jobs of ``notebooks/02_vision_lds.ipynb``'s default profile, each run with `
 a drift of the machine's speed falls on both counts alike, after one unmeasured run that pays the process's
 one-time start-up costs (the first retrain of a fresh process took 10x the others):
 
-* ``ground truth``: ``--retrains`` LDS retrains of the MLP (its theta0 recipe on random half-subsets of its data);
+* ``ground truth``: ``--retrains`` LDS retrains of the ResNet (its theta0 recipe from scratch on random half-subsets
+  of its data: the notebook's costliest retrains; the MLP's take about 0.1 s each, less than a fork's overhead);
 * ``sets of copies``: ``--sets`` sets of K = ``--k`` Daunce copies of the logistic regression (the tuning grid's
   form: "if", orthogonal perturbations, the stopping test), as ``copyruns.run_jobs`` trains them.
 
@@ -34,7 +35,7 @@ from daunce.experiments import copyruns, groundtruth, vision
 
 
 def ground_truth_job(n_retrains: int):
-    s = vision.settings("default")["mlp"]
+    s = vision.settings("default")["resnet"]
     train, query = vision.load_data(s)
     subsets = groundtruth.half_subsets(len(train), n_retrains, 0.5, seed=1234)
 
@@ -80,11 +81,11 @@ def measure(run, name: str) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--retrains", type=int, default=8)
+    ap.add_argument("--retrains", type=int, default=4)
     ap.add_argument("--sets", type=int, default=4)
     ap.add_argument("--k", type=int, default=64)
     args = ap.parse_args()
-    rows = [measure(ground_truth_job(args.retrains), f"ground truth: {args.retrains} MLP retrains"),
+    rows = [measure(ground_truth_job(args.retrains), f"ground truth: {args.retrains} ResNet retrains"),
             measure(copy_sets_job(args.sets, args.k), f"sets of copies: {args.sets} x K = {args.k}, logistic regression")]
     mean_eff = sum(r["efficiency"] for r in rows) / len(rows)
     notes = (f"The same work with 1 and 2 workers (`daunce.parallel.fork_map`), measured in one run on "
