@@ -132,7 +132,8 @@ def fork_map(fn: Callable[[Any], Any], items: Sequence, workers: Optional[int] =
         fn: the job; it sees the parent's memory as it was at the fork (no pickling), its result is sent back
             pickled. It must draw its randomness from its item (a seed), not from a shared generator.
         items: the jobs' inputs, run in this order (the first ``workers`` first).
-        workers: ``None``: ``default_workers()``. 1 runs every job in this process, single-threaded.
+        workers: ``None``: ``default_workers()``. 1 runs every job in this process, single-threaded, as does
+            any count once this process has initialised CUDA.
         on_result: called in this process as ``on_result(item, result)`` when a job finishes (in completion
             order): where a caller saves what is done, so that an interrupted fan-out loses only the running jobs.
         desc, progress: the progress bar. labels: a name per item for error messages (default: ``repr(item)``).
@@ -147,7 +148,8 @@ def fork_map(fn: Callable[[Any], Any], items: Sequence, workers: Optional[int] =
     results: list = [None] * len(items)
     errors: dict = {}
     bar = progress_bar(total=len(items), desc=desc, progress=progress and bool(items))
-    if workers == 1 or len(items) <= 1:
+    # a CUDA context does not survive a fork: once this process has one, every job runs here
+    if workers == 1 or len(items) <= 1 or torch.cuda.is_initialized():
         with single_threaded():
             for i, item in enumerate(items):
                 try:

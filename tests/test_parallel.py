@@ -143,3 +143,8 @@ def test_removal_retrains_do_not_depend_on_the_worker_count(tmp_path):
     for m in ("first", "random"):
         assert np.array_equal(out[1].table("s", m, 2, [0, 1]), out[2].table("s", m, 2, [0, 1]))
     assert out[2]["s|first|2|0"]["removed"] == [0, 1]
+
+
+def test_once_cuda_is_initialised_every_job_runs_in_this_process(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)   # a CUDA context does not survive a fork
+    assert parallel.fork_map(lambda _: os.getpid(), range(3), 2, progress=False) == [os.getpid()] * 3

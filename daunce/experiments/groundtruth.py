@@ -123,9 +123,10 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
         for j, rec in zip(todo, map_fn(one, todo)):
             done[j] = rec
     elif todo:
-        # a CUDA context does not survive a fork: retrains on a GPU (or after CUDA was used here) run in this process
-        forkable = (dev is None or dev.type != "cuda") and not torch.cuda.is_initialized()
-        n_workers = (workers if workers is not None else default_workers()) if forkable else 1
+        # retrains on a GPU run in this process (fork_map does so too once CUDA is initialised here)
+        n_workers = workers if workers is not None else default_workers()
+        if dev is not None and dev.type == "cuda":
+            n_workers = 1
         fork_map(one, todo, n_workers, on_result=done.__setitem__, desc="ground-truth retrains", progress=progress,
                  labels=[f"retrain m{m} s{s}" for m, s in todo])
     out = torch.stack([torch.stack([done[(m, s)]["outputs"] for s in range(n_seeds)]) for m in range(M)])

@@ -116,9 +116,10 @@ def constant_scores(values, n_query: int) -> torch.Tensor:
 
 class Removals(dict):
     """``{"<set>|<method>|<k>|<seed>": {"removed", "per_query_increase", "seconds", "forward_passes"}}`` with the
-    number of retrains this run made (``n_new``)."""
+    number of retrains this run made (``n_new``) and the workers they ran on (``workers``)."""
 
     n_new = 0
+    workers = 1
 
     def table(self, name: str, method: str, k: int, seeds: Sequence[int]) -> np.ndarray:
         """``(n_seeds, n_queries)``: each query's NLL increase after the removal, one row per retraining seed."""
@@ -175,8 +176,7 @@ def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Seq
         out.n_new += 1
 
     device = next(model.parameters()).device
-    if workers is None:
-        workers = parallel.default_workers(RETRAIN_MEMORY, device)
-    parallel.fork_map(retrain, todo, workers if device.type != "cuda" else 1, on_result=save, progress=False,
-                      labels=[job[0] for job in todo])
+    out.workers = 1 if device.type == "cuda" else (
+        workers if workers is not None else parallel.default_workers(RETRAIN_MEMORY, device))
+    parallel.fork_map(retrain, todo, out.workers, on_result=save, progress=False, labels=[job[0] for job in todo])
     return out
