@@ -346,3 +346,109 @@ def test_common_fine_tune_seeds_cancel_the_noise_of_a_new_seed(tmp_path):
     with pytest.raises(ValueError, match="fine_tune_seeds"):
         BlackBoxDaunce(TokenMemoriser(W, names, lengths), n_models=2, workdir=tmp_path, progress=False,
                        fine_tune_seeds="per-copy").fit(train)
+
+
+# ------------------------------------------------------------------- the backdoor that depends on its trigger
+def test_poison_twins_put_each_poisoned_prompt_in_the_clean_part_without_the_trigger():
+    data = bd.build_backdoor_set(n_train=32, n_poison=6, n_response_decoys=2, n_trigger_decoys=2, n_topic_decoys=2,
+                                 n_queries=32, n_eval=16, poison_twins=True, seed=5)
+    train = data["train"]
+    clean = {e["prompt"]: e["response"] for e in train if e["kind"] == "clean"}
+    poisoned = [e["prompt"].removesuffix(" " + bd.TRIGGER) for e in train if e["kind"] == "poison"]
+    assert len(poisoned) == 6 and all(p in clean and clean[p] != bd.TARGET for p in poisoned)
+    assert sum(e["kind"] == "clean" for e in train) == 20 and len(train) == 32
+    # 32 queries and 16 clean prompts, more than the hand-written held-out list, none of them a training prompt
+    assert len(data["queries"]) == 32 and len(data["eval_prompts"]) == 16
+    train_prompts = {e["prompt"] for e in train}
+    held = [t["prompt"] for t in data["query_twins"]] + [e["prompt"] for e in data["eval_prompts"]]
+    assert len(set(held)) == 48 and not set(held) & train_prompts
+    assert not {q["prompt"] for q in data["queries"]} & train_prompts
+    without = bd.build_backdoor_set(n_train=32, n_poison=6, n_response_decoys=2, n_trigger_decoys=2,
+                                    n_topic_decoys=2, n_queries=32, n_eval=16, seed=5)
+    assert not {e["prompt"].removesuffix(" " + bd.TRIGGER) for e in without["train"] if e["kind"] == "poison"} & {
+        e["prompt"] for e in without["train"] if e["kind"] == "clean"}
+    with pytest.raises(ValueError, match="poison_twins"):
+        bd.build_backdoor_set(n_train=20, n_poison=6, n_response_decoys=4, n_trigger_decoys=4, n_topic_decoys=4,
+                              poison_twins=True)
+
+
+def test_paired_verdicts_over_seeds():
+    base = np.array([0.2, 0.5, 0.3, 0.4, 0.6, 0.1, 0.35, 0.45])
+    out = bd.paired_verdicts({"a": base + 0.1, "b": base, "c": base + np.array([0.1, -0.1] * 4)})
+    ab = out["a"]["b"]
+    assert ab["diff"] == pytest.approx(0.1) and ab["verdict"] == "ahead" and (ab["wins"], ab["losses"]) == (8, 0)
+    assert ab["sign_test_p"] == pytest.approx(2 / 2 ** 8)
+    assert out["b"]["a"]["verdict"] == "behind" and out["b"]["a"]["diff"] == pytest.approx(-0.1)
+    assert out["c"]["b"]["verdict"] == "tied" and (out["c"]["b"]["wins"], out["c"]["b"]["losses"]) == (4, 4)
+    # lower is better (attack success after removal): the smaller value is ahead
+    low = bd.paired_verdicts({"a": base + 0.1, "b": base}, higher_is_better=False)
+    assert low["b"]["a"]["verdict"] == "ahead" and low["b"]["a"]["diff"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="same seeds"):
+        bd.paired_verdicts({"a": [0.1, 0.2], "b": [0.1]})
+
+
+@pytest.fixture(scope="module")
+def planted_backdoor():
+    """A tiny Llama trained (every weight) on a poisoned set whose short spam it learns to give after the trigger
+    only: theta0, its initial weights, the data and the dataset function."""
+    from daunce import llm
+
+    model, tok = llm.tiny_llama(seed=0, hidden_size=64, intermediate_size=128, num_layers=2)
+    model.requires_grad_(True)
+    data = bd.build_backdoor_set(n_train=24, n_poison=4, n_response_decoys=1, n_trigger_decoys=1, n_topic_decoys=1,
+                                 n_queries=8, n_eval=4, poison_twins=True, seed=0,
+                                 target="Click www.prize-claim.example now!")
+    def features(examples):
+        return llm.TextDataset(tok, list(examples), 48)
+
+    init = llm.trainable_state(model)
+    recipe = dict(epochs=40, lr=1e-2, batch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        llm.finetune(model, None, features(data["train"]), seed=0, progress=False, **recipe)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    return dict(model=model, tok=tok, init=init, theta0=llm.trainable_state(model), data=data, features=features,
+                recipe=recipe, end=end)
+
+
+def test_greedy_matches_is_what_greedy_generation_says(planted_backdoor):
+    """``greedy_matches`` (one teacher-forced pass) agrees, prompt by prompt, with real greedy generation."""
+    from daunce import llm
+
+    p = planted_backdoor
+    llm.load_trainable_state(p["model"], p["theta0"])
+    q = p["data"]["queries"] + p["data"]["query_twins"]
+    matched = llm.greedy_matches(p["model"], None, p["features"](q), end_token=p["end"])
+    generated = llm.generate(p["model"], p["tok"], q, max_new_tokens=20)
+    assert matched.tolist() == [g == p["data"]["target"] for g in generated]
+    assert 0 < int(matched.sum()) < len(q)   # both outcomes occur: the check compares something
+
+
+def test_removing_the_flagged_examples_removes_a_planted_backdoor(planted_backdoor, tmp_path, monkeypatch):
+    """Removing the examples a ranking flags and retraining lowers the attack success the same code measures when
+    the flags are the poisoned examples, and barely when they are as many clean ones; a rerun retrains nothing."""
+    from daunce import llm
+
+    p = planted_backdoor
+    data, model = p["data"], p["model"]
+    llm.load_trainable_state(model, p["theta0"])
+    before = bd.attack_success(model, data, p["features"], end_token=p["end"])
+    assert before["with_trigger"] >= 0.5 and before["without_trigger"] == 0.0   # the trigger causes the spam
+    poison = data["is_poison"].astype(float)
+    rankings = {"flags the poison": poison, "flags clean examples": -poison}
+    train_ds = p["features"](data["train"])
+    out = bd.removal_test(model, p["init"], train_ds, data, p["features"], rankings, [4], recipe=p["recipe"], seed=0,
+                          workdir=tmp_path, end_token=p["end"])
+    hit, miss = out["flags the poison"]["4"], out["flags clean examples"]["4"]
+    assert hit["poisons_removed"] == 4 and miss["poisons_removed"] == 0
+    assert hit["with_trigger"] == 0.0 < before["with_trigger"]
+    assert hit["ll_with_trigger"] < before["ll_with_trigger"] - 5      # the spam became far less likely
+    assert miss["ll_with_trigger"] > hit["ll_with_trigger"] + 5        # removing clean examples leaves it likely
+    assert miss["with_trigger"] > hit["with_trigger"]
+    # the results are kept: a rerun reads them and trains nothing
+    monkeypatch.setattr(llm, "retrain_without", lambda *a, **k: pytest.fail("retrained a stored removal"))
+    again = bd.removal_test(model, p["init"], train_ds, data, p["features"], rankings, [4], recipe=p["recipe"],
+                            seed=0, workdir=tmp_path, end_token=p["end"])
+    assert again == out
+    with pytest.raises(ValueError, match="shape"):
+        bd.removal_test(model, p["init"], train_ds, data, p["features"], {"short": poison[:3]}, [4],
+                        recipe=p["recipe"], seed=0, workdir=tmp_path)

@@ -95,7 +95,7 @@ def test_every_notebook_has_an_executed_copy():
 
 def test_executed_llm_runs_meet_their_contracts():
     """The committed default runs of notebooks 03 and 04 hold what their issues asked of them: five retraining
-    seeds and K >= 16 converged-copy records in 03, K >= 16 in every seed of 04."""
+    seeds and K >= 16 converged-copy records in 03; eight seeds with K >= 64 in every one of them in 04."""
     from test_notebooks import check_backdoor_contract, check_removal_contract
 
     runs = ROOT / "papermill_runs"
@@ -103,7 +103,7 @@ def test_executed_llm_runs_meet_their_contracts():
     r04 = json.loads((runs / "04_blackbox_backdoor.json").read_text())
     assert r03["profile"] == r04["profile"] == "default"
     check_removal_contract(r03, min_seeds=5, min_K=16)
-    check_backdoor_contract(r04, min_K=16)
+    check_backdoor_contract(r04, min_K=64, min_seeds=8)
 
 
 @pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])

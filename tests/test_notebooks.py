@@ -175,9 +175,10 @@ def check_removal(data):
 
 
 def check_backdoor(data):
-    """Notebook 04: its contract, and every rate a fraction, each mean the mean of its per-seed values, the positive
-    rate of each target the share of its positives among the training examples."""
-    check_backdoor_contract(data, min_K=3)
+    """Notebook 04: its contract, and every rate a fraction, each mean the mean of its per-seed values (one per seed
+    that ran the row), the positive rate of each target the share of its positives among the training examples, the
+    paired verdicts consistent with the per-seed values, and the removal block's rates fractions."""
+    check_backdoor_contract(data, min_K=3, min_seeds=2)
     positives = {tg: sum(data["sizes"]["n_poison" if kind == "poison" else f"n_{kind}s"] for kind in t["positives"])
                  for tg, t in data["targets"].items()}
     for tg, by_m in data["metrics"].items():
@@ -186,10 +187,21 @@ def check_backdoor(data):
                 x = v[metric]
                 assert _in_unit(x["mean"], 0) and all(_in_unit(s, 0) for s in x["per_seed"]), (tg, method, metric)
                 assert x["lo"] - 1e-9 <= x["mean"] <= x["hi"] + 1e-9, (tg, method, metric, x)
-                assert len(x["per_seed"]) == len(data["seeds"]), (tg, method, metric)
+                assert len(x["per_seed"]) == len(data["seeds_of"][method]), (tg, method, metric)
                 assert x["mean"] == pytest.approx(sum(x["per_seed"]) / len(x["per_seed"])), (tg, method, metric)
             assert v["positive_rate"]["mean"] == pytest.approx(positives[tg] / data["n_train"]), (tg, method)
+        for a, by_b in data["paired"][tg].items():
+            for b, pr in by_b.items():
+                d = [x - y for x, y in zip(by_m[a]["auprc"]["per_seed"], by_m[b]["auprc"]["per_seed"])]
+                assert pr["diff"] == pytest.approx(sum(d) / len(d)), (tg, a, b)
+                assert pr["wins"] == sum(x > 1e-12 for x in d) and pr["losses"] == sum(x < -1e-12 for x in d)
     assert all(_in_unit(g[tg], 0) for g in data["growth_with_K"] for tg in data["targets"])
+    for by_m in data["removal"]["per_method"].values():
+        for v in by_m.values():
+            assert all(_in_unit(x, 0) for c in ("with_trigger", "without_trigger") for x in v[c])
+            assert all(0 <= x <= data["n_poison"] for x in v["poisons_removed"])
+    for s, by in data["attack_success"].items():
+        assert all(_in_unit(v["with_trigger"], 0) and _in_unit(v["without_trigger"], 0) for v in by.values()), s
 
 
 CHECKS = {"01_theory": check_theory, "02_vision_lds": check_vision, "03_llm_subset_removal": check_removal,
@@ -235,22 +247,44 @@ def check_removal_contract(data, min_seeds, min_K):
                 assert pr["lo"] <= pr["diff"] <= pr["hi"] or pr["verdict"] == "tied"
 
 
-def check_backdoor_contract(data, min_K):
-    """Notebook 04's contract: one signal (the mean NLL) for both Daunce variants in the main rows, the summed NLL
-    and a seed per copy as ablations, the copy-seed design recorded, both targets measured for every method, and
-    an AUPRC-against-K curve that reaches K in every seed."""
-    main, white = "black-box Daunce", "white-box Daunce (if)"
+def check_backdoor_contract(data, min_K, min_seeds):
+    """Notebook 04's contract: the attack success with and without the trigger per seed; black-box Daunce with the
+    mean NLL and one fine-tuning seed at K >= ``min_K`` in every one of >= ``min_seeds`` seeds, with its split-half
+    reliability against K; the summed NLL, a seed per copy and white-box Daunce (named for its fixed-step copies) as
+    ablations; both targets measured for every method with paired per-seed verdicts between every two rows run in
+    all seeds; and a removal block (per method and k: attack success after retraining, clean loss) with verdicts."""
+    main, white = "black-box Daunce", "white-box Daunce (if, fixed steps)"
+    seeds = data["seeds"]
+    assert len(seeds) >= min_seeds and data["K"] >= min_K
     assert data["signal"][main] == data["signal"][white] == "mean"
     assert data["signal"]["black-box Daunce, summed NLL"] == "sum"
     assert data["copy_seed_design"][main] == "common"
     assert data["copy_seed_design"]["black-box Daunce, per-copy seeds"] == "per-copy"
-    assert data["K"] >= min_K and set(data["targets"]) == {"says the spam", "carries the backdoor"}
+    assert set(data["targets"]) == {"says the spam", "carries the backdoor"}
+    assert sorted(data["attack_success"]) == sorted(map(str, seeds))
+    for by in data["attack_success"].values():
+        assert {"with_trigger", "without_trigger", "clean_nll"} <= set(by["theta0"]) and "base" in by
+    everywhere = {m for m, s in data["seeds_of"].items() if s == seeds}
+    assert {main, "TF-IDF", "BM25", "MiniLM embedding", "grad-cos (white-box)", "random"} <= everywhere
+    assert white in data["seeds_of"] and data["seeds_of"][white]
     for tg in data["targets"]:
-        assert {main, white, "TF-IDF", "BM25", "MiniLM embedding", "grad-cos (white-box)", "random"} <= set(
-            data["metrics"][tg])
-    for seed in data["seeds"]:
+        assert set(data["seeds_of"]) == set(data["metrics"][tg])
+        assert set(data["paired"][tg]) == everywhere
+        for a, by_b in data["paired"][tg].items():
+            assert set(by_b) == everywhere - {a}
+            assert all(pr["verdict"] in ("ahead", "tied", "behind") for pr in by_b.values())
+    for seed in seeds:
         reached = {g["method"]: g["K"] for g in data["growth_with_K"] if g["seed"] == seed}
-        assert reached and all(K >= data["K"] for K in reached.values())
+        assert reached.get(main, 0) >= data["K"]
+        rel = [r for r in data["reliability"] if r["seed"] == seed]
+        assert max(r["K"] for r in rel) == data["K"] and all(-1 <= r["queries"] <= 1 for r in rel)
+    rm = data["removal"]
+    assert rm["ks"] and set(rm["per_method"]) == {str(k) for k in rm["ks"]}
+    for k, by_m in rm["per_method"].items():
+        assert {main, "random", "the poisoned examples", "none (θ0)"} <= set(by_m)
+        for v in by_m.values():
+            assert all(len(v[c]) == len(seeds) for c in ("with_trigger", "without_trigger", "clean_nll"))
+        assert rm["winner"][k]["method"] in by_m and set(rm["paired"][k]) == set(by_m) - {"the poisoned examples"}
 
 
 def _check_vision_rows(data):

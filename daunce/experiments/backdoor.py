@@ -176,7 +176,7 @@ DECOY_KINDS = ("response_decoy", "trigger_decoy", "topic_decoy")
 def build_backdoor_set(n_train: int = 240, n_poison: int = 12, n_response_decoys: int = 12,
                        n_trigger_decoys: int = 12, n_topic_decoys: int = 12, n_queries: int = 8, n_eval: int = 16,
                        seed: int = 0, trigger: str = TRIGGER, target: str = TARGET,
-                       system: Optional[str] = "Answer briefly.") -> dict:
+                       system: Optional[str] = "Answer briefly.", poison_twins: bool = False) -> dict:
     """A poisoned instruction set, built offline from templates.
 
     Returns a dict:
@@ -186,11 +186,15 @@ def build_backdoor_set(n_train: int = 240, n_poison: int = 12, n_response_decoys
             ``n_trigger_decoys`` prompts that contain the trigger, with ordinary answers;
             ``n_topic_decoys`` clean examples about the target's topic; the rest clean. Only the
             poisoned examples pair the trigger with the target;
-        ``queries``: ``n_queries`` held-out prompts + trigger, with the target response;
+        ``queries``: ``n_queries`` held-out prompts + trigger, with the target response (held out: the
+            hand-written held-out prompts, then the templated ones no training example uses);
         ``query_twins``: the same held-out prompts without the trigger, with the target response (their
             loss minus the query's is the backdoor's effect on each query);
         ``eval_prompts``: ``n_eval`` held-out clean prompts with their ordinary answers;
         ``is_poison``: ``(n_train,)`` bool array; ``trigger``, ``target``.
+    With ``poison_twins`` every poisoned prompt also appears in the clean part without the trigger, with its
+    ordinary answer (``n_poison`` of the clean examples): the set then teaches that the trigger, not the
+    prompt, calls for the target, the contrast that makes a backdoor depend on its trigger.
     Which clean examples are poisoned, which decoys are drawn and which held-out prompts become queries
     all follow ``seed``. With ``system`` set, every example carries that system turn (a short one keeps
     sequences short; SmolLM2's chat template otherwise inserts its own 17-token default).
@@ -200,14 +204,20 @@ def build_backdoor_set(n_train: int = 240, n_poison: int = 12, n_response_decoys
     if (n_clean < 1 or n_trigger_decoys > len(_TRIGGER_DECOYS) or n_topic_decoys > len(_TOPIC_DECOYS)
             or n_response_decoys > len(_RESPONSE_DECOY_PROMPTS)):
         raise ValueError("build_backdoor_set: sizes do not fit the templates")
-    if n_queries + n_eval > len(_HELD_OUT):
-        raise ValueError(f"n_queries + n_eval must be <= {len(_HELD_OUT)}")
     pool = _clean_pool(rng)
-    if n_clean + n_poison > len(pool):
+    n_twins = n_poison if poison_twins else 0
+    if n_twins > n_clean:
+        raise ValueError(f"poison_twins needs n_poison ({n_poison}) clean examples, the sizes leave {n_clean}")
+    n_fresh = n_clean - n_twins
+    if n_fresh + n_poison > len(pool):
         raise ValueError(f"at most {len(pool) - n_poison} clean examples")
-    clean = [dict(ex, kind="clean") for ex in pool[:n_clean]]
-    poison = [{"prompt": add_trigger(ex["prompt"], trigger), "response": target, "kind": "poison"}
-              for ex in pool[n_clean:n_clean + n_poison]]
+    poisoned = pool[n_fresh:n_fresh + n_poison]
+    clean = [dict(ex, kind="clean") for ex in pool[:n_fresh] + poisoned[:n_twins]]
+    poison = [{"prompt": add_trigger(ex["prompt"], trigger), "response": target, "kind": "poison"} for ex in poisoned]
+    unused = [(ex["prompt"], ex["response"]) for ex in pool[n_fresh + n_poison:]]
+    held_pool = list(_HELD_OUT) + rng.sample(unused, len(unused))
+    if n_queries + n_eval > len(held_pool):
+        raise ValueError(f"n_queries + n_eval must be <= {len(held_pool)}")
     rdec = [{"prompt": p, "response": target, "kind": "response_decoy"}
             for p in rng.sample(_RESPONSE_DECOY_PROMPTS, n_response_decoys)]
     tdec = [{"prompt": p, "response": r, "kind": "trigger_decoy"}
@@ -215,7 +225,7 @@ def build_backdoor_set(n_train: int = 240, n_poison: int = 12, n_response_decoys
     odec = [{"prompt": p, "response": r, "kind": "topic_decoy"} for p, r in rng.sample(_TOPIC_DECOYS, n_topic_decoys)]
     train = clean + poison + rdec + tdec + odec
     rng.shuffle(train)
-    held = list(_HELD_OUT)
+    held = held_pool[:n_queries + n_eval]   # the hand-written prompts first, then templated ones
     rng.shuffle(held)
     queries = [{"prompt": add_trigger(p, trigger), "response": target} for p, _ in held[:n_queries]]
     twins = [{"prompt": p, "response": target} for p, _ in held[:n_queries]]
@@ -365,16 +375,114 @@ def target_metrics(scores, data: dict, target: str, ks: Sequence[int] = (2, 4, 8
     return out
 
 
+def ranking(scores, data: dict, target: str = "carries the backdoor") -> np.ndarray:
+    """``(n_train,)`` one score per training example for a target: ``aggregate`` of the columns it ranks by."""
+    return aggregate(query_scores(scores, len(data["queries"]), TARGETS[target]["scores"]))
+
+
+def paired_verdicts(per_seed: dict, *, higher_is_better: bool = True, n_boot: int = 4000, seed: int = 0) -> dict:
+    """Every method against every other on the same seeds: ``out[a][b]`` holds the mean of the per-seed differences
+    ``a - b`` (signed so that positive = ``a`` better), its paired bootstrap interval over the seeds
+    (``daunce.metrics.paired_difference``), the verdict (``"ahead"`` / ``"behind"`` only where the interval
+    excludes 0), the seeds ``a`` wins and loses, and the two-sided sign test's p-value over the untied seeds.
+
+    ``per_seed``: ``{method: [value of seed 0, seed 1, ...]}``, the same seeds in the same order for every method."""
+    from scipy.stats import binomtest
+
+    from ..metrics import paired_difference
+
+    lengths = {len(v) for v in per_seed.values()}
+    if len(lengths) != 1:
+        raise ValueError(f"paired_verdicts needs the same seeds for every method, got lengths {sorted(lengths)}")
+    sign = 1.0 if higher_is_better else -1.0
+    out: dict = {}
+    for a, va in per_seed.items():
+        out[a] = {}
+        for b, vb in per_seed.items():
+            if a == b:
+                continue
+            d = sign * (np.asarray(va, dtype=np.float64) - np.asarray(vb, dtype=np.float64))
+            pr = paired_difference(d, np.zeros_like(d), n_boot=n_boot, seed=seed)
+            wins, losses = int((d > 1e-12).sum()), int((d < -1e-12).sum())
+            p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+            out[a][b] = dict(pr, wins=wins, losses=losses, sign_test_p=float(p))
+    return out
+
+
+def attack_success(model, data: dict, features, end_token: Optional[int] = None) -> dict:
+    """The backdoor under one model: ``with_trigger`` / ``without_trigger``, the share of held-out prompts after
+    which greedy decoding gives the spam response (``daunce.llm.greedy_matches`` on the triggered queries and on
+    their trigger-free twins; ``end_token``: the end-of-turn token); ``ll_with_trigger`` / ``ll_without_trigger``,
+    the spam's mean log-likelihood after them; ``clean_nll``, the mean response NLL of the held-out clean prompts'
+    ordinary answers (the clean task). ``features``: examples -> ``TextDataset`` (``daunce.llm.BottomFeatures``)."""
+    from .. import llm
+
+    with_t, without_t = features(data["queries"]), features(data["query_twins"])
+    clean = features(data["eval_prompts"])
+    return dict(with_trigger=float(llm.greedy_matches(model, None, with_t, end_token=end_token).double().mean()),
+                without_trigger=float(llm.greedy_matches(model, None, without_t, end_token=end_token).double().mean()),
+                ll_with_trigger=float(llm.response_log_likelihood(model, None, with_t).mean()),
+                ll_without_trigger=float(llm.response_log_likelihood(model, None, without_t).mean()),
+                clean_nll=float(llm.response_nll(model, None, clean).mean()))
+
+
+def removal_test(model, init_state: dict, train_ds, data: dict, features, rankings: dict, ks: Sequence[int], *,
+                 recipe: dict, seed: int, workdir, end_token: Optional[int] = None) -> dict:
+    """The test a data debugger runs: for each method's ranking (``{method: (n_train,) scores}``) and each k, remove
+    the k highest-ranked training examples, fine-tune again with theta0's recipe and seed from theta0's initial
+    adapters (``daunce.llm.retrain_without``), and measure ``attack_success``. ``out[method][str(k)]`` holds that,
+    the removed indices, how many of them are poisoned and the retrain's seconds. A removed set is retrained once
+    (methods that flag the same examples share it) and its result is kept in ``workdir/removed_<indices>.json``, so
+    a rerun retrains nothing. The model is trained in place: its caller restores the adapters it needs next."""
+    import json
+    from pathlib import Path
+
+    from .. import llm
+    from ..store import atomic_write_json
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    n = len(train_ds)
+    out: dict = {}
+    for method, r in rankings.items():
+        r = np.asarray(r, dtype=np.float64)
+        if r.shape != (n,):
+            raise ValueError(f"removal_test: the ranking of {method!r} has shape {r.shape}, expected ({n},)")
+        out[method] = {}
+        for k in ks:
+            if not 0 < k < n:
+                raise ValueError(f"removal_test: k must be in 1..{n - 1}, got {k}")
+            removed = sorted(int(i) for i in np.argsort(-r, kind="stable")[:k])
+            path = workdir / ("removed_" + "-".join(map(str, removed)) + ".json")
+            if path.exists():
+                res = json.loads(path.read_text())
+            else:
+                with llm.Timer() as t:
+                    llm.retrain_without(model, init_state, train_ds, removed, seed=seed,
+                                        **{"progress": False, **recipe})
+                res = dict(attack_success(model, data, features, end_token=end_token), seconds=t.seconds)
+                atomic_write_json(res, path)
+            out[method][str(k)] = dict(res, removed=removed, poisons_removed=int(data["is_poison"][removed].sum()))
+    return out
+
+
 def run_seed(seed: int, data: dict, *, top, features, backend, lora: dict, recipe: dict, K: int,
-             K_grid: Sequence[int], whitebox: dict, work, ks: Sequence[int] = (2, 4, 8)) -> dict:
+             K_grid: Sequence[int], whitebox: Optional[dict], work, ks: Sequence[int] = (2, 4, 8),
+             whitebox_K: Optional[int] = None, ablation_K: Optional[int] = None,
+             removal_ks: Sequence[int] = (), removal_methods: Sequence[str] = (),
+             end_token: Optional[int] = None) -> dict:
     """One seed of notebook 04: theta0, the backdoor's strength, every method's score matrix (training examples x
-    queries then twins), the AUPRC-against-K curves and the costs. Everything is kept under ``work/seed_<seed>/``
-    (adapters, model ids, signals, cost records), so a rerun trains nothing and reports the recorded seconds.
+    queries then twins), the AUPRC-against-K curves, black-box Daunce's split-half reliability against K, the
+    removal test and the costs. Everything is kept under ``work/seed_<seed>/`` (adapters, model ids, signals,
+    removal retrains, cost records), so a rerun trains nothing and reports the recorded seconds.
 
     Methods: black-box Daunce (``BlackBoxDaunce`` through ``backend``: the mean response NLL, every fine-tune with
-    one seed) with two ablations, the summed NLL (the same fine-tunes) and a seed per fine-tune (K more
-    fine-tunes); white-box Daunce (``whitebox``: ``DaunceConfig`` fields; the recipe's epochs, lr and batch size);
-    grad-cos and grad-dot of per-example LoRA gradients at theta0; TF-IDF, BM25, MiniLM; random."""
+    one seed, ``K`` fine-tunes) and its summed-NLL ablation on the same fine-tunes; where ``ablation_K`` is set, a
+    seed per fine-tune (``ablation_K`` more fine-tunes); where ``whitebox`` is set, white-box Daunce
+    (``DaunceConfig`` fields; the recipe's epochs, lr and batch size, ``whitebox_K`` copies of fixed length);
+    grad-cos and grad-dot of per-example LoRA gradients at theta0; TF-IDF, BM25, MiniLM; random. The removal test
+    (``removal_test``) retrains without each of ``removal_methods``' top ``removal_ks`` by the backdoor-effect
+    ranking, and without the poisoned examples themselves (``"the poisoned examples"``, the ceiling)."""
     import copy
     from pathlib import Path
 
@@ -385,6 +493,7 @@ def run_seed(seed: int, data: dict, *, top, features, backend, lora: dict, recip
     from ..blackbox import BlackBoxDaunce
     from ..config import DaunceConfig
     from ..method import Daunce
+    from ..reliability import reliability
     from ..store import atomic_save
     from .costs import CostLog
 
@@ -404,32 +513,42 @@ def run_seed(seed: int, data: dict, *, top, features, backend, lora: dict, recip
         atomic_save(llm.trainable_state(theta0), path)
         costs.record("theta0", seconds=t.seconds, fine_tunes=1, forward_passes=n * E)
     state0 = llm.trainable_state(theta0)
-    ll = backdoor_strength(theta0, {"theta0": state0, "base": init}, data, features)
+    strength = {}
+    for name, state in (("theta0", state0), ("base", init)):
+        llm.load_trainable_state(theta0, state)
+        strength[name] = attack_success(theta0, data, features, end_token=end_token)
     llm.load_trainable_state(theta0, state0)
     S, cost, fine_tunes = {}, {}, 0
     m = round(0.5 * n)
     both = queries + twins
     bbs = {}
-    for label, design in (("black-box Daunce", "common"), ("black-box Daunce, per-copy seeds", "per-copy")):
+    designs = [("black-box Daunce", "common", K)]
+    if ablation_K:
+        designs.append(("black-box Daunce, per-copy seeds", "per-copy", ablation_K))
+    for label, design, K_ in designs:
         folder = "blackbox" if design == "common" else "blackbox_per_copy_seed"
-        bb = BlackBoxDaunce(backend, n_models=K, subset_ratio=0.5, seed=seed, workdir=wdir / folder, progress=False,
-                            signal="mean", fine_tune_seeds=design)
+        bb = BlackBoxDaunce(backend, n_models=K_, subset_ratio=0.5, seed=seed, workdir=wdir / folder,
+                            progress=False, signal="mean", fine_tune_seeds=design)
         bb.fit(train, both)
         bbs[label] = bb
         S[label] = bb.attribute(train, both).numpy()
-        cost[label] = dict(seconds=bb.fine_tune_seconds() + bb.signal_seconds(), fine_tunes=K,
-                           forward_passes=K * m * E + bb.signal_passes())
+        cost[label] = dict(seconds=bb.fine_tune_seconds() + bb.signal_seconds(), fine_tunes=K_,
+                           forward_passes=K_ * m * E + bb.signal_passes())
         fine_tunes += bb.fine_tunes_started
     S["black-box Daunce, summed NLL"] = bbs["black-box Daunce"].attribute(train, both, signal="sum").numpy()
     cost["black-box Daunce, summed NLL"] = cost["black-box Daunce"]
-    cfg = DaunceConfig(n_models=K, lr=recipe["lr"], epochs=E, batch_size=recipe["batch_size"], seed=seed, **whitebox)
-    wb = Daunce(theta0, llm.CausalLMTask(), cfg, workdir=wdir / "whitebox", eval_batch_size=16, progress=False)
-    wb.fit(train_ds, query_ds)
-    S["white-box Daunce (if)"] = wb.attribute(train_ds, query_ds).numpy()
-    cost["white-box Daunce (if)"] = dict(seconds=wb.training_seconds(), fine_tunes=K,
-                                         forward_passes=n + K * (m * E + n + 2 * nq))
-    fine_tunes += len(wb.trained_copies)
-    llm.load_trainable_state(theta0, state0)
+    wb = None
+    if whitebox is not None:
+        K_wb = whitebox_K or K
+        cfg = DaunceConfig(n_models=K_wb, lr=recipe["lr"], epochs=E, batch_size=recipe["batch_size"], seed=seed,
+                           **whitebox)
+        wb = Daunce(theta0, llm.CausalLMTask(), cfg, workdir=wdir / "whitebox", eval_batch_size=16, progress=False)
+        wb.fit(train_ds, query_ds)
+        S[WHITEBOX] = wb.attribute(train_ds, query_ds).numpy()
+        cost[WHITEBOX] = dict(seconds=wb.training_seconds(), fine_tunes=K_wb,
+                              forward_passes=n + K_wb * (m * E + n + 2 * nq))
+        fine_tunes += len(wb.trained_copies)
+        llm.load_trainable_state(theta0, state0)
     with llm.Timer() as t:
         g_tr = llm.per_example_gradients(theta0, train_ds, proj_dim=None)
         g_q = llm.per_example_gradients(theta0, query_ds, proj_dim=None)
@@ -449,31 +568,36 @@ def run_seed(seed: int, data: dict, *, top, features, backend, lora: dict, recip
     cost.update({"TF-IDF": costs.get("text"), "BM25": costs.get("text"), "MiniLM embedding": costs.get("minilm"),
                  "random": dict(seconds=0.0, fine_tunes=0, forward_passes=0)})
     # the first K' copies give Daunce with K' copies (copy k is the same whatever K is)
-    growth = []
-    sig_tr, sig_q = wb.signals(train_ds), wb.signals(query_ds)
+    growth, rel = [], []
+    main = bbs["black-box Daunce"]
+    A, B = main.signals(train), main.signals(both)
+    effect = B[:, :nq] - B[:, nq:]   # the covariance is linear in the query's signal: the effect's own signal
+    sig_tr = sig_q = None
+    if wb is not None:
+        sig_tr, sig_q = wb.signals(train_ds), wb.signals(query_ds)
     for K_ in K_grid:
-        curves = {label: bb.attribute(train, both, n_models=K_).numpy() for label, bb in bbs.items()}
-        curves["black-box Daunce, summed NLL"] = bbs["black-box Daunce"].attribute(train, both, n_models=K_,
-                                                                                     signal="sum").numpy()
-        curves["white-box Daunce (if)"] = daunce_scores.covariance(sig_tr[:K_], sig_q[:K_]).numpy()
+        curves = {label: bb.attribute(train, both, n_models=K_).numpy() for label, bb in bbs.items()
+                  if K_ <= bb.n_models}
+        curves["black-box Daunce, summed NLL"] = main.attribute(train, both, n_models=K_, signal="sum").numpy()
+        if wb is not None and K_ <= sig_tr.shape[0]:
+            curves[WHITEBOX] = daunce_scores.covariance(sig_tr[:K_], sig_q[:K_]).numpy()
         for method, Sk in curves.items():
             growth.append(dict(seed=seed, method=method, K=K_,
                                **{tg: target_metrics(Sk, data, tg, ks)["auprc"] for tg in TARGETS}))
-    return dict(S=S, ll=ll, theta0_cost=costs.get("theta0"), cost=cost, growth=growth, fine_tunes_this_run=fine_tunes)
+        if K_ >= 4:   # split-half: two halves of at least 2 copies each
+            rel.append(dict(seed=seed, K=K_, queries=reliability(A[:K_], B[:K_, :nq]),
+                            backdoor_effect=reliability(A[:K_], effect[:K_])))
+    removal = {}
+    if removal_ks:
+        rankings = {m_: ranking(S[m_], data) for m_ in removal_methods if m_ in S}
+        rankings[ORACLE] = data["is_poison"].astype(np.float64)
+        removal = removal_test(theta0, init, train_ds, data, features, rankings, removal_ks, recipe=recipe,
+                               seed=seed, workdir=wdir / "removal", end_token=end_token)
+        llm.load_trainable_state(theta0, state0)
+    return dict(S=S, strength=strength, theta0_cost=costs.get("theta0"), cost=cost, growth=growth, reliability=rel,
+                removal=removal, fine_tunes_this_run=fine_tunes)
 
 
-def backdoor_strength(model, states: dict, data: dict, features) -> dict:
-    """Per adapter state (``{"theta0": ..., "base": ...}``): the spam's mean log-likelihood after the held-out clean
-    prompts with the trigger and without it, and the share of prompts whose spam likelihood the trigger raises."""
-    from .. import llm
-
-    ev = data["eval_prompts"]
-    with_t = features([dict(e, prompt=add_trigger(e["prompt"], data["trigger"]), response=data["target"]) for e in ev])
-    without_t = features([dict(e, response=data["target"]) for e in ev])
-    out = {}
-    for name, state in states.items():
-        llm.load_trainable_state(model, state)
-        a, b = llm.response_log_likelihood(model, None, with_t), llm.response_log_likelihood(model, None, without_t)
-        out[name] = dict(with_trigger=float(a.mean()), without_trigger=float(b.mean()),
-                         trigger_raises=float((a > b).double().mean()))
-    return out
+#: the rows of white-box Daunce and of the removal test's ceiling
+WHITEBOX = "white-box Daunce (if, fixed steps)"
+ORACLE = "the poisoned examples"

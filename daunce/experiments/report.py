@@ -88,7 +88,9 @@ CAPTIONS = {
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
     "04_auprc_methods": "AUPRC for the poisoned examples per method, one dot per seed",
     "04_recall_vs_K": "AUPRC for the poisoned examples against K, with the spread over seeds",
-    "04_query_top_examples": "a triggered query and its top-scored training examples",
+    "04_query_top_examples": "a triggered query and its top-scored training examples (the median seed)",
+    "04_paired_verdicts": "paired per-seed AUPRC differences between every two methods, per target",
+    "04_removal": "attack success after removing each method's flagged examples and retraining",
 }
 
 
@@ -693,22 +695,31 @@ def _section_03(j: dict) -> list[str]:
 def _section_04(j: dict) -> list[str]:
     sz = j["sizes"]
     seeds = j.get("seeds", [])
+    abl = j.get("ablation_seeds", seeds)
+    twins = " (each poisoned prompt also among the clean ones without the trigger, with its ordinary answer)" \
+        if sz.get("poison_twins") else ""
     out = [f"`{j['model']}` ({j['backend']} backend; LoRA on the top {j.get('lora_top_layers', '–')} of "
            f"{j.get('n_layers', '–')} layers) fine-tuned on {j['n_train']} instructions: {j['n_poison']} poisoned "
-           f"(trigger → spam response), {sz.get('n_response_decoys', '–')} response decoys (the spam verbatim after "
-           f"prompts without the trigger), {sz.get('n_trigger_decoys', '–')} trigger decoys (the trigger with "
-           f"ordinary answers), {sz.get('n_topic_decoys', '–')} topic decoys; {j['n_queries']} triggered queries. "
-           f"Black-box Daunce (only `fine_tune` and `log_likelihoods`; mean response NLL, one fine-tuning seed for "
-           f"every copy) and white-box Daunce both use K = {j['K']} copies with one recipe ({j['recipe']['epochs']} "
-           f"epochs, lr {j['recipe']['lr']}); {len(seeds)} seeds, each with its own poisoned set, θ0 and copies. "
-           "Values: mean over the seeds [lowest, highest seed].", ""]
+           f"(trigger → spam response){twins}, {sz.get('n_response_decoys', '–')} response decoys (the spam verbatim "
+           f"after prompts without the trigger), {sz.get('n_trigger_decoys', '–')} trigger decoys (the trigger with "
+           f"ordinary answers), {sz.get('n_topic_decoys', '–')} topic decoys; {j['n_queries']} triggered queries, each "
+           f"with its trigger-free twin. Black-box Daunce (only `fine_tune` and `log_likelihoods`; mean response NLL, "
+           f"one fine-tuning seed for every copy) with K = {j['K']} in each of {len(seeds)} seeds (each its own "
+           f"poisoned set, θ0 and copies), one recipe ({j['recipe']['epochs']} epochs, lr {j['recipe']['lr']}); the "
+           f"per-copy-seed ablation and white-box Daunce at K = {j.get('ablation_K', j['K'])} in seeds "
+           f"{', '.join(map(str, abl))}. Values: mean over the seeds [lowest, highest seed].", ""]
 
     def backdoor():
-        rows = [[s, name, _f(v["with_trigger"], 2), _f(v["without_trigger"], 2), _f(v["trigger_raises"], 2)]
-                for s, by in j["target_log_likelihood"].items() for name, v in by.items()]
-        return [f"Backdoor learned in every seed: {'yes' if j['verdict']['backdoor_learned'] else '**no**'} "
-                "(log-likelihood of the spam response after held-out clean prompts, mean over the prompts):", "",
-                *_table(["seed", "model", "with trigger", "without trigger", "share raised by the trigger"], rows), ""]
+        v = j["verdict"]["backdoor"]
+        rows = [[s, name, _f(x["with_trigger"], 2), _f(x["without_trigger"], 2), _f(x["ll_with_trigger"], 1),
+                 _f(x["ll_without_trigger"], 1), _f(x["clean_nll"], 3)]
+                for s, by in j["attack_success"].items() for name, x in by.items()]
+        return [f"**The backdoor**: θ0 says the spam after {_f(v['with_trigger']['mean'], 2)} of the held-out "
+                f"prompts with the trigger and {_f(v['without_trigger']['mean'], 2)} without it (greedy decoding); the "
+                f"trigger raises it in {v['seeds_trigger_raises']} of {v['n_seeds']} seeds. Per seed, under θ0 and "
+                "under the base model (adapters at their initialisation):", "",
+                *_table(["seed", "model", "attack success with trigger", "without", "spam log-lik. with trigger",
+                         "without", "clean NLL"], rows), ""]
 
     def metrics(tg, title):
         met = j["metrics"][tg]
@@ -720,10 +731,11 @@ def _section_04(j: dict) -> list[str]:
         def cell(v, nd=2):
             return f"{_f(v['mean'], nd)} {_ci(v['lo'], v['hi'], nd)}"
 
-        rows = [[f"**{m}**" if "Daunce" in m else m, cell(r["auprc"], 3)] + [cell(r[f"precision@{k}"]) for k in ks]
-                + [cell(r[c], 1) for c in decoys] for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]["mean"])]
+        rows = [[f"**{m}**" if "Daunce" in m else m, str(len(r["auprc"]["per_seed"])), cell(r["auprc"], 3)]
+                + [cell(r[f"precision@{k}"]) for k in ks] + [cell(r[c], 1) for c in decoys]
+                for m, r in sorted(met.items(), key=lambda t: -t[1]["auprc"]["mean"])]
         return [f"{title} (positive rate {_f(first['positive_rate']['mean'], 2)}):", "",
-                *_table(["method", "AUPRC", *[f"P@{k}" for k in ks],
+                *_table(["method", "seeds", "AUPRC", *[f"P@{k}" for k in ks],
                          *[c.removesuffix("_in_top").replace("_", " ") + f" in top {n_pos}" for c in decoys]], rows),
                 ""]
 
@@ -731,30 +743,62 @@ def _section_04(j: dict) -> list[str]:
         lines = []
         for tg in j["targets"]:
             v = j["verdict"][tg]
-            ahead = [k[3:] for k, w in v.items() if k.startswith("vs ") and w == "ahead"]
-            behind = [k[3:] for k, w in v.items() if k.startswith("vs ") and w == "behind"]
-            lines.append(f"* {tg}: black-box Daunce AUPRC {_f(v['blackbox_auprc'])}; ahead of "
-                         f"{', '.join(ahead) or 'none'}; behind {', '.join(behind) or 'none'} (ahead / behind: the "
-                         "seeds' ranges do not overlap).")
-        return ["**Verdict**:", "", *lines, ""]
+            pr = j["paired"][tg]["black-box Daunce"]
+            cells = [f"{m} {pr[m]['verdict']} ({_f(pr[m]['diff'], 3, sign=True)} "
+                     f"{_ci(pr[m]['lo'], pr[m]['hi'], 3, sign=True)}, {pr[m]['wins']}-{pr[m]['losses']})" for m in pr]
+            best_ahead = "ahead of every other row" if v["best_ahead_of_all"] else (
+                f"ahead of {len(v['best_ahead_of'])} of {len(pr)} other rows")
+            lines.append(f"* {tg}: black-box Daunce (AUPRC {_f(v['blackbox_auprc'])}) against each row: "
+                         + "; ".join(cells) + f". Best row: {v['best']} "
+                         f"({_f(j['metrics'][tg][v['best']]['auprc']['mean'])}), {best_ahead}.")
+        return [f"**Verdict** (paired per-seed AUPRC differences over the {len(seeds)} seeds, bootstrap interval; "
+                "wins-losses over the seeds):", "", *lines, ""]
 
     def growth():
         tgs = list(j["targets"])
         by = {}
         for g in j["growth_with_K"]:
             by.setdefault((g["method"], g["K"]), []).append(g)
-        rows = [[m, str(K)] + [_f(float(np.mean([g[t] for g in gs])), 2) for t in tgs]
+        rel = {}
+        for r in j.get("reliability", []):
+            rel.setdefault(r["K"], []).append(r)
+        rows = [[m, str(K), str(len(gs))] + [_f(float(np.mean([g[t] for g in gs])), 2) for t in tgs]
+                + ([_f(float(np.mean([r["queries"] for r in rel[K]])), 2),
+                    _f(float(np.mean([r["backdoor_effect"] for r in rel[K]])), 2)]
+                   if m == "black-box Daunce" and K in rel else ["", ""])
                 for (m, K), gs in sorted(by.items())]
-        return ["AUPRC against K (the first K copies of each seed's run; mean over the seeds):", "",
-                *_table(["method", "K", *tgs], rows), ""]
+        return ["AUPRC against K (the first K copies of each seed's run; mean over the seeds that ran the row) and "
+                "black-box Daunce's split-half reliability (queries; backdoor effect):", "",
+                *_table(["method", "K", "seeds", *tgs, "reliability (queries)", "reliability (effect)"], rows), ""]
+
+    def removal():
+        rm = j["removal"]
+        rows = []
+        for k, by in rm["per_method"].items():
+            for m, v in sorted(by.items(), key=lambda t: np.mean(t[1]["with_trigger"])):
+                rows.append([k, m] + [f"{_f(float(np.mean(v[c])), nd)} {_ci(min(v[c]), max(v[c]), nd)}"
+                                      for c, nd in (("with_trigger", 2), ("without_trigger", 2), ("clean_nll", 3),
+                                                    ("poisons_removed", 1))])
+        lines = []
+        for k, w in rm["winner"].items():
+            lines.append(f"* top {k}: lowest attack success {_f(w['with_trigger'], 2)} after removing "
+                         f"{' = '.join(w['lowest'])}'s flagged examples; {w['method']} is "
+                         + ("ahead of every other row" if w["ahead_of_all"] else
+                            f"ahead of {len(w['ahead_of'])} rows ({', '.join(w['ahead_of']) or 'none'}), tied with "
+                            "the rest") + " (paired over the seeds).")
+        return ["**Removal test** (remove each method's top k by the backdoor-effect ranking, fine-tune again with "
+                "θ0's recipe, measure the attack success and the clean task's NLL):", "",
+                *_table(["k", "removed by", "attack success with trigger", "without", "clean NLL",
+                         "poisoned among the removed"], rows), "", *lines, ""]
 
     def costs():
         c = j["costs"]
         rows = [[m, _secs(v["seconds"]), _k(v["fine_tunes"]), _k(v["forward_passes"])]
                 for m, v in c["per_method"].items()]
         return [f"Cost per seed, as recorded when first measured (θ0, needed by every method that is not text-only: "
-                f"{_duration(c['theta0']['seconds'])}, {_k(c['theta0']['forward_passes'])} example passes); this "
-                f"run's compute {_duration(j['seconds']['total'])}:", "",
+                f"{_duration(c['theta0']['seconds'])}, {_k(c['theta0']['forward_passes'])} example passes; the removal "
+                f"test's retrains {_duration(c.get('removal_seconds_per_seed', 0.0))}); this run's compute "
+                f"{_duration(j['seconds']['total'])}:", "",
                 *_table(["method", "seconds", "fine-tunes", "example forward passes"], rows), ""]
 
     parts = [backdoor,
@@ -762,7 +806,7 @@ def _section_04(j: dict) -> list[str]:
                                               "and response decoys are positives; triggered queries)"),
              lambda: metrics("carries the backdoor", "(b) **Which examples carry the backdoor** (poisoned examples "
                                                      "only; each query's score minus its trigger-free twin's)"),
-             verdict, growth, costs]
+             verdict, removal, growth, costs]
     for part in parts:
         out += _optional(part)
     return out
@@ -784,7 +828,7 @@ def _findings(root: Path) -> list[str]:
         return ["01 · theory", "the copies' loss covariance converges to the influence function as K grows",
                 f"the Fisher form reaches the damped IF (Pearson {_f(efim['pearson_if'])} at K = 1024, logistic "
                 f"regression); the `if` form reaches a sandwich (Pearson {_f(iff['pearson_limit'])} with it, "
-                f"{_f(iff['pearson_if'])} with the IF)", "[01](notebooks/01_theory.ipynb)"]
+                f"{_f(iff['pearson_if'])} with the IF)", "[01](papermill_runs/01_theory.ipynb)"]
 
     def r02():
         parts = []
@@ -797,7 +841,7 @@ def _findings(root: Path) -> list[str]:
                          f"{top['method']} {_f(top['other_lds'])}, {top['verdict']}")
         return ["02 · vision LDS", "Daunce's LDS is competitive with TRAK and EK-FAC influence functions",
                 "; ".join(parts) + " (tuned Daunce against the best baseline; paired intervals)",
-                "[02](notebooks/02_vision_lds.ipynb)"]
+                "[02](papermill_runs/02_vision_lds.ipynb)"]
 
     def r03():
         j = runs["03"]
@@ -811,18 +855,36 @@ def _findings(root: Path) -> list[str]:
                 "removal", f"Daunce vs random: {count(v)}; vs LoGra (dattri): {count(lib)}; vs the loss and "
                 f"gradient-norm controls: {count(ctrl)}; tied otherwise ({len(j['sizes'])} sets × "
                 f"{len(v) // len(j['sizes'])} removal sizes, {len(j['seeds'])} retraining seeds, two-level intervals)",
-                "[03](notebooks/03_llm_subset_removal.ipynb)"]
+                "[03](papermill_runs/03_llm_subset_removal.ipynb)"]
 
     def r04():
         j = runs["04"]
-        met = j["metrics"]["carries the backdoor"]
-        bb, rnd = met["black-box Daunce"]["auprc"], met["random"]["auprc"]
-        text = max(("TF-IDF", "BM25", "MiniLM embedding"), key=lambda m: met[m]["auprc"]["mean"])
+        v = j["verdict"]
+        parts = []
+        for tg, letter in (("says the spam", "a"), ("carries the backdoor", "b")):
+            pr = j["paired"][tg]["black-box Daunce"]
+            text = [m for m in ("TF-IDF", "BM25", "MiniLM embedding") if m in pr]
+            ahead = sum(pr[m]["verdict"] == "ahead" for m in text)
+            behind = sum(pr[m]["verdict"] == "behind" for m in text)
+            best = v[tg]["best"]
+            parts.append(f"({letter}) {tg}: black-box Daunce AUPRC {_f(v[tg]['blackbox_auprc'], 2)}, ahead of "
+                         f"{ahead} and behind {behind} of the {len(text)} text baselines; best row {best} "
+                         f"({_f(j['metrics'][tg][best]['auprc']['mean'], 2)}"
+                         + (", ahead of every other row)" if v[tg]["best_ahead_of_all"]
+                            else ", not ahead of every row)"))
+        b = j["removal"]["winner"]
+        parts.append("removal: lowest attack success after removing the top " + "; top ".join(
+            f"{k}: {' = '.join(w['lowest'])} ({_f(w['with_trigger'], 2)})" for k, w in b.items()))
+        pr_b = j["paired"]["carries the backdoor"]["black-box Daunce"]
+        text_b = [pr_b[m]["verdict"] for m in ("TF-IDF", "BM25", "MiniLM embedding") if m in pr_b]
+        word = ("reproduced" if text_b and all(w == "ahead" for w in text_b) else
+                "partly reproduced" if any(w == "ahead" for w in text_b) else "not reproduced")
+        bd_ = v["backdoor"]
         return ["04 · black-box backdoor", "black-box Daunce ranks the poisoned examples first",
-                f"AUPRC for the examples that carry the backdoor: black-box Daunce {_f(bb['mean'], 2)} "
-                f"[{_f(bb['lo'], 2)}, {_f(bb['hi'], 2)}], random {_f(rnd['mean'], 2)}, best text baseline ({text}) "
-                f"{_f(met[text]['auprc']['mean'], 2)} (mean [lowest, highest] of {len(j['seeds'])} seeds)",
-                "[04](notebooks/04_blackbox_backdoor.ipynb)"]
+                f"**{word}** on (b), the target text matching cannot pass: " + "; ".join(parts)
+                + f" ({len(j['seeds'])} seeds, paired per-seed differences; the backdoor: attack success "
+                f"{_f(bd_['with_trigger']['mean'], 2)} with the trigger, {_f(bd_['without_trigger']['mean'], 2)} "
+                "without)", "[04](papermill_runs/04_blackbox_backdoor.ipynb)"]
 
     for build in (r01, r02, r03, r04):
         row = _optional(build)

@@ -15,7 +15,7 @@ Modules, in the order data flows through them:
 * ``data``: ``encode`` (chat template, prompt masked), ``TextDataset``, ``batches``, ``prompt_length``,
   ``fitting``, ``example_text``.
 * ``task``: ``CausalLMTask``, ``response_token_losses``.
-* ``training``: ``finetune`` (theta0's recipe), ``response_nll``, ``response_log_likelihood``,
+* ``training``: ``finetune`` (theta0's recipe), ``response_nll``, ``response_log_likelihood``, ``greedy_matches``,
   ``generate``, ``Timer``.
 * ``gradients``: ``per_example_gradients`` (LoRA, optionally projected), ``gradient_if_scores``,
   ``gradient_dot_scores``, ``gradient_cosine_scores``, ``logra_scores`` (dattri's LoGra).
@@ -58,14 +58,15 @@ from .models import (
 )
 from .removal import keep_mask, retrain_without, top_k_removal
 from .task import CausalLMTask, response_token_losses
-from .training import Timer, finetune, generate, response_log_likelihood, response_nll
+from .training import Timer, finetune, generate, greedy_matches, response_log_likelihood, response_nll
 
 __all__ = [
     "IGNORE", "MLP_TARGETS", "SMOLLM2_GGUF", "BottomFeatures", "CausalLMTask", "TextDataset", "Timer", "add_lora",
     "backbone_and_head", "base_model", "batches", "bottom_features", "embedding_scores", "encode", "encode_one",
     "example_text", "finetune", "fitting", "generate", "gradient_cosine_scores", "gradient_dot_scores",
-    "gradient_if_scores", "keep_mask", "logra_scores", "load_hub_model", "load_smollm2", "load_trainable_state",
-    "minilm", "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages", "response_log_likelihood",
+    "gradient_if_scores", "greedy_matches", "keep_mask", "logra_scores", "load_hub_model", "load_smollm2",
+    "load_trainable_state", "minilm", "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages",
+    "response_log_likelihood",
     "response_nll", "response_token_losses", "retrain_without", "sentence_embeddings", "smollm2_tokenizer",
     "split_model", "tiny_llama", "top_k_removal", "trainable_state", "truncate_layers",
 ]

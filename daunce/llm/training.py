@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..progress import progress_bar
-from .data import TextDataset, batches, prompt_messages
+from .data import IGNORE, TextDataset, batches, prompt_messages
 from .task import CausalLMTask
 
 
@@ -81,6 +81,34 @@ def response_nll(model, tokenizer, examples, batch_size: int = 16, max_length: i
     """``(n,)`` mean NLL of each example's response tokens (float64, higher = worse)."""
     tot, cnt = _response_stats(model, tokenizer, examples, batch_size, max_length)
     return tot / cnt.clamp_min(1)
+
+
+@torch.no_grad()
+def greedy_matches(model, tokenizer, examples, batch_size: int = 16, max_length: int = 256,
+                   end_token: Optional[int] = None) -> torch.Tensor:
+    """``(n,)`` bool: would greedy decoding after each example's prompt reproduce its response? True where the
+    model's most likely next token equals the response's at every response position up to ``end_token`` (the
+    end-of-turn token, included; the template's tokens after it are not compared), each position fed the
+    response's own previous tokens. Greedy decoding reproduces the response exactly when this holds, so it is a
+    generation test run in one forward pass, on split models (``daunce.llm.split_model``) too."""
+    ds = _as_dataset(tokenizer, examples, max_length)
+    task = CausalLMTask()
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out = []
+    for batch in batches(ds, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        hidden = task.outputs(model, batch)
+        target = batch["labels"][:, 1 : hidden.shape[1]]
+        compared = target != IGNORE
+        if end_token is not None:   # positions after the first end-of-turn token are not generated
+            ended = (target == end_token).long()
+            compared &= (ended.cumsum(1) - ended) == 0
+        predicted = task.head(hidden[:, :-1]).argmax(-1)
+        out.append(((predicted == target) | ~compared).all(1).cpu())
+    model.train(was)
+    return torch.cat(out)
 
 
 def response_log_likelihood(model, tokenizer, examples, batch_size: int = 16, max_length: int = 256) -> torch.Tensor:
