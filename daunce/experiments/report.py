@@ -777,7 +777,7 @@ def _section_04(j: dict) -> list[str]:
         for k, by in rm["per_method"].items():
             for m, v in sorted(by.items(), key=lambda t: np.mean(t[1]["with_trigger"])):
                 rows.append([k, m] + [f"{_f(float(np.mean(v[c])), nd)} {_ci(min(v[c]), max(v[c]), nd)}"
-                                      for c, nd in (("with_trigger", 2), ("without_trigger", 2), ("clean_nll", 3),
+                                      for c, nd in (("with_trigger", 2), ("without_trigger", 2), ("clean_nll", 2),
                                                     ("poisons_removed", 1))])
         lines = []
         for k, w in rm["winner"].items():
