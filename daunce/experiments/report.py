@@ -881,7 +881,7 @@ def _findings(root: Path) -> list[str]:
                 "partly reproduced" if any(w == "ahead" for w in text_b) else "not reproduced")
         bd_ = v["backdoor"]
         return ["04 · black-box backdoor", "black-box Daunce ranks the poisoned examples first",
-                f"**{word}** on (b), the target text matching cannot pass: " + "; ".join(parts)
+                f"**{word}** on (b), which examples carry the backdoor: " + "; ".join(parts)
                 + f" ({len(j['seeds'])} seeds, paired per-seed differences; the backdoor: attack success "
                 f"{_f(bd_['with_trigger']['mean'], 2)} with the trigger, {_f(bd_['without_trigger']['mean'], 2)} "
                 "without)", "[04](papermill_runs/04_blackbox_backdoor.ipynb)"]
