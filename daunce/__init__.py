@@ -3,7 +3,8 @@
 Train K randomly perturbed copies of a model and score every (training example, query) pair by the
 covariance of their per-example losses across the copies (Pan et al., arXiv 2505.23223).
 
-The method core imports only torch: ``Daunce`` (the front, ``daunce.method``), ``DaunceConfig``, the
+The method core imports only torch: ``Daunce`` (the front, ``daunce.method``), ``DaunceEnsemble`` (Daunce over
+several trained models, ``daunce.ensemble``), ``DaunceConfig``, the
 tasks, ``plans``, ``objectives``, ``scores``, ``exact``, ``metrics``, ``reliability``, ``store``, and the
 ``engines`` that train the copies in one public ``ModelContext``. The rest loads on first use, so
 ``import daunce`` stays light:
@@ -20,6 +21,7 @@ import importlib
 
 from . import exact, scores
 from .config import DaunceConfig
+from .ensemble import DaunceEnsemble
 from .method import Daunce
 from .task import ClassificationTask, Task
 
@@ -42,6 +44,6 @@ def __dir__():
     return sorted(set(globals()) | _SUBMODULES | set(_LAZY))
 
 
-__all__ = ["Daunce", "DaunceConfig", "Task", "ClassificationTask", "scores", "exact", "CausalLMTask", "BlackBoxDaunce",
-           "Backend", "LocalLoRABackend", "OpenAIBackend", "DaunceAttributor", "map_tasks"]
+__all__ = ["Daunce", "DaunceEnsemble", "DaunceConfig", "Task", "ClassificationTask", "scores", "exact", "CausalLMTask",
+           "BlackBoxDaunce", "Backend", "LocalLoRABackend", "OpenAIBackend", "DaunceAttributor", "map_tasks"]
 __version__ = "0.1.0"

@@ -22,6 +22,11 @@ keep every core busy), and returns one ``CopyRun`` per job:
 
 A child's warnings (copies at the step cap) are not printed: the run records them (``converged``,
 ``stopped_at``).
+
+An ``EnsembleJob`` names one set of copies spread over M trained models (``daunce.ensemble``: K / M copies on each,
+member m with seed ``config.seed + m``): it runs as M member ``CopyJob``s, each in its own folder and cached like any
+job, and ``run_jobs`` returns an ``EnsembleRun`` for it, whose ``score`` is the mean of the members' score matrices.
+Every run records ``n_models``, the number of trained models its copies perturb (1 for a ``CopyJob``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from typing import Optional
 import torch
 from torch.utils.data import TensorDataset
 
+from .. import scores as _scores
 from ..config import DaunceConfig
+from ..ensemble import check_models, member_config, member_workdir
 from ..parallel import fork_map
 from ..store import atomic_save, atomic_write_json
 from ..task import ClassificationTask
@@ -96,6 +103,16 @@ class CopyRun:
     resolve_seconds: float = 0.0
     info: dict = field(default_factory=dict)
     diverged: Optional[str] = None  # why the set stopped at a copy whose objective was not finite
+    n_models: int = 1  # trained models (theta0s) the copies perturb: one for a CopyJob
+
+    def score(self, train_signal: str = "loss", query_signal: str = "margin", kind: str = "cov",
+              K: Optional[int] = None) -> torch.Tensor:
+        """Scores ``(n_train, n_query)`` of the first ``K`` copies (default: all): ``daunce.scores.score`` (covariance
+        or correlation) of ``train[train_signal]`` and ``query[query_signal]``; positive = helpful."""
+        K = self.K if K is None else K
+        if not 2 <= K <= self.K:
+            raise ValueError(f"{self.tag}: K must lie in [2, {self.K}] (the copies of this run), got {K}")
+        return _scores.score(self.train[train_signal][:K], self.query[query_signal][:K], kind)
 
     @property
     def all_converged(self) -> Optional[bool]:
@@ -173,6 +190,149 @@ def _fit_and_save(job: CopyJob) -> None:
     atomic_save(_fit(job), job.result_path)
 
 
+@dataclass
+class EnsembleJob:
+    """One set of copies spread over M trained models (``models``, one architecture: ``daunce.ensemble.check_models``).
+    ``config.n_models`` is the total K (a multiple of M, at least 2M); ``stages`` the total K values it grows through
+    (each a multiple of M; default: K alone). It runs as M ``CopyJob``s (``members``): member m is the job of
+    ``models[m]`` with ``daunce.ensemble.member_config(config, M, m)`` (K / M copies, seed ``config.seed + m``) in
+    ``workdir/member_<m>``, tagged ``<tag>/member_<m>``, with the stages divided by M; the other fields as in
+    ``CopyJob``."""
+
+    tag: str
+    models: list
+    config: DaunceConfig
+    workdir: Path
+    train: TensorDataset
+    query: TensorDataset
+    signal: str = "loss"
+    stages: Optional[list] = None
+    stop_unconverged: bool = False
+    orthogonal_block: Optional[int] = None
+    members: list = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.models = check_models(self.models)
+        M, K = len(self.models), self.config.n_models
+        configs = [member_config(self.config, M, m) for m in range(M)]  # refuses K not a multiple of M, or < 2M
+        self.stages = sorted(set(self.stages or [K]))
+        uneven = [s for s in self.stages if s % M]
+        if uneven:
+            raise ValueError(f"{self.tag}: stages must be multiples of the {M} models (K / {M} copies on each), "
+                             f"got {uneven}")
+        if self.stages[-1] != K or self.stages[0] < 2 * M:
+            raise ValueError(f"{self.tag}: stages must lie in [{2 * M}, K] (at least 2 copies per model) and end at "
+                             f"K = {K}, got {self.stages}")
+        self.workdir = Path(self.workdir)
+        self.members = [CopyJob(f"{self.tag}/member_{m}", model, cfg, member_workdir(self.workdir, m), self.train,
+                                self.query, signal=self.signal, stages=[s // M for s in self.stages],
+                                stop_unconverged=self.stop_unconverged, orthogonal_block=self.orthogonal_block)
+                        for m, (model, cfg) in enumerate(zip(self.models, configs))]
+
+    @property
+    def n_models(self) -> int:
+        """M, the trained models the copies are spread over."""
+        return len(self.models)
+
+
+@dataclass
+class EnsembleRun:
+    """What a finished ``EnsembleJob`` left: its members' ``CopyRun``s (``members``, member m on ``models[m]``).
+    ``K`` is the total number of copies used: M times the fewest copies a member reached (each member contributes
+    the same number, K / M), ``n_models`` is M."""
+
+    tag: str
+    members: list
+
+    @property
+    def n_models(self) -> int:
+        return len(self.members)
+
+    @property
+    def per_model(self) -> int:
+        """Copies used from each member (the fewest any member reached)."""
+        return min(r.K for r in self.members)
+
+    @property
+    def K(self) -> int:
+        return self.n_models * self.per_model if self.per_model >= 2 else 0
+
+    def _per_member(self, K: Optional[int]) -> int:
+        K = self.K if K is None else K
+        M = self.n_models
+        if K % M or not 2 * M <= K <= self.K:
+            raise ValueError(f"{self.tag}: K must be a multiple of the {M} models in [{2 * M}, {self.K}] (K / {M} "
+                             f"copies of each), got {K}")
+        return K // M
+
+    def score(self, train_signal: str = "loss", query_signal: str = "margin", kind: str = "cov",
+              K: Optional[int] = None) -> torch.Tensor:
+        """Scores ``(n_train, n_query)`` (the signals' dtype) of the first ``K`` copies (default: all; the first
+        K / M of each member): the mean over the members of ``CopyRun.score``, the rule of ``daunce.ensemble``
+        (each member's covariance estimates the influence at its own theta0; the ensemble's estimate is their mean,
+        as TRAK averages its models' scores). Positive = helpful."""
+        k = self._per_member(K)
+        member_scores = [r.score(train_signal, query_signal, kind, k) for r in self.members]
+        return (sum(S.double() for S in member_scores) / self.n_models).to(member_scores[0].dtype)
+
+    def seconds_for(self, k: int) -> float:
+        """Seconds of the first ``k`` copies of the ensemble (``k / M`` of each member, with each member's resolution
+        of its "auto" fields). The seconds of training the extra models are not included."""
+        return float(sum(r.seconds_for(self._per_member(k)) for r in self.members))
+
+    @property
+    def converged(self) -> list:
+        """Each used copy's convergence flag, member after member."""
+        return [c for r in self.members for c in r.converged[: self.per_model]]
+
+    @property
+    def all_converged(self) -> Optional[bool]:
+        """True when every member's copies all passed their stopping test; None for fixed-step copies; False when a
+        member failed, stopped early or diverged."""
+        flags = [r.all_converged for r in self.members]
+        if any(f is False for f in flags):
+            return False
+        return None if all(f is None for f in flags) else all(f is not False for f in flags)
+
+    @property
+    def stopped_at(self) -> Optional[int]:
+        """The first total stage (M times a member's stage) at which a member stopped, or None."""
+        stops = [r.stopped_at for r in self.members if r.stopped_at is not None]
+        return self.n_models * min(stops) if stops else None
+
+    @property
+    def diverged(self) -> Optional[str]:
+        """Why the first member that diverged did, prefixed with its tag, or None."""
+        return next((f"{r.tag}: {r.diverged}" for r in self.members if r.diverged), None)
+
+    @property
+    def resolved(self) -> dict:
+        """The members' resolved settings: a field's value where every member has the same, else the list of the
+        members' values (each member resolves its "auto" fields on its own theta0)."""
+        out = {}
+        for f in self.members[0].resolved:
+            values = [r.resolved.get(f) for r in self.members]
+            out[f] = values[0] if all(v == values[0] for v in values) else values
+        return out
+
+    @property
+    def trainer(self) -> str:
+        names = sorted({r.trainer for r in self.members})
+        return names[0] if len(names) == 1 else "/".join(names)
+
+    def steps_per_copy(self) -> dict:
+        s = torch.tensor([float(v) for r in self.members for v in r.steps[: self.per_model] if v is not None])
+        if not len(s):
+            return {}
+        return {"mean": float(s.mean()), "max": int(s.max()), "min": int(s.min())}
+
+
+def load_ensemble(job: EnsembleJob) -> Optional[EnsembleRun]:
+    """The ensemble job's finished run from its members' folders, or None while a member is not finished."""
+    runs = [load(m) for m in job.members]
+    return None if any(r is None for r in runs) else EnsembleRun(job.tag, runs)
+
+
 def load(job: CopyJob) -> Optional[CopyRun]:
     """The job's finished run from its folder, or None."""
     if not job.result_path.exists():
@@ -181,21 +341,27 @@ def load(job: CopyJob) -> Optional[CopyRun]:
 
 
 def run_jobs(jobs: list, *, workers: Optional[int] = None, progress: bool = False) -> dict:
-    """``{tag: CopyRun}`` for every job: finished ones are read back, the others trained ``workers`` at a time
-    in forked single-threaded children (``daunce.parallel.fork_map``; ``None``: every core of the machine, at most
-    ``DAUNCE_WORKERS``; 1: in this process, single-threaded), the longest first (by K). A job's copies are the same
-    whatever the worker count. A job that fails raises here with the child's error once the others have finished;
-    the finished ones are on disk."""
+    """``{tag: CopyRun or EnsembleRun}`` for every job (``CopyJob`` or ``EnsembleJob``; an ensemble runs as its member
+    jobs): finished ones are read back, the others trained ``workers`` at a time in forked single-threaded children
+    (``daunce.parallel.fork_map``; ``None``: every core of the machine, at most ``DAUNCE_WORKERS``; 1: in this
+    process, single-threaded), the longest first (by K). A job's copies are the same whatever the worker count. A
+    job that fails raises here with the child's error once the others have finished; the finished ones are on
+    disk."""
     tags = [j.tag for j in jobs]
     if len(set(tags)) != len(tags):
         raise ValueError("job tags must be unique")
-    todo = [j for j in jobs if not j.result_path.exists()]
+    flat = [m for j in jobs for m in (j.members if isinstance(j, EnsembleJob) else [j])]
+    member_tags = [m.tag for m in flat]
+    if len(set(member_tags)) != len(member_tags):
+        clash = sorted({t for t in member_tags if member_tags.count(t) > 1})
+        raise ValueError(f"job tags must be unique: an ensemble's member jobs ({clash[0]}) clash with another job")
+    todo = [j for j in flat if not j.result_path.exists()]
     todo.sort(key=lambda j: -j.config.n_models)
     try:
         fork_map(_fit_and_save, todo, workers, desc="sets of copies", progress=progress, labels=[j.tag for j in todo])
     except RuntimeError as e:
         raise RuntimeError(f"copy jobs failed: {e}") from None
-    return {j.tag: load(j) for j in jobs}
+    return {j.tag: load_ensemble(j) if isinstance(j, EnsembleJob) else load(j) for j in jobs}
 
 
-__all__ = ["CopyJob", "CopyRun", "run_jobs", "load", "SIGNALS"]
+__all__ = ["CopyJob", "CopyRun", "EnsembleJob", "EnsembleRun", "run_jobs", "load", "load_ensemble", "SIGNALS"]
