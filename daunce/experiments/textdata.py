@@ -8,10 +8,10 @@ Offline (default profile):
   verified with IFEval's own checker (``if-verifiable``). Shipped pre-built (and re-verified on
   load) in ``daunce/experiments/data_files/if_synthetic.jsonl``; ``build_instruction_following`` regenerates it.
 
-Paper profile (needs the hub, or local copies in the same formats):
+Paper profile (needs the hub, or local copies in the same formats; ``PAPER_DATA`` and ``paper_sets``):
 * ``load_math``: MATH (Hendrycks et al.): a folder of per-problem json files (the original release),
   a .json/.jsonl/.parquet file, or a hub dataset id; fields problem/solution/level/type.
-* ``load_ifeval``: IFEval (google/IFEval): fields key/prompt/instruction_id_list/kwargs, joined
+* ``load_ifeval``: IFEval (google/IFEval, 541 prompts): fields key/prompt/instruction_id_list/kwargs, joined
   with a responses file (prompt/response, e.g. IFEval's ``input_response_data_*.jsonl``).
 """
 
@@ -103,6 +103,10 @@ def load_math(source: str = "EleutherAI/hendrycks_math", split_name: str = "trai
     p = Path(source)
     if p.is_dir():
         files = sorted((p / split_name).rglob("*.json")) if (p / split_name).is_dir() else sorted(p.rglob("*.json"))
+        if not files:
+            raise FileNotFoundError(f"MATH folder {p} holds no problem files: expected "
+                                    f"{split_name}/<subject>/<id>.json (the original release), each "
+                                    '{"problem", "level", "type", "solution"}')
         return [_math_record(json.loads(f.read_text())) for f in files]
     if p.is_file():
         return [_math_record(r) for r in _read_records(p)]
@@ -148,8 +152,15 @@ def load_ifeval(source: str = "google/IFEval", responses: Optional[str] = None,
     ``source``: a .jsonl/.json/.parquet file with IFEval's fields, or a hub id (needs the internet).
     IFEval has no reference responses; ``responses`` names a .jsonl file of ``{"prompt", "response"}``
     (IFEval ships such files of model outputs) joined by prompt. With ``require_response`` examples
-    without a response are dropped.
+    without a (non-empty) response are dropped, and a missing ``responses`` (None, or no such file), or one that
+    answers none of the prompts, raises an error that names the file and what it must hold.
     """
+    if require_response and responses is None and not (Path(source).is_file() and _has_responses(Path(source))):
+        raise ValueError(f"IFEval ({source}) has no reference responses: pass responses=<{RESPONSES_FORMAT}> "
+                         f"(e.g. {IFEVAL_RESPONSES_ORIGIN}), or require_response=False")
+    if responses is not None and not Path(responses).is_file():
+        raise FileNotFoundError(f"IFEval responses file {responses} not found: it must hold {RESPONSES_FORMAT} "
+                                f"(e.g. {IFEVAL_RESPONSES_ORIGIN})")
     p = Path(source)
     if p.is_file():
         rows = _read_records(p)
@@ -159,16 +170,91 @@ def load_ifeval(source: str = "google/IFEval", responses: Optional[str] = None,
         rows = list(datasets.load_dataset(source, split="train"))
     resp = {}
     if responses is not None:
-        resp = {r["prompt"]: r["response"] for r in _read_records(Path(responses))}
+        for i, r in enumerate(_read_records(Path(responses))):
+            missing = [k for k in ("prompt", "response") if k not in r]
+            if missing:
+                raise ValueError(f"IFEval responses file {responses}, record {i}: no {missing} field; the file must "
+                                 f"hold {RESPONSES_FORMAT}")
+            resp[r["prompt"]] = r["response"]
     out = []
     for r in rows:
         ex = {"key": r.get("key"), "prompt": r["prompt"], "instruction_id_list": list(_plain(r["instruction_id_list"])),
               "kwargs": [_plain(k) or {} for k in _plain(r["kwargs"])],
               "response": r.get("response", resp.get(r["prompt"]))}
-        if ex["response"] is None and require_response:
+        if require_response and not (ex["response"] or "").strip():
             continue
         out.append(ex)
+    if require_response and rows and not out:
+        raise ValueError(f"IFEval responses file {responses or source} answers none of the {len(rows)} prompts of "
+                         f"{source}: it must hold {RESPONSES_FORMAT}, with IFEval's prompts verbatim")
     return out
+
+
+def _has_responses(path: Path) -> bool:
+    """Whether the records of an IFEval-format file carry their own ``response`` field."""
+    rows = _read_records(path)
+    return bool(rows) and "response" in rows[0]
+
+
+# ------------------------------------------------------------------------------------ paper profile
+#: The real sizes: MATH's training split (7,500 problems over 7 subjects) and IFEval's prompts.
+MATH_TRAIN_PROBLEMS = 7500
+IFEVAL_PROMPTS = 541
+RESPONSES_FORMAT = 'a .jsonl file, one {"prompt": <IFEval prompt, verbatim>, "response": <text>} per line'
+#: Where the `paper` profile's IFEval responses come from: IFEval has prompts and checkers only, so the profile
+#: fine-tunes on the responses of a stronger model that IFEval's own repository ships for all 541 prompts.
+IFEVAL_RESPONSES_ORIGIN = ("GPT-4's responses to IFEval's 541 prompts, shipped with IFEval "
+                           "(google-research/google-research, instruction_following_eval/data/"
+                           "input_response_data_gpt4_20231107_145030.jsonl)")
+
+
+@dataclass(frozen=True)
+class PaperData:
+    """Where the `paper` profile's text data comes from (notebook 03) and how much of it each set uses.
+
+    Both sets, math and instruction following, take ``n_train`` training examples and ``n_query`` queries, disjoint,
+    drawn at random from MATH's training split and from IFEval's 541 prompts; IFEval's bound the sizes.
+    ``ifeval_responses`` is the responses file the instruction set fine-tunes on: GPT-4's responses that IFEval's
+    repository ships (``IFEVAL_RESPONSES_ORIGIN``), the paper's set-up being a fine-tune on prompt/response pairs. It is
+    not shipped here: put it at that path (a relative path is read from the repository's root, ``data/`` is ignored
+    by git) or name another file of the same format.
+    """
+
+    n_train: int = 400
+    n_query: int = 100
+    math_source: str = "EleutherAI/hendrycks_math"
+    ifeval_source: str = "google/IFEval"
+    ifeval_responses: str = "data/ifeval/input_response_data_gpt4_20231107_145030.jsonl"
+
+    def __post_init__(self):
+        if self.n_train < 1 or self.n_query < 1:
+            raise ValueError(f"n_train and n_query must be positive, got {self.n_train} and {self.n_query}")
+        if self.n_train + self.n_query > IFEVAL_PROMPTS:
+            raise ValueError(f"IFEval has {IFEVAL_PROMPTS} prompts: n_train + n_query = {self.n_train} + "
+                             f"{self.n_query} = {self.n_train + self.n_query} does not fit")
+
+
+PAPER_DATA = PaperData()
+
+
+def paper_sets(data: PaperData = PAPER_DATA, seed: int = 0) -> dict[str, tuple[list[dict], list[dict]]]:
+    """The `paper` profile's sets: ``{"math": (train, query), "instr": (train, query)}``, each a disjoint random
+    split of ``data.n_train`` training examples and ``data.n_query`` queries (examples as ``load_math`` and
+    ``load_ifeval`` give them). Raises, naming the file, when the IFEval responses are missing or answer too few
+    prompts for the split."""
+    from .paths import repo_root
+
+    responses = Path(data.ifeval_responses)
+    if not responses.is_absolute():
+        responses = repo_root() / responses
+    instr_all = load_ifeval(data.ifeval_source, responses=str(responses))  # first: it fails fast on the responses
+    need = data.n_train + data.n_query
+    if len(instr_all) < need:
+        raise ValueError(f"IFEval responses file {responses} answers {len(instr_all)} of IFEval's prompts; the split "
+                         f"needs {need} ({data.n_train} train + {data.n_query} query)")
+    math_all = load_math(data.math_source)
+    return {"math": split(math_all, data.n_train, data.n_query, seed=seed),
+            "instr": split(instr_all, data.n_train, data.n_query, seed=seed)}
 
 
 def patch_nltk_offline() -> None:
