@@ -82,8 +82,11 @@ class DaunceConfig:
             the LDS at K = 512 rose from 0.21 to 0.51. On the MLP 100 steps did as well as 200.
         tol: stopping test of full-batch copies (``steps=None``, ``batch_size=None``): a copy stops at the
             first step where the gradient norm of its whole perturbed objective (loss terms, linear term,
-            proximal and isotropic terms) has fallen to ``tol`` times its norm at theta0 (the gradient at
-            theta0 is the perturbation itself, so this is a relative test that does not depend on rho).
+            proximal and isotropic terms) has fallen to ``tol`` times the norm at theta0 of its gradient without
+            the isotropic noise term (the loss and linear terms: the data part of the perturbation, so a
+            relative test that does not depend on rho and asks the same of a copy with the noise term on or off;
+            measured against the whole start gradient, ``||eta||`` would set the scale with the noise term on:
+            ``daunce.engines.vmap.start_norm``).
             Checked at every step, per copy (under vmap a converged copy's updates are masked).
             The default 0.05: in ``benchmarks/auto_settings.py`` a 5x tighter test (0.01) cost 1.1-2.0x the
             seconds and raised the LDS by at most 0.006 on any pair (on the breast-cancer pairs it lowered it by

@@ -401,7 +401,7 @@ class Daunce:
         if bad:
             more = "..." if len(bad) > 5 else ""
             warnings.warn(f"Daunce: {len(bad)} of {len(todo)} copies reached max_steps={cfg.max_steps} without "
-                          f"passing the stopping test (gradient norm <= tol={cfg.tol} x its value at theta0): "
+                          f"passing the stopping test (gradient norm <= tol={cfg.tol} x its data part's at theta0): "
                           f"copies {bad[:5]}{more}; raise max_steps or lr (their scores may not mean an "
                           "influence function)", RuntimeWarning, stacklevel=3)
 

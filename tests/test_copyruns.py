@@ -108,3 +108,22 @@ def test_a_set_whose_copies_diverge_ends_with_the_reason_and_no_covariance(small
     run = copyruns.run_jobs([_job("blowup", model, train, query, tmp_path, cfg)], workers=1)["blowup"]
     assert run.K == 0 and "not finite" in run.diverged and run.all_converged is False
     assert run.train["loss"].shape == (0, len(train)) and run.query["margin"].shape == (0, len(query))
+
+
+def test_a_set_is_eligible_when_at_least_the_stated_share_of_its_copies_converged():
+    def run(flags, **kw):
+        n = len(flags)
+        return copyruns.CopyRun("t", n, {}, {}, [0.0] * n, [1] * n, list(flags), {}, "vmap", **kw)
+
+    assert copyruns.MIN_CONVERGED == 0.97
+    assert [copyruns.allowed_stragglers(K) for K in (16, 64, 128, 512)] == [0, 1, 3, 15]
+    for K in range(2, 257):   # the count a stage check allows is exactly what eligibility allows
+        a = copyruns.allowed_stragglers(K)
+        assert run([True] * (K - a) + [False] * a).eligible
+        assert not run([True] * (K - a - 1) + [False] * (a + 1)).eligible
+    straggly = run([True] * 60 + [False] + [True] * 67)   # one of 128 at the step cap
+    assert straggly.eligible and straggly.all_converged is False and straggly.stragglers == [60]
+    assert straggly.converged_fraction == 127 / 128
+    assert run([None] * 8).eligible and run([None] * 8).converged_fraction is None   # fixed steps: no test
+    assert not run([True] * 8, diverged="inf at step 3").eligible
+    assert not run([True] * 8, stopped_at=4).eligible

@@ -297,3 +297,42 @@ def test_auto_damping_proxy_predicts_held_out_fine_tunes(tiny):
         assert any(abs(proxy[kernel]["damping"] / top - r) < 1e-9 * r for r in auto.PROXY_GRID)
     assert res.damping == max(proxy["plain" if not res.isotropic_noise else "isotropic"]["damping"],
                               d.resolved["noise_damping"])
+
+
+def _objective_gradient_norm(d, train, k, state, with_noise=True):
+    """Copy k's whole perturbed objective (or, ``with_noise=False``, the objective without its isotropic noise term)
+    differentiated at the weights ``state``, by the sequential engine's own pieces."""
+    from daunce.engines.sequential import objective_terms
+    from daunce.objectives import proximal_term
+
+    cfg, ctx, plan = d.training_config(), d.context, d.plan(k, len(train))
+    cache = d.base_cache(train)   # theta0's values, before the working model moves
+    ctx.load_state(state)
+    ctx.model.train(cfg.train_mode)
+    idx = next(iter(plan.batches))
+    obj = objective_terms(cfg, ctx, plan, idx, ctx.fetch(train, idx), cache).mean()
+    obj = obj + proximal_term(ctx.params, ctx.theta0, cfg.damping, plan.eta if with_noise else None)
+    grads = torch.autograd.grad(obj, ctx.params, allow_unused=True)
+    return float(sum(g.double().pow(2).sum() for g in grads if g is not None).sqrt())
+
+
+@pytest.mark.parametrize("trainer", ["sequential", "vmap"])
+def test_the_stopping_test_asks_the_same_with_the_noise_term_on_and_off(tiny, trainer):
+    """A copy stops when its gradient is tol times its data part's at theta0 (the objective without the isotropic
+    noise term), with the noise term on or off: with it on, measured against the whole start gradient (whose scale
+    is ||eta||), a copy would stop with its data part barely solved."""
+    model, train = tiny
+    tol = 0.05
+    for iso in (False, True):
+        cfg = DaunceConfig(n_models=3, optimizer="sgd", lr=0.05, momentum=0.9, tol=tol, max_steps=3000, rho=0.3,
+                           damping=10.0, isotropic_noise=iso)
+        d = Daunce(model, TASK, cfg, progress=False, trainer=trainer).fit(train)
+        assert d.n_unconverged == 0
+        theta0 = [p.detach().clone() for p in d.context.theta0]
+        for k in range(3):
+            ref = _objective_gradient_norm(d, train, k, theta0, with_noise=False)
+            whole0 = _objective_gradient_norm(d, train, k, theta0)
+            final = _objective_gradient_norm(d, train, k, d.state(k))
+            assert final <= tol * ref * 1.001, (iso, k, final, ref)
+            if iso:   # the old reference would have stopped far earlier: ||eta|| dominates the start gradient
+                assert whole0 > 5 * ref, (whole0, ref)

@@ -73,6 +73,19 @@ def gradient_norm(params) -> float:
     return total**0.5
 
 
+def start_norm(params, eta, whole: float) -> float:
+    """The stopping test's reference: the gradient norm at theta0 without the isotropic noise term (whose gradient
+    there is ``-eta``), ``whole`` (the whole gradient's norm) with the noise term off or where the data part's is
+    zero; ``daunce.engines.vmap.start_norm`` for one copy."""
+    if eta is None:
+        return whole
+    total = 0.0
+    for p, e in zip(params, eta):
+        g = e.detach().neg() if p.grad is None else p.grad.detach() + e.to(p.grad.device)
+        total += float(g.double().pow(2).sum())
+    return total**0.5 if total > 0 else whole
+
+
 def objective_parts(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
                     cache: Optional[dict]) -> tuple[torch.Tensor, dict]:
     """``(loss, kw)`` of the working model on one batch of copy ``plan.k``: the per-example loss ``(B,)`` and
@@ -103,7 +116,8 @@ def train_copy(ctx: ModelContext, config: DaunceConfig, plan: CopyPlan, train: D
     """Fine-tune one copy from theta0 with its perturbed objective; returns its trainable tensors (CPU).
 
     ``config`` must be resolved (no ``"auto"`` left). With the stopping test on (``config.stops_early``) the
-    copy stops at the first step whose gradient norm is at most ``config.tol`` times the one at theta0;
+    copy stops at the first step whose gradient norm is at most ``config.tol`` times the norm at theta0 of its
+    gradient without the isotropic noise term (``start_norm``);
     ``report`` (a dict, if given) receives ``"steps"`` (optimiser steps taken) and ``"converged"`` (True /
     False with the stopping test, None without it)."""
     ctx.reset()
@@ -123,7 +137,7 @@ def train_copy(ctx: ModelContext, config: DaunceConfig, plan: CopyPlan, train: D
         obj.backward()
         if stop:
             gn = gradient_norm(ctx.params)
-            g0 = gn if g0 is None else g0
+            g0 = start_norm(ctx.params, plan.eta, gn) if g0 is None else g0
             if gn <= config.tol * g0:
                 converged = True
                 break
