@@ -100,10 +100,10 @@ class VectorisedTrainer:
 
         ``self.config`` must be resolved (no ``"auto"`` left). With the stopping test on
         (``config.stops_early``) each copy stops at the first step whose gradient norm is at most
-        ``config.tol`` times the norm of its data part at theta0 (``start_norm``): its updates (and optimiser state) are masked from then on, and
-        once a quarter of the copies still in the working tensors have stopped, those are taken out of them
-        (``COMPACT_AT``), so the copies still training no longer pay for the finished ones; the block stops when
-        every copy has. ``report`` (a dict, if given) receives ``"steps"`` and ``"converged"``: one entry per
+        ``config.tol`` times the norm of its data part at theta0 (``start_norm``): its updates (and optimiser
+        state) are masked from then on, and once a quarter of the copies still in the working tensors have
+        stopped, those are taken out of them (``COMPACT_AT``), so the copies still training no longer pay for
+        the finished ones; the block stops when every copy has. ``report`` (a dict, if given) receives ``"steps"`` and ``"converged"``: one entry per
         copy, as ``sequential.train_copy`` reports them."""
         ctx, cfg = self.ctx, self.config
         C = len(plans)
