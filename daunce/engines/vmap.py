@@ -103,8 +103,8 @@ class VectorisedTrainer:
         ``config.tol`` times the norm of its data part at theta0 (``start_norm``): its updates (and optimiser
         state) are masked from then on, and once a quarter of the copies still in the working tensors have
         stopped, those are taken out of them (``COMPACT_AT``), so the copies still training no longer pay for
-        the finished ones; the block stops when every copy has. ``report`` (a dict, if given) receives ``"steps"`` and ``"converged"``: one entry per
-        copy, as ``sequential.train_copy`` reports them."""
+        the finished ones; the block stops when every copy has. ``report`` (a dict, if given) receives ``"steps"``
+        and ``"converged"``: one entry per copy, as ``sequential.train_copy`` reports them."""
         ctx, cfg = self.ctx, self.config
         C = len(plans)
         n_steps = len(plans[0].batches)
