@@ -229,12 +229,18 @@ def _runtimes(root: Path) -> list[str]:
     out += [""] + _table(["notebook", "profile", "run time", "caches", "finished", "last cold run"], rows) + [""]
     words = {"cold": "cold", "resumed": "resumed", "not recorded": "with the cache state not recorded"}
     parts = [f"{_duration(total[key])} {words[key]}" for key in words if total[key] > 0]
-    if parts:
-        out.append("In all: " + "; ".join(parts) + ".")
+    line = []
     if colds and all(colds):
         cold_total = sum(c["wall_seconds"] for c in colds)
-        out[-1] += (f" A cold `make reproduce` of every notebook, the sum of their last cold runs: "
-                    f"{_duration(cold_total)}.")
+        on = f" on {cpus} cores" if cpus else ""
+        line.append(f"**A cold `make reproduce` takes {_duration(cold_total)}{on}** (the sum of each notebook's last "
+                    "cold run): what a fresh clone pays, since `runs/` is not in the repository; a rerun that finds "
+                    "its caches costs minutes.")
+    if parts:
+        line.append("The runs in the table took " + "; ".join(parts) + ".")
+    if line:
+        out.append(" ".join(line))
+    if colds and all(colds):
         out += _cores_prediction(root, cold_total, cpus)
     return out
 
@@ -824,11 +830,12 @@ def _findings(root: Path) -> list[str]:
 
     def r01():
         j = runs["01"]["logistic_regression"]
-        efim, iff = j["efim_orthogonal"]["1024"], j["if_orthogonal"]["1024"]
+        iid, efim, iff = j["efim_iid"]["1024"], j["efim_orthogonal"]["1024"], j["if_orthogonal"]["1024"]
         return ["01 · theory", "the copies' loss covariance converges to the influence function as K grows",
-                f"the Fisher form reaches the damped IF (Pearson {_f(efim['pearson_if'])} at K = 1024, logistic "
-                f"regression); the `if` form reaches a sandwich (Pearson {_f(iff['pearson_limit'])} with it, "
-                f"{_f(iff['pearson_if'])} with the IF)", "[01](papermill_runs/01_theory.ipynb)"]
+                f"the Fisher form reaches the damped IF (Pearson {_f(iid['pearson_if'])} at K = 1024 with the "
+                f"paper's i.i.d. perturbations, {_f(efim['pearson_if'])} with this package's orthogonal design; "
+                f"logistic regression); the `if` form reaches a sandwich (Pearson {_f(iff['pearson_limit'])} with it, "
+                f"{_f(iff['pearson_if'])} with the IF, orthogonal design)", "[01](papermill_runs/01_theory.ipynb)"]
 
     def r02():
         parts = []
