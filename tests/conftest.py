@@ -9,6 +9,11 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
     os.environ.setdefault("DAUNCE_WORKERS", "1")
+    # and so does every process a test starts (notebook kernels, scripts, Ray's workers): torch and its BLAS read
+    # these when they load. A child at the default of one thread per core beside the other test processes
+    # oversubscribes the cores (a two-minute subprocess test took ten minutes under `make test`).
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
 else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -17,7 +17,7 @@ from daunce.experiments import data, models
 
 TASK = ClassificationTask()
 SCRIPT = Path(__file__).with_name("_fit_script.py")
-SCRIPT_CONFIG = DaunceConfig(n_models=6, steps=20, rho=0.3, damping=1e-2)  # as in _fit_script.py
+SCRIPT_CONFIG = DaunceConfig(n_models=6, steps=20, rho=0.3, damping=1e-2, isotropic_noise=False)  # _fit_script.py
 
 
 def _square(x):
@@ -118,7 +118,7 @@ def test_ray_retries_a_killed_worker_and_matches_local_scores(ray_local, tmp_pat
 
     train, query = data.digits(150, 10, seed=3)
     model = models.seeded(models.mlp, 0, 64, 10, hidden=8)
-    cfg = DaunceConfig(n_models=4, steps=10, rho=0.3, damping=1e-2)
+    cfg = DaunceConfig(n_models=4, steps=10, rho=0.3, damping=1e-2, isotropic_noise=False)
     local = Daunce(model, TASK, cfg, progress=False).fit(train, query).attribute(train, query)
     d = Daunce(model, TASK, cfg, tmp_path / "ray", progress=False, executor="ray",
                ray_options={"copies_per_task": 2}).fit(train, query)

@@ -57,12 +57,14 @@ def test_fit_memory_does_not_grow_with_the_number_of_steps():
     about 33 MB)."""
     script = textwrap.dedent("""
         import resource, sys, torch
+        torch.set_num_threads(1)
         from torch.utils.data import TensorDataset
         from daunce import ClassificationTask, Daunce, DaunceConfig
         torch.manual_seed(0)
         train = TensorDataset(torch.randn(60, 5), torch.randint(0, 3, (60,)))
         model = torch.nn.Linear(5, 3)
-        cfg = DaunceConfig(n_models=32, steps=int(sys.argv[1]), optimizer="sgd", lr=0.1, subset_ratio=1.0)
+        cfg = DaunceConfig(n_models=32, steps=int(sys.argv[1]), optimizer="sgd", lr=0.1, subset_ratio=1.0,
+                           rho=0.3, damping=1e-2, isotropic_noise=False)   # explicit: the "auto" proxies are not tested
         Daunce(model, ClassificationTask(), cfg, progress=False, trainer="vmap").fit(train)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     """)
