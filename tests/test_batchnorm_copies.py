@@ -242,3 +242,26 @@ def test_augmented_copies_do_not_use_shared_input_passes():
     assert ok, why
     ok, why, _ = stacked.check(ModelContext(plain, ClassificationTask()), DaunceConfig(**cfg, augment="flip"), train)
     assert not ok and why.startswith("augment='flip': each copy augments its own inputs")
+
+
+def test_augmentation_draws_follow_each_copy_when_stopped_copies_leave_a_vmap_block():
+    """With the stopping test, stopped copies leave the vmap block's working tensors; each copy still takes its own
+    augmentation draws, so both trainers stop every copy at the same step with the same weights (measured: the
+    steps 1, 2, 12, 14, 60 (cap), 2; weights within 3e-8)."""
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(20, 1, 8, 8, generator=g), torch.randint(0, 3, (20,), generator=g))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 3))
+    cfg = DaunceConfig(n_models=6, rho=0.3, damping=0.5, isotropic_noise=False, optimizer="sgd", lr=0.3, momentum=0.5,
+                       max_steps=60, tol=0.8, augment="shift", augment_shift=1)
+    runs = {}
+    for t in ("sequential", "vmap"):
+        runs[t] = Daunce(net, ClassificationTask(), cfg, progress=False, trainer=t, vmap_block=6)
+        with pytest.warns(RuntimeWarning, match="max_steps"):
+            runs[t].fit(train)
+    s, v = runs["sequential"], runs["vmap"]
+    assert v.trainer_used == "vmap" and len(set(s.copy_steps.values())) >= 4  # copies stop at different steps
+    assert s.copy_steps == v.copy_steps and s.copy_converged == v.copy_converged
+    for k in range(6):
+        for a, b in zip(s.state(k), v.state(k)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
