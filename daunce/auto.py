@@ -70,7 +70,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from .config import ADAM_LR, AUTO, DaunceConfig
-from .engines.context import ModelContext, check_training_set
+from .engines.context import ModelContext, check_training_set, set_copy_mode
 from .engines.sequential import signals_now, theta0_values, train_copy
 from .objectives import perturbed_objective
 from .plans import make_plan
@@ -377,7 +377,7 @@ def _fine_tune_lbfgs(ctx: ModelContext, config: DaunceConfig, train: Dataset, su
     strong-Wolfe line search, until the gradient's largest entry is ``config.tol`` times its value at theta0 or
     ``config.max_steps`` loss evaluations; ``report`` receives ``"steps"`` (evaluations) and ``"converged"``."""
     ctx.reset()
-    ctx.model.train(config.train_mode)
+    set_copy_mode(ctx.model, config)
     params = ctx.params
     m = len(subset)
     evals = 0

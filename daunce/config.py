@@ -19,6 +19,8 @@ SCORES = ("cov", "corr")
 OPTIMIZERS = ("adam", "sgd")
 PERTURBATIONS = ("iid", "orthogonal")
 LR_SCHEDULES = ("constant", "cosine")
+BATCHNORM_MODES = ("eval", "train")
+AUGMENTATIONS = ("none", "shift", "flip", "shift-flip")
 AUTO = "auto"
 #: the fields that accept ``"auto"`` (resolved by ``daunce.auto.resolve`` from theta0 and the training data)
 AUTO_FIELDS = ("rho", "damping", "isotropic_noise", "optimizer", "lr", "momentum")
@@ -113,9 +115,33 @@ class DaunceConfig:
         score: ``"cov"`` (the paper) or ``"corr"`` (Pearson correlation across the copies).
         seed: every random draw of copy k comes from a generator seeded by (seed, k).
         train_mode: run the model in ``train()`` mode while fine-tuning the copies (dropout on).
-            Off by default: the linearisation assumes a deterministic model. BatchNorm layers then normalise with
-            theta0's running statistics (their scale and shift are trained); ``Daunce`` refuses ``train_mode=True``
-            on a model with BatchNorm running statistics.
+            Off by default: the linearisation assumes a deterministic model. BatchNorm layers with running statistics
+            follow ``batchnorm``, not this field: ``Daunce`` refuses ``train_mode=True`` with ``batchnorm="eval"``
+            on a model that has them (pass ``batchnorm="train"`` too for the authors' ``net.train()``).
+        batchnorm: how the copies' BatchNorm layers with running statistics run (models without them: no effect).
+            ``"eval"`` (the default, this package's since BatchNorm models were first supported): every copy
+            normalises with theta0's running statistics, its scale and shift trained like every other weight; the
+            copies are then deterministic functions of their weights, as the linear theory assumes. ``"train"``
+            (the authors' public code, ``net.train()`` for the copy and the frozen base: ``docs/method.md``): each
+            copy starts from theta0's weights and a private copy of theta0's running statistics, trains with batch
+            statistics (updating its own running statistics; theta0's are never modified), and records its signals
+            in eval mode with its own statistics; those statistics are stored with the copy (signals computed
+            later from stored copies use them). theta0's outputs, loss and loss gradient in the objective are then
+            computed on each training batch in the copy's mode (batch statistics), not cached once in eval mode,
+            so theta0 stays a stationary point of the "if" objective. ``Daunce.copies_batchnorm`` says which mode
+            the copies ran in.
+        augment: random augmentation of each training batch's inputs while the copies train (the authors train
+            their copies with random crops and horizontal flips; this package's default is ``"none"``).
+            ``"shift"``: each image moved by its own random offset in ``[-augment_shift, augment_shift]`` pixels
+            along each axis, zero-filled (a random crop with ``augment_shift`` pixels of zero padding);
+            ``"flip"``: each image mirrored left-right with probability 1/2; ``"shift-flip"``: both (the authors'
+            ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip``). Applied to the first tensor of a batch,
+            which must hold images ``(B, C, H, W)``. Copy k's draws come from its own generator (seeded by
+            ``(seed, k)``: ``daunce.plans.augment_generator``), so a run is reproducible and the copies see
+            different shifts. Signals are recorded without augmentation. theta0's values in the objective are
+            computed on the same augmented batch (as with ``batchnorm="train"``).
+        augment_shift: the largest shift in pixels of ``augment`` ``"shift"`` / ``"shift-flip"`` (default 4,
+            the authors' crop padding).
     """
 
     variant: Literal["if", "efim", "trak", "bootstrap"] = "if"
@@ -138,6 +164,9 @@ class DaunceConfig:
     max_steps: int = 400
     momentum: Union[float, Literal["auto"]] = AUTO
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    batchnorm: Literal["eval", "train"] = "eval"
+    augment: Literal["none", "shift", "flip", "shift-flip"] = "none"
+    augment_shift: int = 4
 
     def __post_init__(self):
         # every field is checked for its type as well as its range before anything uses it: a bool is not a count
@@ -212,11 +241,21 @@ class DaunceConfig:
         if self.momentum != AUTO and self.momentum and self.optimizer == "adam":
             bad(f"momentum applies to optimizer='sgd' only (Adam has its own moments), got {self.optimizer!r}")
         one_of("lr_schedule", LR_SCHEDULES)
+        one_of("batchnorm", BATCHNORM_MODES)
+        one_of("augment", AUGMENTATIONS)
+        integer("augment_shift", 1, what=" (pixels)")
 
     @property
     def stops_early(self) -> bool:
         """Whether copies train until the stopping test passes (full batch, no fixed ``steps``)."""
         return self.steps is None and self.batch_size is None
+
+    @property
+    def live_base(self) -> bool:
+        """Whether theta0's outputs, loss and loss gradient in the objective are computed on each training batch
+        (as the copy sees it: batch statistics with ``batchnorm="train"``, the augmented inputs with ``augment``)
+        rather than cached once for every training example (``daunce.engines.sequential.base_cache``)."""
+        return self.variant != "bootstrap" and (self.batchnorm == "train" or self.augment != "none")
 
     @property
     def auto_fields(self) -> tuple:
@@ -282,7 +321,8 @@ class DaunceConfig:
         """The fields that decide what a trained copy is (everything but the scoring rule and K).
 
         Fields that have no effect are left out, so a configuration keeps the key (and the work folders)
-        it had before they existed: ``momentum`` at 0, ``lr_schedule`` at "constant", and ``tol`` / ``max_steps``
+        it had before they existed: ``momentum`` at 0, ``lr_schedule`` at "constant", ``batchnorm`` at "eval",
+        ``augment`` at "none" (and ``augment_shift`` unless ``augment`` shifts), and ``tol`` / ``max_steps``
         unless the stopping test is on (full batch without ``steps``). "auto" optimiser fields that follow from
         the configuration alone enter with their values (``static``)."""
         cfg = self.static()
@@ -293,6 +333,12 @@ class DaunceConfig:
             d.pop("momentum")
         if self.lr_schedule == "constant":
             d.pop("lr_schedule")
+        if self.batchnorm == "eval":
+            d.pop("batchnorm")
+        if self.augment == "none":
+            d.pop("augment")
+        if "shift" not in self.augment:
+            d.pop("augment_shift")
         if not self.stops_early:
             d.pop("tol")
             d.pop("max_steps")

@@ -44,7 +44,13 @@ from . import auto
 from . import scores as _scores
 from .config import DaunceConfig
 from .engines import multiadapter, sequential, stacked, vmap
-from .engines.context import DEFAULT_MEMORY_BYTES, ModelContext, check_dataset, check_training_set
+from .engines.context import (
+    DEFAULT_MEMORY_BYTES,
+    ModelContext,
+    check_dataset,
+    check_training_set,
+    running_stat_modules,
+)
 from .engines.ray_executor import EXECUTORS, fit_on_ray
 from .plans import CopyPlan, OrthogonalDesign, make_plan, orthogonal_block_size, uses_isotropic_noise
 from .progress import progress_bar
@@ -148,12 +154,13 @@ class Daunce:
         self.adapter_block, self.adapter_memory = multiadapter.checked_block_options(adapter_block, adapter_memory)
         self.model, self.task = model, task
         self.config = config or DaunceConfig()
-        if self.config.train_mode and any(isinstance(m, vmap.RUNNING_STATS) and m.track_running_stats
-                                          for m in model.modules()):
-            # a copy's state is its trainable tensors: in train mode each copy would move the running statistics, and
-            # the next copy (and every signal) would start from the last copy's
-            raise ValueError("train_mode=True with BatchNorm running statistics is not supported: the copies would "
-                             "share and move the statistics. Use train_mode=False (BatchNorm with theta0's statistics)")
+        if self.config.train_mode and self.config.batchnorm == "eval" and running_stat_modules(model):
+            # train_mode=True is model.train(): it would put BatchNorm in train mode too, which batchnorm="eval" says
+            # it is not; the two settings must agree
+            raise ValueError(f"train_mode=True with batchnorm='eval' on a model with BatchNorm running statistics "
+                             f"(module {running_stat_modules(model)[0][0]!r}): pass batchnorm='train' too (each copy "
+                             "trains its own running statistics, the authors' net.train()), or train_mode=False "
+                             "(BatchNorm with theta0's statistics)")
         self.workdir = Path(workdir) if workdir is not None else None
         self.eval_batch_size, self.progress = eval_batch_size, progress
         self.trainer, self.vmap_block, self.vmap_memory = trainer, vmap_block, float(vmap_memory)
@@ -202,6 +209,25 @@ class Daunce:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def copies_batchnorm(self) -> Optional[str]:
+        """The mode the copies' BatchNorm layers with running statistics train in: ``"train"`` (batch statistics,
+        each copy its own running statistics, signals in eval mode with them) or ``"eval"`` (theta0's running
+        statistics), from ``config.batchnorm``; ``None`` for a model without such layers."""
+        return self.config.batchnorm if running_stat_modules(self.model) else None
+
+    @property
+    def per_copy_stats(self) -> bool:
+        """Whether every copy keeps its own BatchNorm running statistics (``copies_batchnorm == "train"``): they are
+        stored with the copy (``stats``) and used by every signal pass of it."""
+        return self.copies_batchnorm == "train"
+
+    @property
+    def uses_base_cache(self) -> bool:
+        """Whether the copies' objective uses theta0's values cached once per fit (``base_cache``); not for the
+        bootstrap form, nor where they are computed on each batch (``DaunceConfig.live_base``)."""
+        return self.config.variant != "bootstrap" and not self.config.live_base
 
     # ------------------------------------------------------------------------------------ plans
     def plan(self, k: int, n: int) -> CopyPlan:
@@ -269,16 +295,23 @@ class Daunce:
         """Copy ``k``'s trainable tensors (CPU), in the order of ``context.names``."""
         return self.store.load(k)["state"]
 
+    def stats(self, k: int) -> Optional[list]:
+        """Copy ``k``'s own BatchNorm running statistics (CPU, in the order of ``context.stat_names``) when it kept
+        them (``per_copy_stats``), else ``None`` (it used theta0's)."""
+        return self.store.load(k).get("stats")
+
     @property
     def n_unconverged(self) -> int:
         """Copies (of the first K) that reached ``max_steps`` without passing the stopping test."""
         return sum(1 for k in self.unconverged if k < self.config.n_models)
 
     def _record(self, k: int, state: list, signals: dict, seconds: float, steps: Optional[int] = None,
-                converged: Optional[bool] = None) -> None:
+                converged: Optional[bool] = None, stats: Optional[list] = None) -> None:
         """Keep (and with a workdir, atomically save) a finished copy's weights, signals, steps and
-        convergence flag."""
+        convergence flag, and its own running statistics ``stats`` (``per_copy_stats``)."""
         rec = {"k": k, "state": state, "signals": signals, "seconds": seconds}
+        if stats is not None:
+            rec["stats"] = stats
         if steps is not None:
             rec.update(steps=int(steps), converged=converged)
             self.copy_steps[k], self.copy_converged[k] = int(steps), converged
@@ -296,6 +329,7 @@ class Daunce:
         (``daunce.store.model_fingerprint`` of theta0) and ``task`` (``daunce.store.task_fingerprint``). Also
         tells the store the shapes of a copy's trainable tensors (checked when a copy file is read)."""
         self.store.state_shapes = [tuple(p.shape) for _, p in self.model.named_parameters() if p.requires_grad]
+        self.store.stats_shapes = [tuple(self.model.get_buffer(n).shape) for n in self.context.stat_names]
         fp = model_fingerprint(self.model)
         return {"architecture": fp["architecture"], "model_weights": fp["weights"], "task": task_fingerprint(self.task)}
 
@@ -418,7 +452,7 @@ class Daunce:
         if query is not None:
             self.context.check_data(query, "query_dataset")
         cfg = self.resolve(train)
-        if cache is None and self.config.variant != "bootstrap":
+        if cache is None and self.uses_base_cache:
             cache = self.base_cache(train)
         qfp = fingerprint(query) if query is not None else None
         self.choose_trainer(train)
@@ -432,10 +466,12 @@ class Daunce:
             plan = self.plan(k, len(train))
             rep: dict = {}
             state = sequential.train_copy(ctx, cfg, plan, train, cache, rep)
+            # signals in eval mode with the copy's weights and running statistics (its own, or theta0's)
             signals = {self.train_fingerprint: sequential.signals_now(ctx, train)}
             if qfp is not None:
                 signals[qfp] = sequential.signals_now(ctx, query)
-            self._record(k, state, signals, time.perf_counter() - t0, rep.get("steps"), rep.get("converged"))
+            self._record(k, state, signals, time.perf_counter() - t0, rep.get("steps"), rep.get("converged"),
+                         ctx.stats() if self.per_copy_stats else None)
         return todo
 
     def base_cache(self, train: Dataset) -> dict:
@@ -488,14 +524,17 @@ class Daunce:
             t0 = time.perf_counter()
             rep: dict = {}
             stacked = vt.train(plans, train, cache, rep)
-            sig = {self.train_fingerprint: vt.signals(stacked, train)}
+            stats = vt.block_stats if self.per_copy_stats else None  # each copy's own running statistics
+            extra = {} if stats is None else {"stats": stats}
+            sig = {self.train_fingerprint: vt.signals(stacked, train, **extra)}
             if qfp is not None:
-                sig[qfp] = vt.signals(stacked, query)
+                sig[qfp] = vt.signals(stacked, query, **extra)
             seconds = (time.perf_counter() - t0) / len(plans)
             for c, plan in enumerate(plans):
                 state = [t[c].clone().cpu() for t in stacked]
                 self._record(plan.k, state, {fp: s[c].clone() for fp, s in sig.items()}, seconds,
-                             rep["steps"][c], rep["converged"][c])
+                             rep["steps"][c], rep["converged"][c],
+                             None if stats is None else [t[c].clone().cpu() for t in stats])
             bar.update(len(plans))
             if self.trainer_used == "shared" and vt.layout_report and "; layout " not in self.trainer_reason:
                 self.trainer_reason += f"; layout {vt.layout_report['chosen']}: {vt.layout_report['reason']}"
@@ -593,11 +632,15 @@ class Daunce:
                 states = [self.state(k) for k in block]
                 stacked = [torch.stack([st[j] for st in states]).to(p.device, p.dtype)
                            for j, p in enumerate(ctx.params)]
-                sig = vt.signals(stacked, dataset, signal)
+                extra = {}
+                if self.per_copy_stats:  # each copy's own running statistics, stacked like its weights
+                    copy_stats = [self.stats(k) for k in block]
+                    extra["stats"] = [torch.stack([st[j] for st in copy_stats]) for j in range(len(ctx.stat_names))]
+                sig = vt.signals(stacked, dataset, signal, **extra)
                 for c, k in enumerate(block):
                     keep(k, sig[c].clone())
             return out
-        if path == "multi-adapter":
+        if path == "multi-adapter" and not self.per_copy_stats:
             # peft mixed-adapter batches: a block of copies as adapters of one model, one routed pass per batch
             engine = self._adapter_engine()
             size = engine.block_size(dataset, len(ks), self.adapter_block, self.adapter_memory)
@@ -613,6 +656,7 @@ class Daunce:
             # one copy per pass (budget, or one copy to do): the one-copy loop below
         for k in progress_bar(ks, desc="signals", progress=self.progress):
             ctx.load_state(self.state(k))
+            ctx.load_stats(self.stats(k))  # its own running statistics, or theta0's (None)
             keep(k, sequential.signals_now(ctx, dataset, signal))
         ctx.reset()
         return out

@@ -24,6 +24,51 @@ def copy_seed(seed: int, k: int) -> int:
     return (seed * 1_000_003 + k * 7_919 + 12_345) % (2**63 - 1)
 
 
+def augment_generator(seed: int, k: int) -> torch.Generator:
+    """Copy ``k``'s generator of augmentation draws (``DaunceConfig.augment``), seeded by ``(seed, k)`` apart from
+    the plan's generator, so the plan (subset, perturbations, minibatch order) is the same with and without
+    augmentation. The draws are taken step by step, in training order."""
+    return torch.Generator().manual_seed((copy_seed(seed, k) + 0x9E3779B97F4A7C15) % (2**63 - 1))
+
+
+def shift_flip(x: torch.Tensor, shift: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Images ``x`` ``(B, C, H, W)``, each moved by its own random offset in ``[-shift, shift]`` pixels along each
+    axis, zero-filled (a random crop of the image padded by ``shift`` zeros; ``shift=0``: no shift), then, with
+    ``flip``, each mirrored left-right with probability 1/2. The offsets (``(2, B)`` integers) are drawn first, the
+    flips (``B`` uniforms) second, from ``generator`` (on the CPU), so the draws do not depend on ``x``'s device."""
+    if x.ndim != 4:
+        raise ValueError(f"augment: random shifts and flips need images (B, C, H, W) as the batch's first tensor, "
+                         f"got shape {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    if shift:
+        off = torch.randint(0, 2 * shift + 1, (2, B), generator=generator).to(x.device)
+        padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+        rows = (off[0][:, None] + torch.arange(H, device=x.device))[:, None, :, None]
+        cols = (off[1][:, None] + torch.arange(W, device=x.device))[:, None, None, :]
+        b = torch.arange(B, device=x.device)[:, None, None, None]
+        c = torch.arange(C, device=x.device)[None, :, None, None]
+        x = padded[b, c, rows, cols]
+    if flip:
+        mirror = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def augment_batch(batch, config: DaunceConfig, generator: torch.Generator):
+    """``batch`` with its first tensor (the inputs: a tensor batch, or element 0 of a tuple / list batch) augmented
+    as ``config.augment`` says (``shift_flip``); the batch itself when ``augment`` is "none"."""
+    if config.augment == "none":
+        return batch
+    shift = config.augment_shift if "shift" in config.augment else 0
+    flip = "flip" in config.augment
+    if torch.is_tensor(batch):
+        return shift_flip(batch, shift, flip, generator)
+    if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
+        return type(batch)([shift_flip(batch[0], shift, flip, generator), *batch[1:]])
+    raise ValueError(f"augment={config.augment!r} needs batches whose first element is an image tensor (B, C, H, W); "
+                     f"got a batch of type {type(batch).__name__}")
+
+
 class BatchOrder:
     """Copy k's minibatch order: ``n_steps`` index tensors over its subset, one shuffled pass (epoch) of
     the subset after another, cut into batches of ``batch_size`` (the last of an epoch may be smaller).
@@ -162,5 +207,6 @@ def make_plan(config: DaunceConfig, k: int, n: int, n_params: int,
     return CopyPlan(k, subset, eps, batches, unflatten(eta_flat) if use_eta else None)
 
 
-__all__ = ["BatchOrder", "CopyPlan", "OrthogonalDesign", "copy_seed", "copy_subset", "make_plan",
+__all__ = ["BatchOrder", "CopyPlan", "augment_batch", "augment_generator", "shift_flip",
+           "OrthogonalDesign", "copy_seed", "copy_subset", "make_plan",
            "orthogonal_block_size", "uses_isotropic_noise", "ORTHO_MAX_ENTRIES"]

@@ -191,7 +191,9 @@ def set_aside(path: Path, problem: str, what: str = "file") -> Path:
 class CopyStore:
     """Where a Daunce run keeps its finished copies: ``folder/copies/copy_XXXX.pt`` (atomic writes) or,
     without a folder, a dict in memory. A copy's record is ``{"k", "state", "signals", "seconds"}``:
-    its trainable tensors, its signals per dataset fingerprint, and the seconds it took.
+    its trainable tensors, its signals per dataset fingerprint, and the seconds it took; a copy that trained its own
+    BatchNorm running statistics (``DaunceConfig.batchnorm="train"``) also holds them, ``"stats"`` (a list of
+    tensors in the order of ``ModelContext.stat_names``).
     Signals computed later from the stored weights go to ``folder/signals/<fingerprint>.pt``.
 
     Every copy file is checked when first asked for (``has``) and on every ``load``: it must be readable and hold
@@ -207,6 +209,8 @@ class CopyStore:
         self.memory: dict[int, dict] = {}
         #: shapes of a copy's trainable tensors, checked on load when set
         self.state_shapes: list[tuple] | None = None
+        #: shapes of a copy's running statistics, checked on load when set (for a record that holds them)
+        self.stats_shapes: list[tuple] | None = None
         self._checked: set[int] = set()  # copy files found sound since they were last written
 
     def path(self, k: int) -> Path:
@@ -231,6 +235,13 @@ class CopyStore:
                     f"{[tuple(s) for s in self.state_shapes]}")
         if not isinstance(rec["signals"], dict):
             return "its signals are not a dict"
+        stats = rec.get("stats")
+        if stats is not None:
+            if not isinstance(stats, (list, tuple)) or not all(torch.is_tensor(t) for t in stats):
+                return "its running statistics are not a list of tensors"
+            shapes, model = [tuple(t.shape) for t in stats], [tuple(x) for x in self.stats_shapes or ()]
+            if self.stats_shapes is not None and shapes != model:
+                return f"its running statistics have shapes {shapes}, the model's {model}"
         return None
 
     def _read(self, k: int) -> tuple[dict | None, str | None]:

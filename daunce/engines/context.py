@@ -17,6 +17,35 @@ from ..task import task_method
 
 #: Bytes a block of copies may use by default in one engine pass (vmap training, multi-adapter signals).
 DEFAULT_MEMORY_BYTES = 2 * 2**30
+#: layers with running statistics (buffers a training step changes)
+RUNNING_STATS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
+def running_stat_modules(model: torch.nn.Module) -> list:
+    """``[(name, module)]`` of the model's BatchNorm layers that track running statistics."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RUNNING_STATS) and m.track_running_stats]
+
+
+def set_copy_mode(model: torch.nn.Module, config) -> None:
+    """Put ``model`` in the mode a copy trains in: ``train(config.train_mode)``, and its BatchNorm layers with running
+    statistics in train mode (batch statistics) with ``config.batchnorm == "train"``, else in eval mode (theta0's or
+    the copy's running statistics). Signals are always recorded in eval mode (``model.train(False)``)."""
+    model.train(config.train_mode)
+    for _, m in running_stat_modules(model):
+        m.train(config.batchnorm == "train")
+
+
+class TaskOutputs(torch.nn.Module):
+    """Wraps ``task.outputs(model, batch)`` as a module, so ``torch.func.functional_call`` can swap in the weights
+    (and buffers) of one copy (their names are the model's, prefixed with ``model.``)."""
+
+    def __init__(self, model: torch.nn.Module, outputs_fn):
+        super().__init__()
+        self.model = model
+        self.outputs_fn = outputs_fn
+
+    def forward(self, batch):
+        return self.outputs_fn(self.model, batch)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -113,12 +142,23 @@ class ModelContext:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.params = [p for _, p in self.model.named_parameters() if p.requires_grad]
         self.theta0 = [p.detach().clone() for p in self.params]
+        #: names of the BatchNorm running-statistic buffers (``running_stat_modules``: running_mean, running_var,
+        #: num_batches_tracked), in a fixed order, and their values at theta0 (clones: theta0's own never move)
+        self.stat_names = [f"{n}.{b}" if n else b for n, m in running_stat_modules(self.model)
+                           for b, t in m.named_buffers(recurse=False) if t is not None]
+        self.stats0 = [self.model.get_buffer(n).detach().clone() for n in self.stat_names]
+        self.wrapper = TaskOutputs(self.model, self.task_outputs)
         self._checked: dict[int, tuple] = {}  # id(dataset) -> (dataset, its length): datasets check_data passed
 
     # ------------------------------------------------------------------------------------ state
     @property
     def device(self) -> torch.device:
         return self.params[0].device
+
+    @property
+    def stat_buffers(self) -> list:
+        """The working model's BatchNorm running-statistic buffers (in the order of ``stat_names``)."""
+        return [self.model.get_buffer(n) for n in self.stat_names]
 
     @property
     def n_params(self) -> int:
@@ -132,8 +172,27 @@ class ModelContext:
                 p.copy_(s.to(p.device, p.dtype))
 
     def reset(self) -> None:
-        """Put the working model back at theta0."""
+        """Put the working model back at theta0: its trainable tensors and its BatchNorm running statistics."""
         self.load_state(self.theta0)
+        self.load_stats(self.stats0)
+
+    def load_stats(self, stats: Optional[Sequence[torch.Tensor]]) -> None:
+        """Write one copy's BatchNorm running statistics (in the order of ``stat_names``) into the working model;
+        ``None`` (a copy trained with theta0's statistics) writes theta0's."""
+        with torch.no_grad():
+            for b, s in zip(self.stat_buffers, self.stats0 if stats is None else stats):
+                b.copy_(s.to(b.device, b.dtype))
+
+    def stats(self) -> list:
+        """The working model's BatchNorm running statistics now (detached CPU clones, in the order of
+        ``stat_names``)."""
+        return [b.detach().clone().cpu() for b in self.stat_buffers]
+
+    def outputs_with(self, tensors: dict, batch) -> torch.Tensor:
+        """The task's outputs with the weights and buffers ``tensors`` (``{model name: tensor}``, e.g. theta0's and
+        scratch running statistics) swapped in for this call (``torch.func.functional_call``); the others are the
+        working model's."""
+        return torch.func.functional_call(self.wrapper, {"model." + k: v for k, v in tensors.items()}, (batch,))
 
     def state(self) -> list:
         """The working model's trainable tensors now (detached CPU clones)."""
@@ -296,5 +355,6 @@ def check_data(ctx: ModelContext, dataset: Dataset, what: str) -> int:
     return n
 
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "PROBE_EXAMPLES", "check_data", "check_dataset", "check_finite",
+__all__ = ["DEFAULT_MEMORY_BYTES", "ModelContext", "PROBE_EXAMPLES", "RUNNING_STATS", "TaskOutputs",
+           "running_stat_modules", "set_copy_mode", "check_data", "check_dataset", "check_finite",
            "check_training_set", "fetch", "per_example", "resolve_device", "to_device"]

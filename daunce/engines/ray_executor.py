@@ -159,7 +159,7 @@ def fit_on_ray(d, todo: list, train, query) -> None:
     unknown = set(opts) - set(RAY_OPTIONS)
     if unknown:
         raise ValueError(f"unknown ray_options {sorted(unknown)}")
-    cache = d.base_cache(train) if d.config.variant != "bootstrap" else None
+    cache = d.base_cache(train) if d.uses_base_cache else None
     per_task = opts.get("copies_per_task") or d.vmap_block or 8
     device = opts.get("device", "cuda" if opts.get("num_gpus", 0) > 0 else None)
     ray = _ray(opts.get("init"))

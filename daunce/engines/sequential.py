@@ -13,18 +13,20 @@ from torch.utils.data import Dataset
 
 from ..config import DaunceConfig
 from ..objectives import perturbed_objective, proximal_term
-from ..plans import CopyPlan
-from .context import ModelContext, check_training_set, per_example
+from ..plans import CopyPlan, augment_batch, augment_generator
+from .context import ModelContext, check_training_set, per_example, set_copy_mode
 
 SignalFn = Callable[[torch.Tensor, object], torch.Tensor]
 
 
-def theta0_values(ctx: ModelContext, config: DaunceConfig, batch, m: int) -> dict:
+def theta0_values(ctx: ModelContext, config: DaunceConfig, batch, m: int, tensors: Optional[dict] = None) -> dict:
     """The working model's outputs, dloss/doutputs and loss on one batch of ``m`` examples (and the output
     function for the TRAK-like form), detached: ``{"outputs", "grad", "loss", ["f"]}``. Called with the model
-    at theta0, these are the cached values of every copy's objective."""
+    at theta0, these are the cached values of every copy's objective. ``tensors`` (``{name: tensor}``) are swapped
+    in for the call (``ModelContext.outputs_with``)."""
     with torch.enable_grad():
-        out = ctx.outputs(batch).detach().requires_grad_(True)
+        out = ctx.outputs(batch) if tensors is None else ctx.outputs_with(tensors, batch)
+        out = out.detach().requires_grad_(True)
         loss = ctx.loss(out, batch, m)
         (grad,) = torch.autograd.grad(loss.sum(), out)
     vals = {"outputs": out.detach(), "grad": grad.detach(), "loss": loss.detach()}
@@ -50,6 +52,17 @@ def base_cache(ctx: ModelContext, config: DaunceConfig, train: Dataset) -> dict:
                 cache[key] = v.new_empty((n,) + tuple(v.shape[1:]))
             cache[key][idx.to(v.device)] = v
     return cache
+
+
+def live_theta0_values(ctx: ModelContext, config: DaunceConfig, batch, m: int) -> dict:
+    """``theta0_values`` of theta0 on one training batch as a copy sees it (``DaunceConfig.live_base``): theta0's
+    weights in the working model's current mode (``set_copy_mode``: batch statistics with ``batchnorm="train"``),
+    on the batch as given (augmented), with scratch clones of theta0's running statistics (a train-mode pass moves
+    those, never theta0's or the copy's)."""
+    tensors = dict(zip(ctx.names, ctx.theta0))
+    tensors.update((n, s.clone()) for n, s in zip(ctx.stat_names, ctx.stats0))
+    with torch.no_grad():
+        return theta0_values(ctx, config, batch, m, tensors)
 
 
 def make_optimizer(config: DaunceConfig, params):
@@ -89,18 +102,23 @@ def start_norm(params, eta, whole: float) -> float:
 def objective_parts(config: DaunceConfig, ctx: ModelContext, plan: CopyPlan, idx: torch.Tensor, batch,
                     cache: Optional[dict]) -> tuple[torch.Tensor, dict]:
     """``(loss, kw)`` of the working model on one batch of copy ``plan.k``: the per-example loss ``(B,)`` and
-    the other keyword arguments of ``perturbed_objective`` (theta0's cached values and the copy's eps; none
-    for the bootstrap form)."""
+    the other keyword arguments of ``perturbed_objective`` (theta0's values and the copy's eps; none for the
+    bootstrap form). theta0's values are the cached ones at ``idx``, or, with ``config.live_base``, computed on
+    ``batch`` (``live_theta0_values``; ``cache`` is then not used)."""
     out = ctx.outputs(batch)
     loss = ctx.loss(out, batch, len(idx))
     kw = {}
     if config.variant != "bootstrap":
-        dev_idx = idx.to(cache["loss"].device)
-        kw = dict(loss0=cache["loss"][dev_idx], outputs=out, outputs0=cache["outputs"][dev_idx],
-                  grad0=cache["grad"][dev_idx], eps=plan.eps[idx].to(loss.device, loss.dtype))
+        if config.live_base:
+            base = live_theta0_values(ctx, config, batch, len(idx))
+        else:
+            dev_idx = idx.to(cache["loss"].device)
+            base = {key: v[dev_idx] for key, v in cache.items()}
+        kw = dict(loss0=base["loss"], outputs=out, outputs0=base["outputs"], grad0=base["grad"],
+                  eps=plan.eps[idx].to(loss.device, loss.dtype))
         if config.variant == "trak":
             kw["f"] = ctx.output_function(out, batch, len(idx))
-            kw["f0"] = cache["f"][dev_idx]
+            kw["f0"] = base["f"]
     return loss, kw
 
 
@@ -115,18 +133,23 @@ def train_copy(ctx: ModelContext, config: DaunceConfig, plan: CopyPlan, train: D
                cache: Optional[dict], report: Optional[dict] = None) -> list:
     """Fine-tune one copy from theta0 with its perturbed objective; returns its trainable tensors (CPU).
 
+    The copy starts from theta0's weights and running statistics (``ctx.reset``) and trains in the mode
+    ``set_copy_mode`` sets; with ``config.batchnorm == "train"`` its running statistics are left in the working
+    model (``ctx.stats()``), where the signal passes use them. With ``config.augment`` every batch's inputs are
+    augmented with draws from the copy's own generator (``daunce.plans.augment_generator``).
     ``config`` must be resolved (no ``"auto"`` left). With the stopping test on (``config.stops_early``) the
     copy stops at the first step whose gradient norm is at most ``config.tol`` times the norm at theta0 of its
     gradient without the isotropic noise term (``start_norm``);
     ``report`` (a dict, if given) receives ``"steps"`` (optimiser steps taken) and ``"converged"`` (True /
     False with the stopping test, None without it)."""
     ctx.reset()
-    ctx.model.train(config.train_mode)
+    set_copy_mode(ctx.model, config)
     opt = make_optimizer(config, ctx.params)
     n_steps, stop = len(plan.batches), config.stops_early
     g0, steps, converged = None, 0, (False if stop else None)
+    gen = augment_generator(config.seed, plan.k) if config.augment != "none" else None
     for step, idx in enumerate(plan.batches):
-        batch = ctx.fetch(train, idx)
+        batch = augment_batch(ctx.fetch(train, idx), config, gen)
         obj = objective_terms(config, ctx, plan, idx, batch, cache).mean()
         obj = obj + proximal_term(ctx.params, ctx.theta0, config.damping, plan.eta)
         if not torch.isfinite(obj):
@@ -165,6 +188,6 @@ def signals_now(ctx: ModelContext, dataset: Dataset, signal: Optional[SignalFn] 
     return out
 
 
-__all__ = ["base_cache", "make_optimizer", "set_lr", "gradient_norm", "objective_parts",
-           "objective_terms", "train_copy", "signals_now",
+__all__ = ["base_cache", "live_theta0_values", "theta0_values", "make_optimizer", "set_lr", "gradient_norm",
+           "objective_parts", "objective_terms", "train_copy", "signals_now",
            "SignalFn"]

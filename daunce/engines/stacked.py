@@ -466,6 +466,8 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
     set) and its subset's inputs (gathered layout)."""
     minibatch = ("copies train on minibatches of their own subsets: the union of a block's batches is not shared, so "
                  "there is no input to share")
+    if config.augment != "none":
+        return False, f"augment={config.augment!r}: each copy augments its own inputs, there is no input to share", 0
     if config.batch_size is not None and not isinstance(ctx.model, (nn.Sequential, nn.Linear, *_CONV)):
         return False, minibatch, 0  # before tracing forward: a large model (an LLM) would be traced for nothing
     ok, why = supported(ctx.model, config.train_mode)

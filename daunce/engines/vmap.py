@@ -29,7 +29,17 @@ from torch.func import functional_call, vmap
 
 from ..config import DaunceConfig
 from ..objectives import perturbed_objective, proximal_term
-from .context import DEFAULT_MEMORY_BYTES, ModelContext, fetch, per_example, to_device
+from ..plans import augment_batch, augment_generator
+from .context import (
+    DEFAULT_MEMORY_BYTES,
+    RUNNING_STATS,
+    ModelContext,
+    TaskOutputs,
+    fetch,
+    per_example,
+    set_copy_mode,
+    to_device,
+)
 
 #: Never put more copies than this in one vmap block.
 MAX_VMAP_BLOCK = 256
@@ -39,17 +49,21 @@ MAX_VMAP_BLOCK = 256
 COMPACT_AT = 0.75
 
 
-class _TaskOutputs(nn.Module):
-    """Wraps ``task.outputs(model, batch)`` as a module, so ``functional_call`` can swap in the weights
-    of one copy (its parameter names are the model's, prefixed with ``model.``)."""
+class _CopyStream:
+    """Copy ``row`` of a block's minibatch order (its plan's ``batches``): each ``next`` also tells the trainer
+    that this copy takes the step (``VectorisedTrainer._step_rows``), so its running statistics and augmentation
+    draws follow it when stopped copies leave the working tensors."""
 
-    def __init__(self, model: nn.Module, outputs_fn):
-        super().__init__()
-        self.model = model
-        self.outputs_fn = outputs_fn
+    def __init__(self, trainer: "VectorisedTrainer", row: int, order):
+        self.trainer, self.row, self.order = trainer, row, iter(order)
 
-    def forward(self, batch):
-        return self.outputs_fn(self.model, batch)
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        idx = next(self.order)
+        self.trainer.note_step(self.row)
+        return idx
 
 
 def _stack(items: list) -> Any:
@@ -72,13 +86,49 @@ class VectorisedTrainer:
         self.ctx, self.config = ctx, config
         self.names = list(ctx.names)
         self.theta0 = [t.detach() for t in ctx.theta0]
-        self.wrapper = _TaskOutputs(ctx.model, ctx.task_outputs)
+        self.wrapper = TaskOutputs(ctx.model, ctx.task_outputs)
         self.keys = ["model." + n for n in self.names]
+        self.stat_keys = ["model." + n for n in ctx.stat_names]
+        #: with ``config.batchnorm == "train"`` on a model with running statistics: every copy of the block trains
+        #: its own, stacked ``(C, *shape)`` in the order of ``ctx.stat_names`` (set by ``train``; after it, the
+        #: block's final statistics, row c copy c's)
+        self.per_copy_stats = config.batchnorm == "train" and bool(ctx.stat_names)
+        self.block_stats: Optional[list] = None
+        self._gens: Optional[list] = None  # the block's augmentation generators, one per copy (row)
+        self._step_rows: list = []  # the rows of the copies that take this step, in the order of their batches
 
     # --------------------------------------------------------------------------- functional pieces
-    def outputs(self, params: Sequence[torch.Tensor], batch):
-        """The task's outputs with the trainable weights ``params`` (one copy's) swapped in."""
-        return functional_call(self.wrapper, dict(zip(self.keys, params)), (batch,))
+    def outputs(self, params: Sequence[torch.Tensor], batch, stats: Optional[Sequence[torch.Tensor]] = None):
+        """The task's outputs with the trainable weights ``params`` (one copy's) swapped in, and its running
+        statistics ``stats`` (in the order of ``ctx.stat_names``) when given (else the working model's)."""
+        tensors = dict(zip(self.keys, params))
+        if stats is not None:
+            tensors.update(zip(self.stat_keys, stats))
+        return functional_call(self.wrapper, tensors, (batch,))
+
+    def copy_streams(self, plans: list) -> list:
+        """The block's minibatch orders, one ``_CopyStream`` per plan (row c: ``plans[c]``); sets up the block's
+        per-copy state: theta0's running statistics for every copy (``per_copy_stats``) and each copy's
+        augmentation generator (``config.augment``: ``daunce.plans.augment_generator``, as the sequential engine
+        draws them)."""
+        C, cfg = len(plans), self.config
+        self.block_stats = ([s.unsqueeze(0).expand(C, *s.shape).clone() for s in self.ctx.stats0]
+                            if self.per_copy_stats else None)
+        self._gens = [augment_generator(cfg.seed, p.k) for p in plans] if cfg.augment != "none" else None
+        self._step_rows = []
+        return [_CopyStream(self, c, p.batches) for c, p in enumerate(plans)]
+
+    def note_step(self, row: int) -> None:
+        """Copy ``row`` takes the coming step (called by its ``_CopyStream``)."""
+        if self.block_stats is not None or self._gens is not None:
+            self._step_rows.append(row)
+
+    def _take_rows(self, C: int) -> torch.Tensor:
+        """The block rows ``(C,)`` of the copies of this step's batches (in their order)."""
+        rows, self._step_rows = self._step_rows, []
+        if len(rows) != C:
+            raise RuntimeError(f"{len(rows)} copies took their minibatch for a step of {C} copies")
+        return torch.tensor(rows)
 
     def stacked_theta0(self, C: int) -> list:
         return [t.unsqueeze(0).expand(C, *t.shape).clone() for t in self.theta0]
@@ -110,7 +160,7 @@ class VectorisedTrainer:
         n_steps = len(plans[0].batches)
         if any(p.batches.sizes_key() != plans[0].batches.sizes_key() for p in plans):
             raise ValueError("copies of one vmap block must have the same number of steps and batch sizes")
-        orders = [iter(p.batches) for p in plans]
+        orders = self.copy_streams(plans)
         ctx.reset()
         ctx.model.train(cfg.train_mode)
         dev = self.theta0[0].device
@@ -183,29 +233,68 @@ class VectorisedTrainer:
         run on them under vmap."""
         ctx, cfg = self.ctx, self.config
         C, B = idx.shape
+        set_copy_mode(ctx.model, cfg)
+        copies = self._take_rows(C) if (self.block_stats is not None or self._gens is not None) else None
         batch = self.fetch_block(train, idx)
+        if self._gens is not None:  # each copy's batch augmented with its own generator
+            batch = _stack([augment_batch(_select(batch, c), cfg, self._gens[int(r)]) for c, r in enumerate(copies)])
         flat_batch = flatten_batch(batch)
         # Only the model runs under vmap; the per-example loss, output function and objective run on the
         # (C * B, ...) flattened outputs (per-example functions need no vmap; cross-entropy under vmap falls
         # back to a slow loop).
-        out = vmap(self.outputs, in_dims=(0, 0))(tuple(params), batch).flatten(0, 1)  # (C * B, ...)
+        if self.block_stats is None:
+            out = vmap(self.outputs, in_dims=(0, 0))(tuple(params), batch)
+        else:  # batch statistics; each copy's running statistics move in place under vmap, then are written back
+            stats = [s[copies.to(s.device)] for s in self.block_stats]
+            out = vmap(self.outputs, in_dims=(0, 0, 0))(tuple(params), batch, tuple(stats))
+            for s, t in zip(self.block_stats, stats):
+                s[copies.to(s.device)] = t
+        out = out.flatten(0, 1)  # (C * B, ...)
         loss = per_example(ctx.task_loss(out, flat_batch), C * B, "loss")
         kw = {}
         if cfg.variant != "bootstrap":
-            cidx = idx.reshape(-1).to(cache["loss"].device)
+            if cfg.live_base:
+                base = self.live_theta0_values(batch, flat_batch, C, B)
+            else:
+                cidx = idx.reshape(-1).to(cache["loss"].device)
+                base = {key: v[cidx] for key, v in cache.items()}
             rows = torch.arange(C)[:, None]
-            kw = dict(loss0=cache["loss"][cidx], outputs=out, outputs0=cache["outputs"][cidx],
-                      grad0=cache["grad"][cidx], eps=eps_all[rows, idx].reshape(-1).to(loss.device, loss.dtype))
+            kw = dict(loss0=base["loss"], outputs=out, outputs0=base["outputs"],
+                      grad0=base["grad"], eps=eps_all[rows, idx].reshape(-1).to(loss.device, loss.dtype))
             if cfg.variant == "trak":
                 kw["f"] = per_example(ctx.task_output_function(out, flat_batch), C * B, "output_function")
-                kw["f0"] = cache["f"][cidx]
+                kw["f0"] = base["f"]
         return perturbed_objective(cfg.variant, loss=loss, gamma=cfg.gamma, **kw).view(C, B).mean(1)
+
+    def live_theta0_values(self, batch, flat_batch, C: int, B: int) -> dict:
+        """theta0's outputs, loss gradient and loss (and output function) on every copy's batch ``(C, B, ...)`` as
+        the copy sees it (``DaunceConfig.live_base``; ``sequential.live_theta0_values`` one copy at a time):
+        theta0's weights, with scratch clones of theta0's running statistics for each copy in train-mode
+        BatchNorm; ``{"outputs", "grad", "loss", ["f"]}`` over the ``C * B`` flattened examples."""
+        ctx, cfg, n = self.ctx, self.config, C * B
+        with torch.no_grad():
+            if self.block_stats is None:
+                out0 = vmap(self.outputs, in_dims=(None, 0))(tuple(self.theta0), batch)
+            else:
+                scratch = tuple(s.unsqueeze(0).expand(C, *s.shape).clone() for s in ctx.stats0)
+                out0 = vmap(self.outputs, in_dims=(None, 0, 0))(tuple(self.theta0), batch, scratch)
+        with torch.enable_grad():
+            out0 = out0.flatten(0, 1).detach().requires_grad_(True)
+            loss0 = per_example(ctx.task_loss(out0, flat_batch), n, "loss")
+            (grad0,) = torch.autograd.grad(loss0.sum(), out0)
+        vals = {"outputs": out0.detach(), "grad": grad0.detach(), "loss": loss0.detach()}
+        if cfg.variant == "trak":
+            with torch.no_grad():
+                vals["f"] = per_example(ctx.task_output_function(out0.detach(), flat_batch), n, "output_function")
+        return vals
 
     # ------------------------------------------------------------------------------------- signals
     @torch.no_grad()
-    def signals(self, stacked: list, dataset, signal=None) -> torch.Tensor:
+    def signals(self, stacked: list, dataset, signal=None, stats: Optional[list] = None) -> torch.Tensor:
         """Signals ``(C, n)`` (float64, CPU) of the C copies whose weights are ``stacked``: the task's
-        signal, or ``signal(outputs, batch)`` when given."""
+        signal, or ``signal(outputs, batch)`` when given. In eval mode, with the copies' own running statistics
+        ``stats`` (stacked ``(C, *shape)``, in the order of ``ctx.stat_names``) when given, else the working
+        model's (theta0's)."""
         ctx = self.ctx
         ctx.model.train(False)
         n = len(dataset)
@@ -213,13 +302,28 @@ class VectorisedTrainer:
         out = torch.empty(C, n, dtype=torch.float64)
         signal_fn = ctx.task_signal if signal is None else signal
 
-        vout = vmap(self.outputs, in_dims=(0, None))
+        if stats is None:
+            vout = vmap(self.outputs, in_dims=(0, None))
+        else:
+            stats_dev = tuple(s.to(b.device, b.dtype) for s, b in zip(stats, ctx.stats0))
+            vout = vmap(lambda p, b, st: self.outputs(p, b, st), in_dims=(0, None, 0))
         for idx in ctx.index_batches(n):
             batch = ctx.fetch(dataset, idx)
-            outs = vout(tuple(stacked), batch)  # (C, B, ...)
+            outs = vout(tuple(stacked), batch) if stats is None else vout(tuple(stacked), batch, stats_dev)
             for c in range(C):
                 out[c, idx] = per_example(signal_fn(outs[c], batch), len(idx), "signal").double().cpu()
         return out
+
+
+def _select(batch: Any, c: int) -> Any:
+    """Copy ``c``'s batch ``(B, ...)`` of a stacked batch ``(C, B, ...)``."""
+    if torch.is_tensor(batch):
+        return batch[c]
+    if isinstance(batch, dict):
+        return {k: _select(v, c) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_select(v, c) for v in batch)
+    raise TypeError(f"cannot select a copy's batch from elements of type {type(batch).__name__}")
 
 
 def _per_copy_norm(grads, C: int, device) -> torch.Tensor:
@@ -340,8 +444,6 @@ class StackedSGD:
 
 
 # ---------------------------------------------------------------------------- can it be vectorised?
-#: layers with running statistics (buffers a training step changes)
-RUNNING_STATS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -367,16 +469,24 @@ def check(ctx: ModelContext, config: DaunceConfig, train, memory: float = DEFAUL
           ) -> tuple[bool, str, int]:
     """Can the copies be trained with vmap? Returns ``(ok, reason, per_copy_bytes)``.
 
-    Refuses models with BatchNorm running statistics (buffers a training step changes), stochastic
-    layers in train mode, devices other than CPU/CUDA, trainable weights that would not fit the memory
-    budget (``memory`` bytes) twice over, and tasks whose ``outputs`` fail (or differ) under
-    ``functional_call`` + ``vmap``. ``train`` is the training set (the probe examples and the batch size
-    come from it).
+    Refuses models with BatchNorm running statistics (buffers a training step changes) unless the copies train
+    them per copy (``config.batchnorm == "train"``: stacked running statistics passed to ``functional_call`` as
+    batched inputs, updated in place under vmap) without the stopping test (a copy that has stopped still runs in
+    its block until it leaves, which would keep moving its running statistics), stochastic layers in train mode,
+    devices other than CPU/CUDA, trainable weights that would not fit the memory budget (``memory`` bytes) twice over,
+    and tasks whose ``outputs`` fail (or differ) under ``functional_call`` + ``vmap``. ``train`` is the training set
+    (the probe examples and the batch size come from it).
     """
     model = ctx.model
     for name, m in model.named_modules():
         if isinstance(m, RUNNING_STATS) and m.track_running_stats:
-            return False, f"module {name or type(m).__name__} is a BatchNorm with running statistics", 0
+            if config.batchnorm != "train":
+                return False, f"module {name or type(m).__name__} is a BatchNorm with running statistics", 0
+            if config.stops_early:
+                return False, (f"module {name or type(m).__name__} is a BatchNorm whose running statistics each copy "
+                               "trains (batchnorm='train') and the stopping test is on: a stopped copy would keep "
+                               "running in its vmap block and moving its statistics (the sequential trainer stops "
+                               "it)"), 0
         if config.train_mode and isinstance(m, _STOCHASTIC):
             return False, f"module {name} is stochastic (dropout) and train_mode=True", 0
     dev = ctx.device
@@ -413,6 +523,11 @@ def _probe(ctx: ModelContext, config: DaunceConfig, train, probe, weight_bytes: 
         stacked = vt.stacked_theta0(2)
         out = vmap(vt.outputs, in_dims=(0, None))(tuple(stacked), batch)
         out2 = vmap(vt.outputs, in_dims=(0, 0))(tuple(stacked), _stack([batch, batch]))
+        if vt.per_copy_stats:  # a train-mode pass with batched running statistics must run too
+            set_copy_mode(model, config)
+            stats = tuple(s.unsqueeze(0).expand(2, *s.shape).clone() for s in ctx.stats0)
+            vmap(vt.outputs, in_dims=(0, 0, 0))(tuple(stacked), _stack([batch, batch]), stats)
+            model.train(False)
     close = dict(rtol=1e-4, atol=1e-5)
     if not (torch.allclose(out[0], ref, **close) and torch.allclose(out2[1], ref, **close)):
         return False, "task.outputs gives different values under functional_call + vmap", 0
@@ -473,5 +588,5 @@ def blocks_of(plans: list, size: int) -> list:
 
 
 __all__ = ["VectorisedTrainer", "StackedAdam", "StackedSGD", "check", "worthwhile", "block_size", "blocks_of",
-           "COMPACT_AT",
+           "COMPACT_AT", "RUNNING_STATS",
            "activation_numel", "stacked_proximal", "MAX_VMAP_BLOCK", "CPU_MAX_VMAP_WEIGHT"]
