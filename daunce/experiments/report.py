@@ -87,7 +87,7 @@ CAPTIONS = {
     "03_llm_removal_curve": "the removal curve: query-loss increase against k, per method",
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
     "04_auprc_methods": "AUPRC for the poisoned examples per method, one dot per seed",
-    "04_recall_vs_K": "AUPRC for the poisoned examples against K, with the spread over seeds",
+    "04_auprc_vs_K": "AUPRC for the poisoned examples against K, with the spread over seeds",
     "04_query_top_examples": "a triggered query and its top-scored training examples (the median seed)",
     "04_paired_verdicts": "paired per-seed AUPRC differences between every two methods, per target",
     "04_removal": "attack success after removing each method's flagged examples and retraining",
@@ -234,10 +234,10 @@ def _runtimes(root: Path) -> list[str]:
         cold_total = sum(c["wall_seconds"] for c in colds)
         on = f" on {cpus} cores" if cpus else ""
         line.append(f"**A cold `make reproduce` takes {_duration(cold_total)}{on}** (the sum of each notebook's last "
-                    "cold run): what a fresh clone pays, since `runs/` is not in the repository; a rerun that finds "
-                    "its caches costs minutes.")
+                    "cold run): what a fresh clone pays, since `runs/` is not in the repository.")
     if parts:
-        line.append("The runs in the table took " + "; ".join(parts) + ".")
+        line.append("The runs in the table took " + "; ".join(parts) + " (resumed: from the caches an earlier run "
+                    "left in `runs/`).")
     if line:
         out.append(" ".join(line))
     if colds and all(colds):
