@@ -213,7 +213,9 @@ def lds_ground_truth(model, init_state: dict, train, query, subsets, recipe: dic
         ground truth, with which helpful = positive scores give a positive LDS), "repeats": (n_repeat, n_seeds, Q)
         the goodness of the repeated subsets (``daunce.metrics.noise_ceiling``'s input), "subsets": (M, n_train)
         bool, "seconds": summed fine-tune seconds (cached ones included), "trained": retrains made in this call,
-        "workers"}``.
+        "workers"}``. The noise ceiling: ``daunce.metrics.noise_ceiling(out["repeats"])``; where most subsets have one
+        seed, the LDS is bounded by about the square root of its ``between_seeds`` (its ``of_mean`` holds for a ground
+        truth averaged over every seed).
     Raises ValueError for subsets of another width than the training set, an empty subset, ``n_repeat`` outside
     ``[0, M]`` and ``n_seeds < 1``."""
     subsets = torch.as_tensor(subsets, dtype=torch.bool)
