@@ -13,6 +13,7 @@ tasks, ``plans``, ``objectives``, ``scores``, ``exact``, ``metrics``, ``reliabil
 * ``daunce.blackbox`` (``BlackBoxDaunce``, ``Backend``, ``LocalLoRABackend``, ``OpenAIBackend``):
   attribution through a fine-tuning API only;
 * ``daunce.dattri_adapter.DaunceAttributor``: Daunce behind dattri's attributor contract;
+* ``daunce.ekfac.ekfac_grid``: kronfluence's EK-FAC influence for any model and kronfluence task;
 * ``daunce.experiments``: what the notebooks need besides the method (vision data and models, LDS
   ground truth, baselines, text data, the backdoor set, plotting, the README report).
 """
@@ -25,8 +26,8 @@ from .ensemble import DaunceEnsemble
 from .method import Daunce
 from .task import ClassificationTask, Task
 
-_SUBMODULES = {"blackbox", "dattri_adapter", "engines", "experiments", "llm", "metrics", "objectives", "parallel",
-               "plans", "reliability", "store"}
+_SUBMODULES = {"blackbox", "dattri_adapter", "ekfac", "engines", "experiments", "llm", "metrics", "objectives",
+               "parallel", "plans", "reliability", "store"}
 _LAZY = {"CausalLMTask": "llm", "BlackBoxDaunce": "blackbox", "Backend": "blackbox",
          "LocalLoRABackend": "blackbox", "OpenAIBackend": "blackbox", "DaunceAttributor": "dattri_adapter",
          "map_tasks": "engines.ray_executor"}

@@ -56,7 +56,6 @@ gave before the knob existed, bit for bit.
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from typing import Optional
 
@@ -302,23 +301,12 @@ def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: Tensor
     "margin"`` takes the training gradients of minus the margin (the factors still from the loss, with sampled labels;
     not with ``empirical_fisher``, whose factors come from the training function itself). ``device``: the
     CPU (``Analyzer(cpu=True)``) or CUDA (``cpu=False``); the scores come back on the CPU."""
-    import contextlib
-
-    from kronfluence.analyzer import Analyzer, prepare_model
-    from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task as KTask
-    from kronfluence.utils.state import State
+
+    from ..ekfac import ekfac_grid
 
     check_train_signal("kronfluence-ekfac-ef" if empirical_fisher else "kronfluence-ekfac", train_signal)
     dev = baseline_device(device)
-    # kronfluence keeps its device in a process-wide singleton (``State``): the first one made in a process fixes it,
-    # and a later ``Analyzer(cpu=...)`` does not change it. Make it here with the device asked for (what the Analyzer
-    # would do), and refuse a process where it already holds another device.
-    state = State(cpu=(dev.type == "cpu"))
-    if state.device.type != dev.type:
-        raise RuntimeError(f"kronfluence already runs on {state.device} in this process (the first use of kronfluence "
-                           f"in a process fixes its device), so it cannot run on {dev} here; run it in a fresh process "
-                           "(run_isolated and run_cached start one per grid)")
 
     class _Task(KTask):
         def compute_train_loss(self, batch, model, sample=False):
@@ -335,37 +323,8 @@ def kronfluence_grid(model: torch.nn.Module, train: TensorDataset, query: Tensor
             x, y = batch
             return -margin(model(x), y).sum()
 
-    model = prepare_model(copy.deepcopy(model).eval().to(dev), _Task())
-    tmp = tempfile.TemporaryDirectory() if workdir is None else None
-    where = str(workdir) if workdir is not None else tmp.name
-    out = []
-    # on CUDA kronfluence works on torch.device("cuda"), the current CUDA device: make it the one asked for
-    on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-    try:
-        with on_device:
-            t0 = time.perf_counter()
-            analyzer = Analyzer("daunce_baseline", model, _Task(), cpu=(dev.type == "cpu"), disable_tqdm=True,
-                                output_dir=where)
-            fargs = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical_fisher)
-            analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size, factor_args=fargs,
-                                     overwrite_output_dir=True)
-            fit_s = time.perf_counter() - t0
-            for damping in grid:
-                t0 = time.perf_counter()
-                analyzer.compute_pairwise_scores("scores", "ekfac", query, train,
-                                                 per_device_query_batch_size=batch_size,
-                                                 per_device_train_batch_size=batch_size,
-                                                 score_args=ScoreArguments(damping_factor=damping),
-                                                 overwrite_output_dir=True)
-                s = analyzer.load_pairwise_scores("scores")["all_modules"]  # (n_query, n_train), read onto the CPU
-                out.append({"damping": damping, "scores": s.T.contiguous().float().cpu(),
-                            "seconds": fit_s + time.perf_counter() - t0})
-                if on_row is not None:
-                    on_row(out[-1])
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return out
+    return ekfac_grid(model, _Task(), train, query, grid=grid, empirical_fisher=empirical_fisher,
+                      batch_size=batch_size, device=dev, workdir=workdir, on_row=on_row)
 
 
 def run_grid(method: str, model, train, query, *, grid=DAMPING_GRID, on_row=None, device: str | torch.device = "cpu",

@@ -13,7 +13,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
     if folder is not None:
         manifest = {"train": fingerprint(train), "query": fingerprint(query), "kind": kind,
                     "subsets": hashlib.sha1(subsets.numpy().tobytes()).hexdigest()[:16], "key": key or {}}
-        # more subsets than before is fine only if the first ones are the same: the subsets' hash may change
+        # more subsets than before is fine: each retrain's record holds its subset's hash, checked on loading
         check_manifest(folder, manifest, what="retrains", ignore=("subsets",))
     x, y = train.tensors[:2]
     dev = resolve_device(device) if device is not None else None
@@ -106,32 +106,78 @@ def retrain_outputs(make_model: Callable[[int], torch.nn.Module], train_fn: Call
         if dev is not None:
             model.to(dev)
         train_fn(model, TensorDataset(x[idx], y[idx]), 1000 * s + m)
-        rec = {"outputs": goodness(model, query, kind), "seconds": time.perf_counter() - t0}
-        if folder is not None:
-            atomic_save(rec, folder / f"m{m:04d}_s{s}.pt")
-        return rec
+        return {"outputs": goodness(model, query, kind), "seconds": time.perf_counter() - t0}
 
     jobs = [(m, s) for m in range(M) for s in range(n_seeds)]
-    done = {}
-    if folder is not None:
-        for j in jobs:
-            p = folder / f"m{j[0]:04d}_s{j[1]}.pt"
-            if p.exists():
-                done[j] = torch.load(p, weights_only=True)
-    todo = [j for j in jobs if j not in done]
-    if map_fn is not None and todo:
-        for j, rec in zip(todo, map_fn(one, todo)):
-            done[j] = rec
-    elif todo:
-        # retrains on a GPU run in this process (fork_map does so too once CUDA is initialised here)
-        n_workers = workers if workers is not None else default_workers()
-        if dev is not None and dev.type == "cuda":
-            n_workers = 1
-        fork_map(one, todo, n_workers, on_result=done.__setitem__, desc="ground-truth retrains", progress=progress,
-                 labels=[f"retrain m{m} s{s}" for m, s in todo])
+    # retrains on a GPU run in this process (fork_map does so too once CUDA is initialised here)
+    n_workers = 1 if dev is not None and dev.type == "cuda" else workers
+    done = cached_retrains(one, jobs, subsets, folder, workers=n_workers, map_fn=map_fn, progress=progress)
     out = torch.stack([torch.stack([done[(m, s)]["outputs"] for s in range(n_seeds)]) for m in range(M)])
     return {"outputs": out, "subsets": subsets, "seconds": float(sum(r["seconds"] for r in done.values())),
-            "trained": len(todo)}
+            "trained": done.trained}
+
+
+class Retrains(dict):
+    """``{(m, s): record}`` of ``cached_retrains``, with the number of retrains this call made (``trained``)."""
+
+    trained = 0
+
+
+def retrain_path(folder: str | os.PathLike, m: int, s: int) -> Path:
+    """The file of the retrain on subset ``m`` under seed ``s``: ``folder/m0007_s1.pt``."""
+    return Path(folder) / f"m{m:04d}_s{s}.pt"
+
+
+def subset_hash(mask: torch.Tensor) -> str:
+    """16 hex digits naming one subset's ``(n_train,)`` bool membership (stored in each retrain's record)."""
+    return hashlib.sha1(torch.as_tensor(mask, dtype=torch.bool).numpy().tobytes()).hexdigest()[:16]
+
+
+def cached_retrains(one: Callable[[tuple[int, int]], dict], jobs: Sequence[tuple[int, int]], subsets: torch.Tensor,
+                    folder: Optional[str | os.PathLike], *, workers: Optional[int] = None,
+                    map_fn: Optional[Callable] = None, progress: bool = True,
+                    desc: str = "ground-truth retrains") -> Retrains:
+    """The resumable fan-out of the LDS ground truth: ``one((m, s)) -> record`` (a dict of tensors and numbers) for
+    every job ``(subset m, seed s)`` of ``jobs`` whose file (``retrain_path(folder, m, s)``) is not there yet, each
+    record saved atomically as soon as it is computed (in the worker), so an interrupted run loses only the running
+    retrains and a rerun retrains nothing. Each record is stored with the hash of its subset (``subset_hash`` of
+    ``subsets[m]``); a stored record of another subset is refused with a ValueError naming its file, so a folder
+    whose subsets were drawn differently is never read as this run's (records written before the hash was kept are
+    taken as they are). ``folder=None``: nothing stored.
+
+    The jobs run ``workers`` at a time in forked single-threaded processes (``daunce.parallel.fork_map``; ``None``:
+    ``default_workers()``), or through ``map_fn(fn, items) -> list`` where given. ``one`` must take its randomness
+    from its job (a seed), never from a shared generator: the records are then the same whatever the worker count.
+    Returns ``Retrains``: every job's record, and ``trained`` (how many this call computed)."""
+    subsets = torch.as_tensor(subsets, dtype=torch.bool)
+    hashes = {m: subset_hash(subsets[m]) for m in sorted({m for m, _ in jobs})}
+
+    def run(job):
+        rec = dict(one(job), subset=hashes[job[0]])
+        if folder is not None:
+            atomic_save(rec, retrain_path(folder, *job))
+        return rec
+
+    done = Retrains()
+    if folder is not None:
+        for j in jobs:
+            p = retrain_path(folder, *j)
+            if p.exists():
+                rec = torch.load(p, weights_only=True)
+                if rec.get("subset", hashes[j[0]]) != hashes[j[0]]:
+                    raise ValueError(f"{p} holds a retrain on another subset {j[0]} than this run's (subset hash "
+                                     f"{rec['subset']} stored, {hashes[j[0]]} now): the subsets were drawn "
+                                     "differently; use a new folder or delete it")
+                done[j] = rec
+    todo = [j for j in jobs if j not in done]
+    if map_fn is not None and todo:
+        for j, rec in zip(todo, map_fn(run, todo)):
+            done[j] = rec
+    elif todo:
+        fork_map(run, todo, workers if workers is not None else default_workers(), on_result=done.__setitem__,
+                 desc=desc, progress=progress, labels=[f"retrain m{m} s{s}" for m, s in todo])
+    done.trained = len(todo)
+    return done
 
 
 def split_queries(n_query: int, n_tune: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

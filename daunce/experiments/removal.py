@@ -2,6 +2,9 @@
 converged Daunce copies, the controls' scores and the retrains, each cached in the work folder with the seconds it
 took (a resumed run reads them back and reports the same costs).
 
+The LLM LDS's ground truth (``lds_ground_truth``): theta0's recipe on random half-subsets of the training set, each
+query's response NLL after each, one small file per (subset, seed) in the work folder.
+
 The removal test: rank the training examples by their score summed over the query set, remove the top k,
 re-fine-tune with theta0's recipe from the same initial adapters under a retraining seed, and record each query's
 NLL increase over theta0 of that seed (``daunce.llm.retrain_without``). ``Removals.table`` gives one method's
@@ -20,10 +23,12 @@ import torch
 from .. import auto, llm, parallel
 from ..config import DaunceConfig
 from ..method import Daunce
-from ..store import atomic_save, atomic_write_json
+from ..store import atomic_save, atomic_write_json, check_manifest, fingerprint, model_fingerprint
 from .costs import CostLog
+from .groundtruth import cached_retrains
 
-__all__ = ["Removals", "constant_scores", "copy_settings", "recipe_check", "run_removals", "theta0_per_seed"]
+__all__ = ["Removals", "constant_scores", "copy_settings", "lds_ground_truth", "recipe_check", "run_removals",
+           "theta0_per_seed"]
 
 
 def _cached_json(path: Path) -> Optional[dict]:
@@ -180,3 +185,79 @@ def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Seq
         workers if workers is not None else parallel.default_workers(RETRAIN_MEMORY, device))
     parallel.fork_map(retrain, todo, out.workers, on_result=save, progress=False, labels=[job[0] for job in todo])
     return out
+
+
+def lds_ground_truth(model, init_state: dict, train, query, subsets, recipe: dict, *, n_repeat: int = 0,
+                     n_seeds: int = 2, batch: int = 16, workdir=None, key: Optional[dict] = None,
+                     workers: Optional[int] = None, progress: bool = False) -> dict:
+    """The LDS ground truth of one set: theta0's recipe on every subset, each query's mean response NLL after it.
+
+    Subset m is fine-tuned from the seeded initial adapters ``init_state`` (as theta0 and the removal retrains are)
+    on ``train.subset(subsets[m])`` with ``recipe`` (``daunce.llm.finetune``: epochs, lr, batch_size, ...) under the
+    seed ``1000 * s + m`` (it orders the minibatches) for seed index ``s = 0``, and for ``s = 1 .. n_seeds - 1`` too on
+    the first ``n_repeat`` subsets (their seed-to-seed agreement is the noise ceiling). Each retrain is kept in
+    ``workdir/gt/m0007_s1.pt`` (``daunce.experiments.groundtruth.cached_retrains``: saved as it finishes, never
+    retrained, refused if drawn on another subset) beside a manifest that binds the folder to the training and query
+    sets, the model with its initial adapters, the recipe and ``key``; more subsets or more repeats later train only
+    the new ones. The retrains run ``workers`` at a time in forked single-threaded processes (``None``: every core,
+    at most ``DAUNCE_WORKERS``, as many as the memory holds at ``RETRAIN_MEMORY`` each; 1 on a CUDA model), so the
+    values do not depend on the worker count. The model's adapters are restored before returning.
+
+    Args:
+        model: the peft model theta0 was trained as (its frozen weights define every retrain); init_state: its
+            adapters right after ``add_lora`` (``trainable_state``). train, query: ``daunce.llm.TextDataset``s.
+        subsets: ``(M, n_train)`` bool masks (``daunce.experiments.groundtruth.half_subsets``).
+        n_repeat: how many subsets (the first ones) get every seed; n_seeds: seeds on those (the others get one).
+    Returns: ``{"nll": (M, n_seeds, Q) float64 (NaN where a subset has no such seed), "outputs": (M, Q) goodness,
+        minus the mean NLL over the seeds each subset has (higher = better on the query: ``daunce.metrics.lds``'s
+        ground truth, with which helpful = positive scores give a positive LDS), "repeats": (n_repeat, n_seeds, Q)
+        the goodness of the repeated subsets (``daunce.metrics.noise_ceiling``'s input), "subsets": (M, n_train)
+        bool, "seconds": summed fine-tune seconds (cached ones included), "trained": retrains made in this call,
+        "workers"}``. The noise ceiling: ``daunce.metrics.noise_ceiling(out["repeats"])``; where most subsets have one
+        seed, the LDS is bounded by about the square root of its ``between_seeds`` (its ``of_mean`` holds for a ground
+        truth averaged over every seed).
+    Raises ValueError for subsets of another width than the training set, an empty subset, ``n_repeat`` outside
+    ``[0, M]`` and ``n_seeds < 1``."""
+    subsets = torch.as_tensor(subsets, dtype=torch.bool)
+    M = subsets.shape[0]
+    if subsets.ndim != 2 or subsets.shape[1] != len(train):
+        raise ValueError(f"subsets must be (M, n_train) = (M, {len(train)}) bool masks, got {tuple(subsets.shape)}")
+    empty = (~subsets.any(1)).nonzero()
+    if len(empty):
+        raise ValueError(f"subset {int(empty[0, 0])} holds no training example")
+    if not 0 <= n_repeat <= M:
+        raise ValueError(f"n_repeat must lie in [0, {M}] (the number of subsets), got {n_repeat}")
+    if n_seeds < 1:
+        raise ValueError(f"n_seeds must be >= 1, got {n_seeds}")
+    before = llm.trainable_state(model)
+    llm.load_trainable_state(model, init_state)
+    folder = Path(workdir) / "gt" if workdir is not None else None
+    if folder is not None:
+        manifest = {"train": fingerprint(train), "query": fingerprint(query), "model": model_fingerprint(model),
+                    "recipe": recipe, "measurement": "mean response NLL", "key": key or {}}
+        check_manifest(folder, manifest, what="LDS retrains")
+
+    def one(job):
+        m, s = job
+        with llm.Timer() as t:
+            llm.load_trainable_state(model, init_state)
+            llm.finetune(model, None, train.subset(subsets[m].nonzero().squeeze(1)), seed=1000 * s + m,
+                         progress=False, **recipe)
+            nll = llm.response_nll(model, None, query, batch)
+        return {"nll": nll, "seconds": t.seconds}
+
+    jobs = [(m, s) for m in range(M) for s in range(n_seeds if m < n_repeat else 1)]
+    device = next(model.parameters()).device
+    n_workers = 1 if device.type == "cuda" else (
+        workers if workers is not None else parallel.default_workers(RETRAIN_MEMORY, device))
+    try:
+        done = cached_retrains(one, jobs, subsets, folder, workers=n_workers, progress=progress,
+                               desc="LDS retrains")
+    finally:
+        llm.load_trainable_state(model, before)
+    nll = torch.full((M, n_seeds, len(query)), float("nan"), dtype=torch.float64)
+    for (m, s), rec in done.items():
+        nll[m, s] = rec["nll"]
+    return {"nll": nll, "outputs": -nll.nanmean(1), "repeats": -nll[:n_repeat], "subsets": subsets,
+            "seconds": float(sum(r["seconds"] for r in done.values())), "trained": done.trained,
+            "workers": n_workers}

@@ -18,7 +18,8 @@ Modules, in the order data flows through them:
 * ``training``: ``finetune`` (theta0's recipe), ``response_nll``, ``response_log_likelihood``, ``greedy_matches``,
   ``generate``, ``Timer``.
 * ``gradients``: ``per_example_gradients`` (LoRA, optionally projected), ``gradient_if_scores``,
-  ``gradient_dot_scores``, ``gradient_cosine_scores``, ``logra_scores`` (dattri's LoGra).
+  ``gradient_dot_scores``, ``gradient_cosine_scores``, ``logra_scores`` (dattri's LoGra), ``ekfac_scores`` /
+  ``ekfac_damping_grid`` (kronfluence's EK-FAC on the adapters), ``lora_linear_names``.
 * ``embeddings``: ``sentence_embeddings`` / ``embedding_scores`` (all-MiniLM-L6-v2, loaded once).
 * ``removal``: ``top_k_removal``, ``keep_mask``, ``retrain_without`` (the removal evaluation).
 
@@ -38,10 +39,13 @@ from .data import (
 )
 from .embeddings import embedding_scores, minilm, minilm_dir, sentence_embeddings
 from .gradients import (
+    ekfac_damping_grid,
+    ekfac_scores,
     gradient_cosine_scores,
     gradient_dot_scores,
     gradient_if_scores,
     logra_scores,
+    lora_linear_names,
     per_example_gradients,
 )
 from .layers import BottomFeatures, backbone_and_head, base_model, bottom_features, split_model, truncate_layers
@@ -62,11 +66,11 @@ from .training import Timer, finetune, generate, greedy_matches, response_log_li
 
 __all__ = [
     "IGNORE", "MLP_TARGETS", "SMOLLM2_GGUF", "BottomFeatures", "CausalLMTask", "TextDataset", "Timer", "add_lora",
-    "backbone_and_head", "base_model", "batches", "bottom_features", "embedding_scores", "encode", "encode_one",
-    "example_text", "finetune", "fitting", "generate", "gradient_cosine_scores", "gradient_dot_scores",
-    "gradient_if_scores", "greedy_matches", "keep_mask", "logra_scores", "load_hub_model", "load_smollm2",
-    "load_trainable_state", "minilm", "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages",
-    "response_log_likelihood",
+    "backbone_and_head", "base_model", "batches", "bottom_features", "ekfac_damping_grid", "ekfac_scores",
+    "embedding_scores", "encode", "encode_one", "example_text", "finetune", "fitting", "generate",
+    "gradient_cosine_scores", "gradient_dot_scores", "gradient_if_scores", "greedy_matches", "keep_mask",
+    "logra_scores", "load_hub_model", "load_smollm2", "load_trainable_state", "lora_linear_names", "minilm",
+    "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages", "response_log_likelihood",
     "response_nll", "response_token_losses", "retrain_without", "sentence_embeddings", "smollm2_tokenizer",
     "split_model", "tiny_llama", "top_k_removal", "trainable_state", "truncate_layers",
 ]
