@@ -72,12 +72,16 @@ def test_metagradient_matches_finite_differences_of_finetune(float64_llama, reci
 def test_metagradient_sign_upweighting_a_copy_of_the_query_helps(tiny_lora):
     """A query that repeats training example 2: up-weighting example 2 in the real fine-tune lowers the query's
     loss and removing it raises it, and the reference scores example 2 positive (helpful) and highest of all,
-    the orientation of the package's other scores (``top_k_removal`` removes it first)."""
+    the orientation of the package's other scores (``top_k_removal`` removes it first). Batching the queries'
+    adjoints (``query_chunk``) changes nothing."""
     model, tok = tiny_lora
     recipe = dict(epochs=3, lr=5e-3, batch_size=2, seed=0)
     train, queries = llm.TextDataset(tok, TRAIN, 48), llm.TextDataset(tok, [TRAIN[2], QUERIES[0]], 48)
     init = llm.trainable_state(model)
     S = llm.metagradient_scores(model, None, train, queries, **recipe)
+    llm.load_trainable_state(model, init)   # both queries through each step in one batched product: the same matrix
+    torch.testing.assert_close(llm.metagradient_scores(model, None, train, queries, query_chunk=2, **recipe), S,
+                               rtol=1e-5, atol=1e-9)
 
     def query_loss(w):
         llm.load_trainable_state(model, init)

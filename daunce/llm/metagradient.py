@@ -88,7 +88,8 @@ def _collate(ds, idx, device):
 
 def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr: float = 1e-3,
                         batch_size: int = 8, seed: int = 0, max_length: int = 256, weight_decay: float = 0.0,
-                        optimizer: str = "adamw", momentum: float = 0.0, progress: bool = False) -> torch.Tensor:
+                        optimizer: str = "adamw", momentum: float = 0.0, query_chunk: int = 1,
+                        progress: bool = False) -> torch.Tensor:
     """``(n_train, n_query)`` float64 on the CPU: the exact metagradient ``S(i, q) = -d l_q(theta_T) / d w_i`` at
     ``w = 1`` (positive = helpful; see the module docstring), where ``theta_T`` is ``finetune(model, tokenizer,
     train, epochs=..., lr=..., batch_size=..., seed=..., ...)`` from the model's current trainable parameters
@@ -98,7 +99,8 @@ def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr
     model). The recipe keywords are ``finetune``'s. The model ends at ``theta_T`` (eval mode), as ``finetune``
     leaves it. Cost: one fine-tune, one gradient per query, and per query and step one vector-Jacobian product
     through the step's gradient (a double backward over the step's minibatch); memory: the optimiser state of
-    every step plus one step's double-backward graph.
+    every step plus one step's double-backward graph. ``query_chunk`` queries go through a step in one batched
+    product (``is_grads_batched``): fewer passes, that many times the memory of the double backward.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -107,6 +109,8 @@ def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("metagradient_scores: the model has no trainable parameters (add LoRA adapters first)")
+    if query_chunk < 1:
+        raise ValueError(f"metagradient_scores: query_chunk must be at least 1, got {query_chunk}")
     device = params[0].device
     n, nq = len(ds), len(dq)
     plan = step_batches(n, epochs=epochs, batch_size=batch_size, seed=seed)
@@ -136,13 +140,13 @@ def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr
         bar.update(1)
     load(theta)
 
-    # the adjoint of each query's loss at theta_T
-    adjoints = []
+    # the adjoints of the state after the last step, one row per query: the query's loss gradient for the
+    # parameters, zero for the optimiser state; laid out as the update's outputs (parameters, then each state part)
+    adj = [torch.zeros(nq, *p.shape, dtype=p.dtype, device=device) for _ in range(1 + n_state) for p in params]
     for q in range(nq):
         batch = _collate(dq, torch.tensor([q]), device)
-        loss = task.loss(task.outputs(model, batch), batch).sum()
-        adjoints.append([list(torch.autograd.grad(loss, params))] + [[torch.zeros_like(p) for p in params]
-                                                                      for _ in range(n_state)])
+        for a, g in zip(adj, torch.autograd.grad(task.loss(task.outputs(model, batch), batch).sum(), params)):
+            a[q] = g
     w_bar = torch.zeros(nq, n, dtype=torch.float64)
 
     # backward: replay each step with its graph and pull every query's adjoint through it
@@ -157,14 +161,20 @@ def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr
             new_theta, new_state = update(params, state_in, grads, group["lr"] * lr_factor(t, total), t + 1)
             outs = list(new_theta) + [s for part in new_state for s in part]
             ins = list(params) + [s for part in state_in for s in part] + [w]
-            for q in range(nq):
-                cot = [c for part in adjoints[q] for c in part]
-                res = torch.autograd.grad(outs, ins, grad_outputs=cot, retain_graph=True, allow_unused=True)
-                res = [torch.zeros_like(x) if r is None else r.detach() for r, x in zip(res, ins)]
-                k = len(params)
-                adjoints[q] = [res[:k]] + [res[k + j * k : k + (j + 1) * k] for j in range(n_state)]
-                w_bar[q] += res[-1].double().cpu()
-                bar.update(1)
+            for a in range(0, nq, query_chunk):
+                b = min(a + query_chunk, nq)
+                if b - a == 1:
+                    res = torch.autograd.grad(outs, ins, grad_outputs=[x[a] for x in adj], retain_graph=True,
+                                              allow_unused=True)
+                    res = [None if r is None else r[None] for r in res]
+                else:
+                    res = torch.autograd.grad(outs, ins, grad_outputs=[x[a:b] for x in adj], retain_graph=True,
+                                              allow_unused=True, is_grads_batched=True)
+                for x, r in zip(adj, res):
+                    x[a:b] = 0 if r is None else r.detach()
+                if res[-1] is not None:
+                    w_bar[a:b] += res[-1].detach().double().cpu()
+                bar.update(b - a)
             del grads, new_theta, new_state, outs
     bar.close()
     load(theta)
