@@ -84,8 +84,9 @@ def lds_row(scores, gt: dict, queries, groups: Sequence, **kw) -> dict:
 
 def tune_by_lds(candidates: dict, gt: dict, tuning_queries) -> dict:
     """The candidate (``{label: (n_train, Q) scores}``) with the highest LDS on the tuning queries:
-    ``{"chosen": label, "tune_lds": {label: LDS}}`` (ties: the first; a candidate whose LDS is NaN, e.g. constant
-    scores, is never chosen). Raises ValueError when no candidate has a finite LDS."""
+    ``{"chosen": label, "tune_lds": {label: LDS}}`` (ties: the first; constant scores rank no subset above another and
+    get 0; an undefined LDS is recorded as None and never chosen). Raises ValueError when no candidate has a finite
+    LDS."""
     q = np.asarray(tuning_queries)
     rows = [dict(label=lab, tune_lds=float(metrics.lds(S, gt["outputs"], gt["subsets"], queries=q).mean))
             for lab, S in candidates.items()]
