@@ -18,7 +18,10 @@ the step's derivative with respect to the weights. Only one step's graph is held
 is written out differentiably here (AdamW and SGD as ``torch.optim`` define them, hyper-parameters read from the
 optimiser ``make_optimizer`` builds), and the minibatches, learning-rate schedule and loss are ``finetune``'s own
 (``step_batches``, ``lr_factor``, ``batch_loss``); the tests check the unrolled fine-tune against ``finetune``
-and the derivative against finite differences of ``finetune`` in the weights.
+and the derivative against finite differences of ``finetune`` in the weights, and against bergson's MAGIC where
+bergson is installed. LoRA's B = 0 start gives the A matrices an exactly zero first gradient, so Adam's second
+moment is 0 there: its square root is differentiated as 0 at 0 (``_sqrt0``), the true value (bergson's AdamW
+gives NaN for the first batch's examples there unless its ``eps_root`` is positive).
 """
 
 from __future__ import annotations
