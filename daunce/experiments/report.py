@@ -620,7 +620,8 @@ def _section_03(j: dict) -> list[str]:
     out = [f"`{j['model']}` with LoRA on the MLP of the top {j['lora_top_layers']} of {j['n_layers']} layers "
            f"({j['lora_params']:,} trainable parameters); Daunce with K = {j['K']} copies (`if`, subset ratio "
            f"{cfg['subset_ratio']}, ρ = {cfg['rho']}, full-batch heavy-ball copies trained to the stopping test, "
-           "damping at d_λ = K). "
+           + ("damping at d_λ = K). " if "daunce_tuned" not in j else "damping from the d_λ = K floor; in the removal "
+              "test the damping, form and noise term the LDS chose on tuning queries). ")
            + "; ".join(f"{names.get(s, s)}: {v['n_train']} training examples, {v['n_query']} queries"
                        for s, v in sizes.items())
            + f". Remove each method's top-k training examples, re-fine-tune with θ0's recipe under {len(seeds)} "
