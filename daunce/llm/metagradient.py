@@ -22,6 +22,14 @@ and the derivative against finite differences of ``finetune`` in the weights, an
 bergson is installed. LoRA's B = 0 start gives the A matrices an exactly zero first gradient, so Adam's second
 moment is 0 there: its square root is differentiated as 0 at 0 (``_sqrt0``), the true value (bergson's AdamW
 gives NaN for the first batch's examples there unless its ``eps_root`` is positive).
+
+Smoothness: the derivative is exact, but whether it predicts removals depends on how smooth the fine-tune is in
+the weights. AdamW with torch's eps = 1e-8 normalises gradient components near zero to steps of size lr
+(``g / (|g| + eps)``), so components whose gradient is within a few eps of 0 weigh heavily in the derivative and
+flip within a tiny change of the weights. On the tests' tiny Llama (float64, 4 AdamW steps) central differences
+match it to 7e-6 at h = 1e-6 but not at h >= 1e-3, and its Pearson correlation with the effect of removing one
+example is 0.49; with eps = 1e-3 the agreement holds to 2e-3 at h = 0.1 and the correlation is 0.97; with SGD,
+1.00. MAGIC asks for such a smooth ("metasmooth") training run.
 """
 
 from __future__ import annotations
@@ -91,7 +99,7 @@ def _collate(ds, idx, device):
 
 def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr: float = 1e-3,
                         batch_size: int = 8, seed: int = 0, max_length: int = 256, weight_decay: float = 0.0,
-                        optimizer: str = "adamw", momentum: float = 0.0, query_chunk: int = 1,
+                        optimizer: str = "adamw", momentum: float = 0.0, eps: float = 1e-8, query_chunk: int = 1,
                         progress: bool = False) -> torch.Tensor:
     """``(n_train, n_query)`` float64 on the CPU: the exact metagradient ``S(i, q) = -d l_q(theta_T) / d w_i`` at
     ``w = 1`` (positive = helpful; see the module docstring), where ``theta_T`` is ``finetune(model, tokenizer,
@@ -119,7 +127,7 @@ def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr
     plan = step_batches(n, epochs=epochs, batch_size=batch_size, seed=seed)
     total = len(plan)
     group = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
-                           momentum=momentum).param_groups[0]
+                           momentum=momentum, eps=eps).param_groups[0]
     update, n_state = (_adamw_update if optimizer == "adamw" else _sgd_update)(group)
     task = CausalLMTask()
     model.eval()

@@ -44,15 +44,16 @@ def lr_factor(step: int, total: int) -> float:
 
 
 def make_optimizer(params, *, optimizer: str = "adamw", lr: float = 1e-3, weight_decay: float = 0.0,
-                   momentum: float = 0.0) -> torch.optim.Optimizer:
-    """theta0's optimiser on ``params``: ``"adamw"`` (``torch.optim.AdamW``, its default betas and eps) or
-    ``"sgd"`` (``torch.optim.SGD`` with ``momentum``); ``weight_decay`` as each defines it."""
+                   momentum: float = 0.0, eps: float = 1e-8) -> torch.optim.Optimizer:
+    """theta0's optimiser on ``params``: ``"adamw"`` (``torch.optim.AdamW``, its default betas, ``eps`` its
+    denominator's floor, torch's default 1e-8) or ``"sgd"`` (``torch.optim.SGD`` with ``momentum``);
+    ``weight_decay`` as each defines it."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if optimizer == "adamw":
         if momentum:
             raise ValueError(f"momentum={momentum} is an SGD setting; AdamW's are its betas")
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
@@ -68,13 +69,14 @@ def batch_loss(model, task: CausalLMTask, batch: dict, weights: Optional[torch.T
 
 def finetune(model, tokenizer, examples, *, epochs: int = 2, lr: float = 1e-3, batch_size: int = 8,
              seed: int = 0, max_length: int = 256, weight_decay: float = 0.0, optimizer: str = "adamw",
-             momentum: float = 0.0, weights: Optional[torch.Tensor] = None, progress: bool = True,
+             momentum: float = 0.0, eps: float = 1e-8, weights: Optional[torch.Tensor] = None, progress: bool = True,
              desc: str = "fine-tune"):
     """Fine-tune the model's trainable parameters (LoRA adapters) in place on ``examples`` (a list of
     dicts or a ``TextDataset``): AdamW (or SGD, ``optimizer="sgd"``) on the mean response-token NLL of each
     minibatch (``batch_loss``), a linear learning-rate decay to 0 (``lr_factor``), the minibatches of
     ``step_batches`` (shuffled from ``seed``). ``weights`` ``(n,)``, optional: each example's loss is multiplied
-    by its weight in every step (the weighted training whose derivative ``metagradient_scores`` computes).
+    by its weight in every step (the weighted training whose derivative ``metagradient_scores`` computes). ``eps``:
+    AdamW's; a larger one makes the fine-tune smoother in the weights (see ``daunce.llm.metagradient``).
     Returns the model (eval mode).
 
     This is theta0's recipe; the removal evaluation retrains with it from the base model."""
@@ -87,7 +89,7 @@ def finetune(model, tokenizer, examples, *, epochs: int = 2, lr: float = 1e-3, b
     task = CausalLMTask()
     plan = step_batches(len(ds), epochs=epochs, batch_size=batch_size, seed=seed)
     total = len(plan)
-    opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    opt = make_optimizer(params, optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum, eps=eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total))
     device = next(model.parameters()).device
     model.train(False)  # no dropout: deterministic, as the copies are
