@@ -29,7 +29,10 @@ the weights. AdamW with torch's eps = 1e-8 normalises gradient components near z
 flip within a tiny change of the weights. On the tests' tiny Llama (float64, 4 AdamW steps) central differences
 match it to 7e-6 at h = 1e-6 but not at h >= 1e-3, and its Pearson correlation with the effect of removing one
 example is 0.49; with eps = 1e-3 the agreement holds to 2e-3 at h = 0.1 and the correlation is 0.97; with SGD,
-1.00. MAGIC asks for such a smooth ("metasmooth") training run.
+1.00. On notebook 03's default math set (SmolLM2, 40 examples, 15 steps, float32), for training example 4 and
+query 0: with eps = 1e-8 the metagradient is 0.081, central differences give 0.084 at h = 1e-4 but 0.004 at
+h = 0.1 (removing the example: +0.007); with eps = 1e-4 the largest score (example 36) is 0.0463 and central
+differences at h = 0.1 give 0.0463. MAGIC asks for such a smooth ("metasmooth") training run.
 """
 
 from __future__ import annotations
