@@ -42,7 +42,7 @@ import torch
 from ..progress import progress_bar
 from .data import batches
 from .task import CausalLMTask
-from .training import _as_dataset, batch_loss, lr_factor, make_optimizer, step_batches
+from .training import as_dataset, batch_loss, lr_factor, make_optimizer, step_batches
 
 __all__ = ["metagradient_scores"]
 
@@ -118,8 +118,8 @@ def metagradient_scores(model, tokenizer, train, queries, *, epochs: int = 2, lr
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    ds = _as_dataset(tokenizer, train, max_length)
-    dq = _as_dataset(tokenizer, queries, max_length)
+    ds = as_dataset(tokenizer, train, max_length)
+    dq = as_dataset(tokenizer, queries, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("metagradient_scores: the model has no trainable parameters (add LoRA adapters first)")

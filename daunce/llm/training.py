@@ -18,7 +18,9 @@ from .data import IGNORE, TextDataset, batches, prompt_messages
 from .task import CausalLMTask
 
 
-def _as_dataset(tokenizer, examples, max_length):
+def as_dataset(tokenizer, examples, max_length):
+    """``examples`` as a ``TextDataset`` (tokenised with ``tokenizer`` up to ``max_length``), or as they are when they
+    already are one."""
     return examples if isinstance(examples, TextDataset) else TextDataset(tokenizer, examples, max_length)
 
 
@@ -80,7 +82,7 @@ def finetune(model, tokenizer, examples, *, epochs: int = 2, lr: float = 1e-3, b
     Returns the model (eval mode).
 
     This is theta0's recipe; the removal evaluation retrains with it from the base model."""
-    ds = _as_dataset(tokenizer, examples, max_length)
+    ds = as_dataset(tokenizer, examples, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("finetune: the model has no trainable parameters (add LoRA adapters first)")
@@ -110,7 +112,7 @@ def finetune(model, tokenizer, examples, *, epochs: int = 2, lr: float = 1e-3, b
 
 @torch.no_grad()
 def _response_stats(model, tokenizer, examples, batch_size, max_length):
-    ds = _as_dataset(tokenizer, examples, max_length)
+    ds = as_dataset(tokenizer, examples, max_length)
     task = CausalLMTask()
     device = next(model.parameters()).device
     was = model.training
@@ -139,7 +141,7 @@ def greedy_matches(model, tokenizer, examples, batch_size: int = 16, max_length:
     end-of-turn token, included; the template's tokens after it are not compared), each position fed the
     response's own previous tokens. Greedy decoding reproduces the response exactly when this holds, so it is a
     generation test run in one forward pass, on split models (``daunce.llm.split_model``) too."""
-    ds = _as_dataset(tokenizer, examples, max_length)
+    ds = as_dataset(tokenizer, examples, max_length)
     task = CausalLMTask()
     device = next(model.parameters()).device
     was = model.training
