@@ -102,7 +102,7 @@ def test_executed_llm_runs_meet_their_contracts():
     r03 = json.loads((runs / "03_llm_subset_removal.json").read_text())
     r04 = json.loads((runs / "04_blackbox_backdoor.json").read_text())
     assert r03["profile"] == r04["profile"] == "default"
-    check_removal_contract(r03, min_seeds=5, min_K=16)
+    check_removal_contract(r03, min_seeds=5, min_K=16, min_lds_subsets=50, min_lds_repeat=20)   # LDS: where present
     check_backdoor_contract(r04, min_K=64, min_seeds=8)
 
 

@@ -530,6 +530,12 @@ def test_removal_pieces_resume_and_remove_what_they_rank_first(tiny, tmp_path):
     again = rm.run_removals(pm, init, data, S, ["θ0 loss", "random"], {"s": [2]}, [0, 1], recipe, {"s": qloss}, **kw)
     assert again.n_new == 0
     assert np.array_equal(again.table("s", "random", 2, [0, 1]), out.table("s", "random", 2, [0, 1]))
+    # each retraining seed removes by its own attribution draw ({seed: scores}): seed 0's set is the one retrained
+    # above (kept), seed 1's is its own scores' top k (here the lowest-loss examples), retrained anew
+    own = {"s": {"θ0 loss": {0: S["s"]["θ0 loss"], 1: -S["s"]["θ0 loss"]}}}
+    per = rm.run_removals(pm, init, data, own, ["θ0 loss"], {"s": [2]}, [0, 1], recipe, {"s": qloss}, **kw)
+    assert per.n_new == 1 and per["s|θ0 loss|2|0"]["removed"] == out["s|θ0 loss|2|0"]["removed"]
+    assert per["s|θ0 loss|2|1"]["removed"] == torch.argsort(loss)[:2].tolist()
 
 
 def test_copy_settings_give_heavy_ball_copies_that_pass_their_stopping_test(tiny, tmp_path):
@@ -555,3 +561,14 @@ def test_copy_settings_give_heavy_ball_copies_that_pass_their_stopping_test(tiny
     cfg = daunce.DaunceConfig(n_models=K, damping=st["damping"], lr=st["lr"], momentum=st["momentum"], **base)
     dn = daunce.Daunce(pm, llm.CausalLMTask(), cfg, eval_batch_size=4, progress=False).fit(train)
     assert dn.n_unconverged == 0 and max(dn.copy_steps.values()) < 300
+    # notebook 03's tuning candidates: the damping a multiple of the floor, the heavy-ball step set for it, the
+    # copies kept (a second call trains none and returns the same scores)
+    d = dict(train=train, query=llm.TextDataset(tok, EXAMPLES[:2], 64))
+    S4, rec = rm.daunce_scores(pm, llm.CausalLMTask(), d, base, K, st, workdir=tmp_path / "x4", batch=4,
+                               damping_factor=4)
+    assert rec["damping"] == pytest.approx(4 * st["damping"]) and rec["copies_trained"] == K
+    assert (rec["lr"], rec["momentum"]) == daunce.auto.heavy_ball(st["top_curvature"], 4 * st["damping"])
+    assert S4.shape == (len(train), 2) and len(rec["steps"]) == len(rec["converged"]) == K
+    S4b, again = rm.daunce_scores(pm, llm.CausalLMTask(), d, base, K, st, workdir=tmp_path / "x4", batch=4,
+                                  damping_factor=4)
+    assert again["copies_trained"] == 0 and torch.allclose(S4, S4b)

@@ -27,8 +27,8 @@ from ..store import atomic_save, atomic_write_json, check_manifest, fingerprint,
 from .costs import CostLog
 from .groundtruth import cached_retrains
 
-__all__ = ["Removals", "constant_scores", "copy_settings", "lds_ground_truth", "recipe_check", "run_removals",
-           "theta0_per_seed"]
+__all__ = ["Removals", "constant_scores", "copy_settings", "daunce_scores", "lds_ground_truth", "recipe_check",
+           "run_removals", "theta0_per_seed"]
 
 
 def _cached_json(path: Path) -> Optional[dict]:
@@ -112,6 +112,35 @@ def copy_settings(model, task, train, daunce_cfg: dict, K: int, *, work: Path, c
     return out
 
 
+def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict, *, workdir: Path, batch: int,
+                  damping_factor: float = 1.0) -> tuple:
+    """Daunce on one set from the model's current adapters (theta0): ``(scores (n_train, n_query), record)``.
+
+    The damping is ``damping_factor`` times ``settings["damping"]`` (``copy_settings``' d_lambda = K floor for the
+    same form), the heavy-ball ``lr`` / ``momentum`` are set for curvatures in ``[lambda, 6 c_max + lambda]`` at that
+    damping (``daunce.auto.heavy_ball``); the other fields (form, noise term, rho, ...) are ``daunce_cfg``'s. The
+    copies are kept in ``workdir`` (a rerun resumes; a larger K trains only the new copies). ``record``: the
+    damping, lr, momentum, each copy's steps and stopping test, the copies' seconds (``per_copy_s`` as recorded
+    when each was trained) and ``copies_trained`` in this call. Warnings of copies at the step cap are not raised:
+    ``converged`` records them."""
+    import warnings
+
+    lam = float(settings["damping"]) * damping_factor
+    lr, momentum = auto.heavy_ball(settings["top_curvature"], lam)
+    cfg = DaunceConfig(n_models=K, **{**daunce_cfg, "damping": lam, "lr": lr, "momentum": momentum})
+    dn = Daunce(model, task, cfg, workdir=workdir, eval_batch_size=batch, progress=False)
+    with llm.Timer() as t, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Daunce: .* reached max_steps", category=RuntimeWarning)
+        dn.fit(d["train"], d["query"])
+        scores = dn.attribute(d["train"], d["query"])
+    steps = [int(dn.store.load(k)["steps"]) for k in range(K)]
+    converged = [bool(dn.store.load(k)["converged"]) for k in range(K)]
+    return scores, dict(damping=lam, damping_factor=damping_factor, lr=lr, momentum=momentum, steps=steps,
+                        converged=converged, n_converged=int(sum(converged)), this_run_s=t.seconds,
+                        copies_trained=len(dn.trained_copies), per_copy_s=dn.training_seconds() / K,
+                        total_s=dn.training_seconds())
+
+
 def constant_scores(values, n_query: int) -> torch.Tensor:
     """``(n_train, n_query)`` scores that give every query the same per-example value (a control such as
     theta0's training loss or the gradient norm: the removal then takes the examples with the largest values)."""
@@ -146,7 +175,9 @@ def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Seq
                  workers: Optional[int] = None) -> Removals:
     """Every (set, method, k, seed) retrain that is not in ``path`` with the same removed set yet; the file is
     rewritten as each finishes. ``"random"`` removes a new random set per seed; every other method its top k by the
-    score summed over the queries (``daunce.llm.top_k_removal``). The retrains run ``workers`` at a time in forked
+    score summed over the queries (``daunce.llm.top_k_removal``); ``scores[name][m]`` is one ``(n_train, n_query)``
+    tensor for every seed, or ``{seed: tensor}`` (each retraining seed removes by its own attribution draw, e.g. from
+    its own theta0). The retrains run ``workers`` at a time in forked
     single-threaded processes (``daunce.parallel.fork_map``; ``None``: every core, at most ``DAUNCE_WORKERS``, as
     many as the memory holds at ``RETRAIN_MEMORY`` each; 1 on a CUDA model), so the results do not depend on the
     worker count; a retrain's ``seconds`` are those of its worker."""
@@ -159,7 +190,9 @@ def run_removals(model, init_state: dict, data: dict, scores: dict, methods: Seq
         for k in ks[name]:
             for seed in seeds:
                 for m in methods:
-                    removed = random_removal(n, k, seed) if m == "random" else llm.top_k_removal(scores[name][m], k)
+                    S = scores[name][m] if m != "random" else None
+                    S = S[seed] if isinstance(S, dict) else S   # per seed: that seed's own attribution draw
+                    removed = random_removal(n, k, seed) if m == "random" else llm.top_k_removal(S, k)
                     key = f"{name}|{m}|{k}|{seed}"
                     if key in out and out[key]["removed"] == removed.tolist():
                         continue   # finished in an earlier run with the same removed set

@@ -620,19 +620,63 @@ def _section_03(j: dict) -> list[str]:
     out = [f"`{j['model']}` with LoRA on the MLP of the top {j['lora_top_layers']} of {j['n_layers']} layers "
            f"({j['lora_params']:,} trainable parameters); Daunce with K = {j['K']} copies (`if`, subset ratio "
            f"{cfg['subset_ratio']}, ρ = {cfg['rho']}, full-batch heavy-ball copies trained to the stopping test, "
-           "damping at d_λ = K). "
+           + ("damping at d_λ = K). " if "daunce_tuned" not in j else "damping from the d_λ = K floor; in the removal "
+              "test the damping, form and noise term the LDS chose on tuning queries). ")
            + "; ".join(f"{names.get(s, s)}: {v['n_train']} training examples, {v['n_query']} queries"
                        for s, v in sizes.items())
            + f". Remove each method's top-k training examples, re-fine-tune with θ0's recipe under {len(seeds)} "
            "retraining seeds (random removal: a new draw per seed), and measure each query's NLL increase over θ0 of "
-           "the same seed. Mean with a 95% two-level bootstrap interval (seeds, then queries):", ""]
+           "the same seed. Mean with a 95% "
+           + (f"interval, {j['interval']}" if _has_shares(j) else "two-level bootstrap interval (seeds, then queries)")
+           + ("; in parentheses the share of the whole fine-tune's effect on the query NLL, † where the effect is at "
+              "the noise floor (its interval includes 0 or it is below θ0's seed-to-seed spread)"
+              if _has_shares(j) else "") + ":", ""]
+    main = j.get("main_method", "daunce-if")
+
+    def cell(v):
+        text = f"{_f(v['mean'], 4, True)} {_ci(v['lo'], v['hi'], 4, True)}"
+        if _num(v.get("share")) is not None:
+            text += f" ({v['share']:+.0%}{' †' if v.get('at_noise_floor') else ''})"
+        return text
+
     for s, methods in j["removal"].items():
         ks = sorted({k for m in methods.values() for k in m}, key=float)
-        rows = [[f"**{m}**" if m.startswith("daunce") else m]
-                + [f"{_f(by_k[k]['mean'], 4, True)} {_ci(by_k[k]['lo'], by_k[k]['hi'], 4, True)}" if k in by_k else "–"
-                   for k in ks] for m, by_k in methods.items()]
+        rows = [[f"**{m}**" if m == main else m] + [cell(by_k[k]) if k in by_k else "–" for k in ks]
+                for m, by_k in methods.items()]
         out += [f"**{names.get(s, s)}** (θ0's query NLL {_f(j.get('base_query_nll', {}).get(s))})", ""]
         out += _table(["method", *[f"k = {k}" for k in ks]], rows) + [""]
+
+    def lds():
+        lines = ["**The LLM LDS** (`daunce.experiments.removal.lds_ground_truth`: half-subsets fine-tuned with θ0's "
+                 "recipe, each query's NLL the measurement); every knob chosen by the LDS on tuning queries, the LDS "
+                 "reported on the other topics with a 95% interval that resamples topics:", ""]
+        for s, b in j["lds"].items():
+            ceil = b["noise_ceiling"]
+            lines += [f"*{names.get(s, s)}*: {b['subsets']} half-subsets, {b['repeated']} with a second seed "
+                      f"(seed-to-seed Spearman {_f(ceil.get('between_seeds'))}); Daunce tuned to "
+                      f"{b['daunce_tuning']['chosen']}", ""]
+            rows = [[f"**{m}**" if m in ("daunce", main) else m, _f(r["lds"]), _ci(*r["ci"]), r.get("knob") or "–",
+                     f"{r['n_queries']} ({r['n_groups']})"]
+                    for m, r in sorted(b["methods"].items(), key=lambda t: -t[1]["lds"])]
+            lines += _table(["method", "LDS (report)", "interval", "knob (tuned)", "queries (topics)"], rows) + [""]
+        return lines
+
+    def overlaps():
+        lines = []
+        same, behind = j.get("same_removed_sets"), j.get("behind_every_seed")
+        if same is None:   # a run before the per-seed overlaps: its overlaps are in the findings' notebook only
+            return []
+        if behind is not None:
+            lines.append("Daunce behind in every retraining seed: " + ("; ".join(
+                f"{names.get(c['set'], c['set'])} k = {c['k']} vs {c['method']}" for c in behind) or "nowhere") + ".")
+        if same is not None:
+            lines.append("Identical removed sets (one experiment, not two): " + ("; ".join(
+                f"{names.get(c['set'], c['set'])} k = {c['k']}, Daunce and {c['method']}" for c in same) or "none")
+                + ".")
+        rows = [[names.get(s, s), k, m, f"{v:.0%}"] for s, by_k in j["removal_overlap"].items()
+                for k, by_m in by_k.items() for m, v in by_m.items()]
+        return lines + ["", "Share of Daunce's removed examples that each other method removes too:", "",
+                        *_table(["set", "k", "method", "overlap"], rows), ""]
 
     def copies():
         rows = [[names.get(s, s), f"{c['damping']:.3g}", f"{c['top_curvature']:.3g}",
@@ -689,9 +733,14 @@ def _section_03(j: dict) -> list[str]:
         return ("Costs as recorded when first measured (kept in the work folder, so a resumed run reports them "
                 "too): " + "; ".join(parts) + f"; this run's compute {_duration(sec.get('total_s'))}.")
 
-    for part in (copies, recipe, paired, logra, seconds):
+    for part in (lds, copies, recipe, paired, overlaps, logra, seconds):
         out += _optional(part)
     return out
+
+
+def _has_shares(j: dict) -> bool:
+    """Whether notebook 03's run wrote each removal's share of the whole fine-tune's effect (runs before it did not)."""
+    return any("share" in v for methods in j["removal"].values() for by_k in methods.values() for v in by_k.values())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -858,11 +907,23 @@ def _findings(root: Path) -> list[str]:
         def count(ws):
             return f"ahead in {sum(w == 'ahead' for w in ws)} of {len(ws)}, behind in {sum(w == 'behind' for w in ws)}"
 
+        extra = ""
+        if "behind_every_seed" in j:   # runs with the LDS block and per-seed attribution draws
+            behind = j["behind_every_seed"]
+            extra += "; behind in every seed: " + (", ".join(f"{c['set']} k = {c['k']} vs {c['method']}"
+                                                             for c in behind) or "none")
+            same = j.get("same_removed_sets", [])
+            extra += ("; identical removed sets: " + ", ".join(f"{c['set']} k = {c['k']} with {c['method']}"
+                                                              for c in same) if same else "")
+        if "lds" in j:
+            extra += "; LDS (report queries) Daunce vs metagradient reference: " + ", ".join(
+                f"{s} {_f(b['methods']['daunce']['lds'])} vs {_f(b['methods']['metagradient']['lds'])}"
+                for s, b in j["lds"].items())
         return ["03 · LLM subset removal", "removing Daunce's top-k raises the query loss more than LoGra and random "
                 "removal", f"Daunce vs random: {count(v)}; vs LoGra (dattri): {count(lib)}; vs the loss and "
                 f"gradient-norm controls: {count(ctrl)}; tied otherwise ({len(j['sizes'])} sets × "
-                f"{len(v) // len(j['sizes'])} removal sizes, {len(j['seeds'])} retraining seeds, two-level intervals)",
-                "[03](papermill_runs/03_llm_subset_removal.ipynb)"]
+                f"{len(v) // len(j['sizes'])} removal sizes, {len(j['seeds'])} retraining seeds, two-level intervals)"
+                + extra, "[03](papermill_runs/03_llm_subset_removal.ipynb)"]
 
     def r04():
         j = runs["04"]

@@ -15,11 +15,14 @@ Modules, in the order data flows through them:
 * ``data``: ``encode`` (chat template, prompt masked), ``TextDataset``, ``batches``, ``prompt_length``,
   ``fitting``, ``example_text``.
 * ``task``: ``CausalLMTask``, ``response_token_losses``.
-* ``training``: ``finetune`` (theta0's recipe), ``response_nll``, ``response_log_likelihood``, ``greedy_matches``,
-  ``generate``, ``Timer``.
+* ``training``: ``finetune`` (theta0's recipe, optionally with per-example weights; its pieces ``step_batches``,
+  ``lr_factor``, ``make_optimizer``, ``batch_loss``), ``response_nll``, ``response_log_likelihood``,
+  ``greedy_matches``, ``generate``, ``Timer``.
 * ``gradients``: ``per_example_gradients`` (LoRA, optionally projected), ``gradient_if_scores``,
   ``gradient_dot_scores``, ``gradient_cosine_scores``, ``logra_scores`` (dattri's LoGra), ``ekfac_scores`` /
   ``ekfac_damping_grid`` (kronfluence's EK-FAC on the adapters), ``lora_linear_names``.
+* ``metagradient``: ``metagradient_scores``, the exact derivative of each query's loss through the fine-tune with
+  respect to the training examples' weights (MAGIC's reference).
 * ``embeddings``: ``sentence_embeddings`` / ``embedding_scores`` (all-MiniLM-L6-v2, loaded once).
 * ``removal``: ``top_k_removal``, ``keep_mask``, ``retrain_without`` (the removal evaluation).
 
@@ -49,6 +52,7 @@ from .gradients import (
     per_example_gradients,
 )
 from .layers import BottomFeatures, backbone_and_head, base_model, bottom_features, split_model, truncate_layers
+from .metagradient import metagradient_scores
 from .models import (
     MLP_TARGETS,
     SMOLLM2_GGUF,
@@ -62,15 +66,27 @@ from .models import (
 )
 from .removal import keep_mask, retrain_without, top_k_removal
 from .task import CausalLMTask, response_token_losses
-from .training import Timer, finetune, generate, greedy_matches, response_log_likelihood, response_nll
+from .training import (
+    Timer,
+    batch_loss,
+    finetune,
+    generate,
+    greedy_matches,
+    lr_factor,
+    make_optimizer,
+    response_log_likelihood,
+    response_nll,
+    step_batches,
+)
 
 __all__ = [
     "IGNORE", "MLP_TARGETS", "SMOLLM2_GGUF", "BottomFeatures", "CausalLMTask", "TextDataset", "Timer", "add_lora",
-    "backbone_and_head", "base_model", "batches", "bottom_features", "ekfac_damping_grid", "ekfac_scores",
-    "embedding_scores", "encode", "encode_one", "example_text", "finetune", "fitting", "generate",
+    "backbone_and_head", "base_model", "batch_loss", "batches", "bottom_features", "ekfac_damping_grid",
+    "ekfac_scores", "embedding_scores", "encode", "encode_one", "example_text", "finetune", "fitting", "generate",
     "gradient_cosine_scores", "gradient_dot_scores", "gradient_if_scores", "greedy_matches", "keep_mask",
-    "logra_scores", "load_hub_model", "load_smollm2", "load_trainable_state", "lora_linear_names", "minilm",
-    "minilm_dir", "per_example_gradients", "prompt_length", "prompt_messages", "response_log_likelihood",
+    "logra_scores", "load_hub_model", "load_smollm2", "load_trainable_state", "lora_linear_names", "lr_factor",
+    "make_optimizer", "metagradient_scores", "minilm", "minilm_dir", "per_example_gradients", "prompt_length",
+    "prompt_messages", "response_log_likelihood",
     "response_nll", "response_token_losses", "retrain_without", "sentence_embeddings", "smollm2_tokenizer",
-    "split_model", "tiny_llama", "top_k_removal", "trainable_state", "truncate_layers",
+    "split_model", "step_batches", "tiny_llama", "top_k_removal", "trainable_state", "truncate_layers",
 ]
