@@ -336,7 +336,9 @@ def _check_vision_models_and_modes(data):
         assert {t["variant"] for t in m["tuning"]} == {"if", "efim"}, f"{name}: efim is not among the candidates"
         assert all(0 <= t["converged_fraction"] <= 1 for t in m["tuning"]), name
         bb = rows["daunce-blackbox"]
-        assert bb["variant"] == "bootstrap" and bb["K"] == m["K"] and m["blackbox_tuning"], (name, bb)
+        assert bb["variant"] == "bootstrap" and m["blackbox_tuning"], (name, bb)
+        # tuned at the reported K, or (no candidate converged, the toy ResNet of the smoke profile) flagged
+        assert bb["K"] == m["K"] if bb["passed_convergence_check"] else bb["converged"] is False, (name, bb)
         assert all(t["variant"] == "bootstrap" for t in m["blackbox_tuning"]), name
         h = m["successive_halving"]
         assert 2 <= h["k0"] < m["K"] and h["entered"] <= h["candidates"] and isinstance(h["kept_chosen"], bool), h
