@@ -51,22 +51,21 @@ class DaunceConfig:
         rho: half-width of the perturbation, ``eps = rho * (2 * U(0, 1) - 1)``, or ``"auto"`` (the default:
             measured on theta0 so the copies stay in the linear regime, ``daunce.auto``). Small values keep the
             copies in the linear regime where the covariance means an influence function; rho = 1
-            (a large perturbation) lost most of the agreement in our measurements. The default 0.3 won
-            the tuning split of ``02_vision_lds`` on the MLP and the CNN (logistic regression preferred
-            0.03) and is what the LLM notebooks use.
+            (a large perturbation) lost most of the agreement in our measurements. In that regime rho only
+            scales the covariance: ``02_vision_lds`` measures it (``"auto"``) instead of tuning it.
         gamma: weight of the quadratic term. gamma = 1 makes theta0 a stationary point of the
             "if" objective on every subset.
         damping: lambda of the proximal term ``lambda/2 * ||theta - theta0||^2`` that keeps each copy
             near theta0 (damping *around theta0*, not weight decay towards zero), or ``"auto"`` (the
             default, ``daunce.auto``: the damping whose limit best predicts warm-started half-subset
             fine-tunes of theta0, a proxy ground truth, and large enough that K copies resolve the directions
-            above it). What ``02_vision_lds``'s tuning grid chose with ground truth (Adam copies, fixed steps):
-            1e-3 on the logistic regression and the CNN, 1e-4 on the MLP; "auto" chose 3.3e-4, 9.6e-3 and 0.47.
+            above it). ``02_vision_lds`` chooses it per model with ground truth (its metrics JSON,
+            ``papermill_runs/02_vision_lds.json``, records each model's choice, ``daunce_chosen``).
         isotropic_noise: add the random linear term ``-eta^T (theta - theta0)`` that turns the damped
             estimator's limit into exactly the damped influence function (see ``daunce.exact``). It
             spreads the perturbation over d more dimensions, so at finite K it costs Monte-Carlo noise:
-            ``02_vision_lds``'s tuning (with ground truth) turns it off on the logistic regression and the MLP
-            and on on the CNN. ``"auto"`` (the default) turns it on only when
+            ``02_vision_lds`` tunes it off or on per model with ground truth (its metrics JSON records the
+            choice). ``"auto"`` (the default) turns it on only when
             the K copies can resolve its kernel and the proxy ground truth prefers it (``daunce.auto``).
         perturbation: ``"iid"`` draws every copy's perturbations independently, as the paper does
             (eps uniform, eta Gaussian). ``"orthogonal"`` keeps their mean and covariance but makes

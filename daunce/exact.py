@@ -253,7 +253,7 @@ def matched_damping(config: DaunceConfig) -> float:
 
 def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: str | int = "auto",
                  rtol: float = 0.1, max_subsets: int = 256, train_grads=None, query_grads=None, curvature=None,
-                 return_info: bool = False):
+                 train_readout=None, return_info: bool = False):
     """The K -> infinity limit of the Daunce covariance of the copies that are run, linearised around theta0:
     ``(n, m)`` scores (and, with ``return_info``, a dict that says how they were computed).
 
@@ -292,6 +292,11 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: st
         rtol, max_subsets: the stopping rule of ``"auto"`` below ratio 1.
         train_grads, query_grads: precomputed ``(n, d)``, ``(m, d)`` gradients to reuse (``per_example_grads``;
             the query side may be any per-query vector, e.g. the gradient of minus the margin).
+        train_readout: ``(n, d)`` gradients of the signal the training side is read with, where it is not the loss
+            whose gradients build the perturbation (``train_grads``): e.g. minus the margin (``per_example_grads(...,
+            fn="signal")`` of a margin task), for copies whose training signals are recorded as margins. The limit
+            is then ``E_S[r_i^T A_S^{-1} (Cov(b | S) + Cov(eta)) A_S^{-1} grad_l_q]`` with r_i its rows; default:
+            ``train_grads`` (the loss on both the perturbation's and the read-out's side).
         curvature: only for the full-data formula of "if" (``subsets="full"``, or ``"auto"`` at ratio 1): the
             ``(d, d)`` matrix ``GGN + (gamma - 1) H`` of all training examples, without lambda, precomputed. The
             subset average does not use it (each subset's curvature is built from per-example Gauss-Newton factors),
@@ -317,7 +322,7 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: st
     n = len(train) if train_grads is None else train_grads.shape[0]
     whole = max(1, round(config.subset_ratio * n)) == n
     if subsets == "full" or (subsets == "auto" and whole):
-        out = _full_data_limit(model, task, train, query, config, train_grads, query_grads, curvature)
+        out = _full_data_limit(model, task, train, query, config, train_grads, query_grads, curvature, train_readout)
         return (out, {"subsets": 0, "rel_sem": 0.0, "formula": "full-data"}) if return_info else out
     if subsets == "auto":
         if not (isinstance(max_subsets, int) and max_subsets >= 2):
@@ -331,7 +336,7 @@ def daunce_limit(model, task, train, query, config: DaunceConfig, *, subsets: st
         counts = [subsets]
     _check_subset_limit(config)
     scores = _subset_scores(model, task, train, query, config, train_grads=train_grads, query_grads=query_grads,
-                            expected=counts[0])
+                            expected=counts[0], train_readout=train_readout)
     for used, mean, sem in _averages(scores, counts):
         info = {"subsets": used, "rel_sem": _relative(sem, mean), "formula": "subset-average"}
         if subsets != "auto" or info["rel_sem"] < rtol:
@@ -350,12 +355,14 @@ def _check_resolved(config: DaunceConfig) -> None:
                          "(pass Daunce.resolved_config after fit, or set them)")
 
 
-def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grads, query_grads, curvature):
+def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grads, query_grads, curvature,
+                     train_readout=None):
     """``daunce_limit``'s closed form with the full data's curvature (``subsets="full"``)."""
     _check_resolved(config)
     Gi = (per_example_grads(model, task, train) if train_grads is None else train_grads).double()
     Gq = (per_example_grads(model, task, query) if query_grads is None else query_grads).double()
     _check_grads(Gi, Gq)
+    Gr = _readout(train_readout, Gi)
     n, d = Gi.shape
     m = max(1, round(config.subset_ratio * n))
     s2, lam, gam = config.sigma2, config.damping, config.gamma
@@ -378,9 +385,20 @@ def _full_data_limit(model, task, train, query, config: DaunceConfig, train_grad
     C = s2 / m * G
     if config.isotropic_noise:
         C = C + s2 * lam / (c * gam * m) * eye
-    X = torch.linalg.solve(A, Gi.T)  # A^{-1} g_i, (d, n)
+    X = torch.linalg.solve(A, Gr.T)  # A^{-1} r_i (the read-out, by default g_i), (d, n)
     Y = torch.linalg.solve(A, Gq.T)
     return X.T @ C @ Y
+
+
+def _readout(train_readout, Gi: torch.Tensor) -> torch.Tensor:
+    """The training side's read-out gradients ``(n, d)`` (float64): ``train_readout``, or the loss gradients ``Gi``."""
+    if train_readout is None:
+        return Gi
+    Gr = torch.as_tensor(train_readout).double()
+    if tuple(Gr.shape) != tuple(Gi.shape) or not bool(torch.isfinite(Gr).all()):
+        raise ValueError(f"train_readout must be a finite {tuple(Gi.shape)} matrix like the training gradients, got "
+                         f"shape {tuple(Gr.shape)}")
+    return Gr
 
 
 def _check_subset_limit(config: DaunceConfig) -> None:
@@ -430,7 +448,7 @@ def _gram(X: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 
 def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_grads=None, query_grads=None,
-                   expected: int = 16, route: str | None = None) -> Iterator[torch.Tensor]:
+                   expected: int = 16, route: str | None = None, train_readout=None) -> Iterator[torch.Tensor]:
     """The scores ``(n, m)`` of the subsets of copies 0, 1, 2, ... in turn (endless), each
     ``grad_l_i^T A_S^{-1} (sigma^2/m G_S + Cov(eta)) A_S^{-1} grad_l_q``: the engine of ``daunce_subset_limit`` and
     of ``daunce_limit`` below ratio 1.
@@ -440,7 +458,8 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
     product with ``A_S^{-1}`` reduces to kernels ``F F^T``, ``F g`` and ``g g^T`` of the per-example factors F and
     gradients g, which do not depend on the subset and are computed once for all subsets (when ``expected`` subsets
     repay that) or per subset. The cheapest of the three by a count of multiplications is used, unless ``route``
-    (``"direct"``, ``"kernel once"``, ``"kernel per subset"``) names one."""
+    (``"direct"``, ``"kernel once"``, ``"kernel per subset"``) names one. ``train_readout`` replaces ``grad_l_i`` on
+    the training side of the read-out only (``daunce_limit``)."""
     _check_subset_limit(config)
     from .plans import copy_subset
 
@@ -449,7 +468,6 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
     _check_grads(Gi, Gq)
     n, d = Gi.shape
     nq = Gq.shape[0]
-    N = n + nq
     m = max(1, round(config.subset_ratio * n))
     s2, lam, gam = config.sigma2, config.damping, config.gamma
     c = 1.0 if config.variant == "if" else 2.0
@@ -460,7 +478,11 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
     if m == n:
         expected = 1  # every subset is the whole training set: one is computed
     Fr = F.reshape(n * P, d)
-    R = torch.cat([Gi, Gq])  # (N, d): the vectors A_S^{-1} is applied to
+    Gr = _readout(train_readout, Gi)
+    # the vectors A_S^{-1} is applied to: the training read-out, the queries and, where the read-out is not the loss
+    # gradients, those too (the subset's g_s, columns g0 + S); N of them
+    R = torch.cat([Gr, Gq] + ([Gi] if train_readout is not None else []))
+    g0, N = (n + nq if train_readout is not None else 0), R.shape[0]
     # multiplications: the kernel route's per-subset algebra, its kernels (once or per subset), the direct route
     algebra = k**3 / 3 + k * k * N + (2 * k * k * nq if iso else 0) + 2 * m * k * N + 2 * n * nq * k
     once = (n * P) ** 2 * d + 2 * n * P * d * N
@@ -483,7 +505,8 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
         return L
 
     if route != "direct":
-        GR = Gi @ R.T  # (n, N): g_i^T g_j and g_i^T g_q
+        GR = Gi @ R.T  # (n, N): g_i^T r_j and g_i^T g_q
+        RQ = Gr @ Gq.T  # (n, nq): r_i^T g_q, the noise term's
         if route == "kernel once":
             K, KR = _gram(Fr).div_(m), (Fr @ R.T).div_(math.sqrt(m))  # Phi^T Phi, Phi^T [g_i, g_q] of all
             del F, Fr
@@ -495,27 +518,27 @@ def _subset_scores(model, task, train, query, config: DaunceConfig, *, train_gra
             FS = Fr[idx]
             A = FS.T @ FS / m
             A.diagonal().add_(lam)
-            Z = torch.cholesky_solve(R.T, factorise(A))  # A_S^{-1} [g_i, g_q], (d, N)
+            Z = torch.cholesky_solve(R.T, factorise(A))  # A_S^{-1} [r_i, g_q, ...], (d, N)
             UZ = Gi[S] @ Z
-            out = (s2 / m**2) * UZ[:, :n].T @ UZ[:, n:]
+            out = (s2 / m**2) * UZ[:, :n].T @ UZ[:, n:n + nq]
             if iso:
-                out += (s2 * lam / (c * gam * m)) * Z[:, :n].T @ Z[:, n:]
+                out += (s2 * lam / (c * gam * m)) * Z[:, :n].T @ Z[:, n:n + nq]
             return out
         if route == "kernel once":
             M, B = K[idx[:, None], idx[None, :]], KR[idx]
         else:
             FS = Fr[idx]
             M, B = FS @ FS.T / m, FS @ R.T / math.sqrt(m)
-        M.diagonal().add_(lam)  # M = lambda I + Phi^T Phi;  B = Phi^T [g_i, g_q]
+        M.diagonal().add_(lam)  # M = lambda I + Phi^T Phi;  B = Phi^T [r_i, g_q, ...]
         L = factorise(M)
         V = torch.linalg.solve_triangular(L, B, upper=False)  # L^{-1} B
         # A_S^{-1} = (I - Phi M^{-1} Phi^T) / lambda:  g_s^T A_S^{-1} g = (g_s^T g - V_s^T V) / lambda  (s in S)
-        UZ = (GR[S] - V[:, S].T @ V) / lam
-        out = (s2 / m**2) * UZ[:, :n].T @ UZ[:, n:]
-        if iso:  # g_i^T A_S^{-2} g_q = (g_i^T g_q - V_i^T (V_q + lambda L^{-1} L^{-T} V_q)) / lambda^2
-            Vq = V[:, n:]
+        UZ = (GR[S] - V[:, g0 + S].T @ V) / lam
+        out = (s2 / m**2) * UZ[:, :n].T @ UZ[:, n:n + nq]
+        if iso:  # r_i^T A_S^{-2} g_q = (r_i^T g_q - V_i^T (V_q + lambda L^{-1} L^{-T} V_q)) / lambda^2
+            Vq = V[:, n:n + nq]
             W = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L.T, Vq, upper=True), upper=False)
-            out += (s2 / (c * gam * m * lam)) * (GR[:, n:] - V[:, :n].T @ (Vq + lam * W))
+            out += (s2 / (c * gam * m * lam)) * (RQ - V[:, :n].T @ (Vq + lam * W))
         return out
 
     if m == n:

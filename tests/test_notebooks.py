@@ -366,6 +366,58 @@ def _check_vision_rows(data):
             rec = m["theta0_recipe"]
             assert rec["batchnorm"] and rec["optimizer"] == "sgd" and m["copies_batchnorm"]
     assert any(m["batchnorm"] for m in data["models"].values()), "no BatchNorm model in notebook 02"
+    if all("n_models" in r for m in data["models"].values() for r in m["results"]):
+        _check_vision_models_and_modes(data)
+
+
+#: the models of notebook 02 whose rows of Daunce, TRAK and kronfluence's EK-FAC run on 1 and on M trained models
+ENSEMBLE_MODELS = ("cnn", "resnet")
+
+
+def _check_vision_models_and_modes(data):
+    """Notebook 02's contract for runs that record the trained models of every row (``n_models``; the committed run
+    before them does not): the chosen form and its copies' converged share, the form among the candidates, the tuned
+    black-box row, on the CNN and the ResNet Daunce, TRAK and kronfluence's EK-FAC at M = 1 and M (at least 3 in the
+    default profile) with paired verdicts at matched M, on the BatchNorm network the tuned and the authors' rows in
+    both BatchNorm modes and the authors' ``rn9``, and the successive-halving check."""
+    min_M = 3 if data["profile"] == "default" else 2
+    for name, m in data["models"].items():
+        rows = {r["method"]: r for r in m["results"]}
+        chosen = rows["daunce-best"]["chosen"]
+        assert chosen["variant"] in ("if", "efim") and 0 <= chosen["converged_fraction"] <= 1, (name, chosen)
+        assert {t["variant"] for t in m["tuning"]} == {"if", "efim"}, f"{name}: efim is not among the candidates"
+        assert all(0 <= t["converged_fraction"] <= 1 for t in m["tuning"]), name
+        bb = rows["daunce-blackbox"]
+        assert bb["variant"] == "bootstrap" and m["blackbox_tuning"], (name, bb)
+        # tuned at the reported K, or (no candidate converged, the toy ResNet of the smoke profile) flagged
+        assert bb["K"] == m["K"] if bb["passed_convergence_check"] else bb["converged"] is False, (name, bb)
+        assert all(t["variant"] == "bootstrap" for t in m["blackbox_tuning"]), name
+        h = m["successive_halving"]
+        assert 2 <= h["k0"] < m["K"] and h["entered"] <= h["candidates"] and isinstance(h["kept_chosen"], bool), h
+        assert h["chosen"][:2] == [chosen["variant"], chosen["damping"]], (name, h["chosen"], chosen)
+        assert all(r["n_models"] >= 1 for r in m["results"]), name
+        if name in ENSEMBLE_MODELS:
+            M = m["n_ensemble"]
+            assert M >= min_M and m["K"] % M == 0, f"{name}: M = {M} trained models for K = {m['K']}"
+            for base in ("daunce-best", "trak", "kronfluence-ekfac"):
+                ms = {r["n_models"] for r in m["results"] if r["method"].split(" (M = ")[0] == base}
+                assert {1, M} <= ms, f"{name}: {base} has rows on {sorted(ms)} trained models, not on 1 and {M}"
+            for r in m["results"]:  # the extra models' training is charged to every row that uses them
+                if r["n_models"] > 1:
+                    assert r["seconds"] >= m["ensemble_seconds"], (name, r["method"])
+            matched = {(x["n_models"], x["method"].split(" (M = ")[0]) for x in m["matched_M"]}
+            assert matched == {(k, b) for k in (1, M) for b in ("trak", "kronfluence-ekfac")}, (name, matched)
+            for x in m["matched_M"]:
+                assert x["diff"] == pytest.approx(x["daunce_lds"] - x["other_lds"], abs=1e-9), (name, x)
+                assert x["verdict"] == ("ahead" if x["lo"] > 0 else "behind" if x["hi"] < 0 else "tied"), (name, x)
+        if m["batchnorm"]:
+            assert m["architecture"]["name"] == "rn9" and m["architecture"]["weights"] > 0, m["architecture"]
+            for base in ("daunce-best", "daunce-authors-recipe"):
+                modes = {r.get("copies_batchnorm") for r in m["results"] if r["method"].startswith(base)}
+                assert {"train", "eval"} <= modes, f"{name}: {base} rows in BatchNorm modes {modes}"
+            assert m["tuning_train_mode"] and m["daunce_chosen_train_mode"]["copies_batchnorm"] == "train", name
+            tm = rows["daunce-authors-recipe, train mode"]["recipe"]
+            assert tm["augment"] == "shift-flip" and tm["variant"] == "efim" and tm["momentum"] == 0.9, tm
 
 
 def test_every_notebook_has_a_parameters_cell():

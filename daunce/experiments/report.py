@@ -462,14 +462,27 @@ def _section_02(j: dict) -> list[str]:
                      f"{rec.get('epochs')} epochs, weight decay {rec.get('weight_decay')}, random shifts of up to "
                      f"{rec.get('shift')} pixel(s); Daunce's copies in {M.get('copies_batchnorm')}")
         g = M.get("daunce_grid") or {}
-        head += (f". `daunce-best`: K = {_k(M.get('K'))}, damping {c.get('damping'):g}, noise term "
+        arch = M.get("architecture") or {}
+        if arch:
+            head += f". Network `{arch.get('name')}`" + (f" at width {arch['width']}" if arch.get("width") else "") + \
+                f", {arch.get('weights'):,} weights"
+        head += (f". `daunce-best`: K = {_k(M.get('K'))}"
+                 + (f", {c['variant']} form" if c.get("variant") else "")
+                 + (f" ({_f(c['converged_fraction'])} of its copies converged)"
+                    if _num(c.get("converged_fraction")) is not None else "")
+                 + f", damping {c.get('damping'):g}, noise term "
                  f"{_onoff(c.get('isotropic_noise'))}, training {c.get('signal')}, ρ = {_f(c.get('rho'))} (measured); "
                  + ("the grid contains the chosen damping." if g.get("interior") else
                     f"the chosen damping is at the end of the values tried ({g.get('why', '')}).")) if c else ""
         rows = sorted(M["results"], key=lambda r: -(_num(r["lds"]) or -1e9))
         out += [head, ""]
-        out += _table(["method", "K", "LDS", "95% CI", "seconds", "damping", "training side", "steps", "converged"],
-                      [[f"**{r['method']}**" if _is_daunce(r) else r["method"], _k(r.get("K")), _f(r["lds"]),
+        extra = [c for c, k in (("M", "n_models"), ("BatchNorm", "copies_batchnorm"), ("form", "variant"))
+                 if any(r.get(k) for r in rows)]   # runs that record them (the trained models, the copies' mode, form)
+        keys = {"M": "n_models", "BatchNorm": "copies_batchnorm", "form": "variant"}
+        out += _table(["method", *extra, "K", "LDS", "95% CI", "seconds", "damping", "training side", "steps",
+                       "converged"],
+                      [[f"**{r['method']}**" if _is_daunce(r) else r["method"],
+                        *(str(r.get(keys[c]) or "–") for c in extra), _k(r.get("K")), _f(r["lds"]),
                         _ci(r["lo"], r["hi"]), _secs(r.get("seconds")),
                         f"{r['damping']:g}" if _num(r.get("damping")) is not None else "–",
                         r.get("train_signal") or (r.get("signal") or "–").split(" ->")[0],
@@ -483,10 +496,45 @@ def _section_02(j: dict) -> list[str]:
                     f"{_onoff(a.get('isotropic_noise'))}, ρ = {_f(a.get('rho'))}"
                     + (f"; its own estimate of its LDS (the proxy ground truth of its damping rule) was {_f(px)}, "
                        f"measured {_f(auto['lds'])}." if px is not None else "."), ""]
-    for part in (lambda: _verdict_02(j), lambda: _notes_02(j), lambda: _reliability_02(j), lambda: _tuning_02(models),
+    for part in (lambda: _verdict_02(j), lambda: _matched_02(models), lambda: _halving_02(models),
+                 lambda: _notes_02(j), lambda: _reliability_02(j), lambda: _tuning_02(models),
                  lambda: _baseline_tuning_02(j)):
         out += _optional(part)
     return out
+
+
+def _matched_02(models: dict) -> list[str]:
+    """Paired verdicts at matched M (runs that record ``matched_M``): Daunce against TRAK and kronfluence's EK-FAC on
+    one trained model and on the same M models, with the LDS Daunce reaches within the other row's seconds."""
+    rows = [[_MODEL_NAMES.get(name, name), str(x["n_models"]), x["daunce"], x["method"],
+             f"{_f(x['daunce_lds'])} / {_f(x['other_lds'])}",
+             f"{_secs(x['daunce_seconds'])} / {_secs(x['other_seconds'])}",
+             f"{x['verdict']} ({_f(x['diff'], sign=True)} {_ci(x['lo'], x['hi'], sign=True)})",
+             _f(x["equal_seconds_lds"]) + f" (K = {_k(x['equal_seconds_K'])})" if x.get("equal_seconds_K") else "–"]
+            for name, M in models.items() for x in M.get("matched_M") or []]
+    if not rows:
+        return []
+    return ["**Over several trained models, at matched M**: Daunce (its copies spread over the M models, the same "
+            "total K) against TRAK and kronfluence's EK-FAC on the same models; every M-model row's seconds include "
+            "training the extra models:", "",
+            *_table(["model", "M", "Daunce row", "against", "LDS (Daunce / other)", "seconds (Daunce / other)",
+                     "paired verdict", "Daunce's LDS within the other's seconds"], rows), ""]
+
+
+def _halving_02(models: dict) -> list[str]:
+    """The successive-halving check (runs that record it): would choosing at a small K and keeping the best third of
+    the candidates have kept the finally chosen one?"""
+    rows = [[_MODEL_NAMES.get(name, name), _k(h["k0"]), f"{h['entered']} of {h['candidates']}",
+             "yes" if h["kept_chosen"] else "**no**",
+             f"{_secs(h['seconds_halving'])} / {_secs(h['seconds_full_grid'])}"]
+            for name, M in models.items() if (h := M.get("successive_halving"))]
+    if not rows:
+        return []
+    return ["**Successive halving, checked on the run's own sets**: the candidates ranked by their tuning LDS at a "
+            "small K0, the best third kept; does it keep the candidate the full grid chose, and at what cost in "
+            "copy-seconds?",
+            "", *_table(["model", "K0", "candidates eligible at K0", "chosen one kept", "seconds: halving / full grid"],
+                        rows), ""]
 
 
 def _notes_02(j: dict) -> list[str]:
@@ -594,9 +642,18 @@ def _tuning_02(models: dict) -> list[str]:
     rows = []
     for name, M in models.items():
         c = M.get("daunce_chosen") or {}
-        for t in sorted(M.get("tuning") or [], key=lambda t: (t["isotropic_noise"], t["signal"], t["damping"])):
-            pick = all(t.get(k) == c.get(k) for k in ("damping", "isotropic_noise", "signal"))
-            rows.append([_MODEL_NAMES.get(name, name), f"{t['damping']:g}", _onoff(t["isotropic_noise"]), t["signal"],
+        tables = [(M.get("tuning"), c), (M.get("tuning_train_mode"), M.get("daunce_chosen_train_mode")),
+                  (M.get("blackbox_tuning"), M.get("blackbox_chosen"))]
+        tried = [(t, ch or {}) for ts, ch in tables for t in ts or []]
+        for t, ch in sorted(tried, key=lambda x: (x[0].get("variant") or "if", x[0].get("copies_batchnorm") or "eval",
+                                                  x[0]["isotropic_noise"], x[0]["signal"],
+                                                  x[0].get("subset_ratio") or 0.5, x[0]["damping"])):
+            pick = (all(t.get(k) == ch.get(k, t.get(k)) for k in ("damping", "isotropic_noise", "signal", "variant"))
+                    and bool(ch) and t.get("subset_ratio", 0.5) == ch.get("subset_ratio", 0.5))
+            form = (t.get("variant") or "if") + (", train mode" if t.get("copies_batchnorm") == "train" else "") + (
+                f", r = {t['subset_ratio']:g}" if t.get("subset_ratio") not in (None, 0.5) else "")
+            rows.append([_MODEL_NAMES.get(name, name), form, f"{t['damping']:g}", _onoff(t["isotropic_noise"]),
+                         t["signal"],
                          _k(t["K"]), _f(t.get("steps_mean"), 0),
                          _f(t["tune_lds"]) + (" (chosen)" if pick else "")
                          + ("" if t["eligible"] else f" (a copy failed at K = {_k(t['stopped_at'])})")])
@@ -604,7 +661,7 @@ def _tuning_02(models: dict) -> list[str]:
         return []
     return ["<details><summary>Daunce's candidates: LDS on the tuning queries at the reported K (or where a copy "
             "failed its stopping test)</summary>", "",
-            *_table(["model", "damping", "noise term", "training signal", "K", "steps", "tuning LDS"], rows),
+            *_table(["model", "form", "damping", "noise term", "training signal", "K", "steps", "tuning LDS"], rows),
             "", "</details>", ""]
 
 
@@ -891,13 +948,20 @@ def _findings(root: Path) -> list[str]:
         for name, m in runs["02"]["models"].items():
             res = {r["method"]: r for r in m["results"]}
             best = res["daunce-best"]
-            pr = [p for p in m["paired"] if p["method"] in _BASELINE_FAMILIES]
-            top = max(pr, key=lambda p: p["other_lds"])
-            parts.append(f"{_MODEL_NAMES.get(name, name)}: Daunce {_f(best['lds'])} {_ci(best['lo'], best['hi'])} vs "
-                         f"{top['method']} {_f(top['other_lds'])}, {top['verdict']}")
-        return ["02 · vision LDS", "Daunce's LDS is competitive with TRAK and EK-FAC influence functions",
-                "; ".join(parts) + " (tuned Daunce against the best baseline; paired intervals)",
-                "[02](papermill_runs/02_vision_lds.ipynb)"]
+            paired = {p["method"]: p for p in m["paired"]}
+            trak = paired.get("trak (M = 1)") or paired.get("trak")  # one trained model where the run has that row
+            ekfac = max((p for p in m["paired"] if p["method"] in _BASELINE_FAMILIES and "ekfac" in p["method"]
+                         and "stock" not in p["method"]), key=lambda p: p["other_lds"], default=None)
+            said = [f"vs {p['method']}{lab} {_f(p['other_lds'])}: {p['verdict']} "
+                    f"({_f(p['diff'], sign=True)} {_ci(p['lo'], p['hi'], sign=True)})"
+                    for lab, p in (("", trak), (" (the best EK-FAC)", ekfac)) if p]
+            many = [x for x in m.get("matched_M") or [] if x["n_models"] > 1]
+            said += [f"at M = {x['n_models']} models vs {x['method']}: {x['verdict']}" for x in many]
+            parts.append(f"{_MODEL_NAMES.get(name, name)}: Daunce {_f(best['lds'])} {_ci(best['lo'], best['hi'])}, "
+                         + ", ".join(said))
+        return ["02 · vision LDS", "Daunce's LDS beats TRAK and approaches EK-FAC influence functions",
+                "; ".join(parts) + " (tuned Daunce against the paper's two named baselines, paired intervals; "
+                "*tied* where the interval includes 0)", "[02](papermill_runs/02_vision_lds.ipynb)"]
 
     def r03():
         j = runs["03"]
