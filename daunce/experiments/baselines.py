@@ -56,6 +56,7 @@ gave before the knob existed, bit for bit.
 from __future__ import annotations
 
 import copy
+import re
 import time
 from typing import Optional
 
@@ -86,8 +87,10 @@ COMPARED = tuple(m for fam, ms in FAMILIES.items() if fam != EXACT_FAMILY for m 
 
 
 def family(method: str) -> Optional[str]:
-    """The family of a baseline (a key of ``FAMILIES``), or None for a method that is not a baseline."""
-    return next((fam for fam, ms in FAMILIES.items() if method in ms), None)
+    """The family of a baseline (a key of ``FAMILIES``), or None for a method that is not a baseline. A row over M
+    trained models (``"trak (M = 4)"``: notebook 02's ensembles) belongs to its method's family."""
+    base = re.sub(r" \(M = \d+\)$", "", method)
+    return next((fam for fam, ms in FAMILIES.items() if base in ms), None)
 
 #: methods whose training-side function can be minus the margin instead of the loss (``train_signal``; module docstring)
 TRAIN_SIGNAL_METHODS = ("trak", "tracin", "grad-dot", "grad-cos", "kronfluence-ekfac")

@@ -957,6 +957,10 @@ def _findings(root: Path) -> list[str]:
                     for lab, p in (("", trak), (" (the best EK-FAC)", ekfac)) if p]
             many = [x for x in m.get("matched_M") or [] if x["n_models"] > 1]
             said += [f"at M = {x['n_models']} models vs {x['method']}: {x['verdict']}" for x in many]
+            if m.get("blackbox_paired") and "daunce-blackbox" in res:   # the gradient-free row (the paper's Figure 1b)
+                said.append(f"black-box Daunce {_f(res['daunce-blackbox']['lds'])}: " + ", ".join(
+                    f"{x['verdict']} {x['method']} ({_f(x['diff'], sign=True)} {_ci(x['lo'], x['hi'], sign=True)})"
+                    for x in m["blackbox_paired"]))
             parts.append(f"{_MODEL_NAMES.get(name, name)}: Daunce {_f(best['lds'])} {_ci(best['lo'], best['hi'])}, "
                          + ", ".join(said))
         return ["02 · vision LDS", "Daunce's LDS beats TRAK and approaches EK-FAC influence functions",
