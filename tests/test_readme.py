@@ -150,3 +150,23 @@ def test_render_keeps_text_outside_the_markers_and_needs_every_block(tmp_path):
     assert report.render(out, tmp_path) == out
     with pytest.raises(ValueError, match="03"):
         report.render(page.replace("<!-- results:03 end -->", ""), tmp_path)
+
+
+def test_every_finding_has_a_verdict_word():
+    """Each row of the README's findings table carries a verdict word in its verdict column, and the word follows
+    from the paired verdicts by the stated rule."""
+    readme = README.read_text()
+    table = readme[readme.index(report.marker("findings", "start")):readme.index(report.marker("findings", "end"))]
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    col = header.index("verdict")
+    rows = lines[2:]
+    assert len(rows) == len(report.NOTEBOOKS), rows
+    for line in rows:
+        cell = [c.strip() for c in line.strip("|").split("|")][col]
+        assert re.match(r"(not reproduced|reproduced|tied|undecided)\b", cell), line[:120]
+    verdict = report._claim_verdict
+    assert verdict(["ahead", "ahead"]) == "reproduced"
+    assert verdict(["ahead", "tied", "behind"]) == "not reproduced"
+    assert verdict(["tied", "tied"]) == "tied"
+    assert verdict(["ahead", "tied"]) == "undecided" and verdict([]) == "undecided"

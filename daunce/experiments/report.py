@@ -928,23 +928,46 @@ def _section_04(j: dict) -> list[str]:
 # the README's findings table
 
 
+#: the verdict words of the findings table (``_claim_verdict``)
+VERDICT_WORDS = ("reproduced", "not reproduced", "tied", "undecided")
+
+
+def _claim_verdict(words: list) -> str:
+    """One verdict word for a claim that Daunce is ahead of its comparators, from the paired verdicts ("ahead", "tied",
+    "behind") of every comparison the claim makes: *reproduced* where Daunce is ahead in all of them, *not reproduced*
+    where it is behind in any, *tied* where every interval includes 0, *undecided* otherwise (ahead in some, tied in
+    the rest) or with no comparison."""
+    if not words:
+        return "undecided"
+    if all(w == "ahead" for w in words):
+        return "reproduced"
+    if any(w == "behind" for w in words):
+        return "not reproduced"
+    return "tied" if all(w == "tied" for w in words) else "undecided"
+
+
 def _findings(root: Path) -> list[str]:
     """One row per notebook: what the paper claims (paraphrased from its protocols: the paper's own tables were not
-    available here), what this repository measured (from the runs), and where to read it."""
+    available here), the verdict word (``VERDICT_WORDS``, with the rule in each row's builder), what this repository
+    measured (from the runs), and where to read it."""
     runs = {nb[:2]: _load_json(root / "papermill_runs" / f"{nb}.json") for nb in NOTEBOOKS}
     rows = []
 
     def r01():
         j = runs["01"]["logistic_regression"]
         iid, efim, iff = j["efim_iid"]["1024"], j["efim_orthogonal"]["1024"], j["if_orthogonal"]["1024"]
+        ks = sorted((k for k in j["efim_iid"] if k.isdigit()), key=int)   # reproduced: closer to the IF as K grows
+        first, last = j["efim_iid"][ks[0]], j["efim_iid"][ks[-1]]
+        closer = last["pearson_if"] > first["pearson_if"] and last["rel_error"] < first["rel_error"]
         return ["01 · theory", "the copies' loss covariance converges to the influence function as K grows",
+                "reproduced" if closer else "not reproduced",
                 f"the Fisher form reaches the damped IF (Pearson {_f(iid['pearson_if'])} at K = 1024 with the "
                 f"paper's i.i.d. perturbations, {_f(efim['pearson_if'])} with this package's orthogonal design; "
                 f"logistic regression); the `if` form reaches a sandwich (Pearson {_f(iff['pearson_limit'])} with it, "
                 f"{_f(iff['pearson_if'])} with the IF, orthogonal design)", "[01](papermill_runs/01_theory.ipynb)"]
 
     def r02():
-        parts = []
+        parts, holds = [], []
         for name, m in runs["02"]["models"].items():
             res = {r["method"]: r for r in m["results"]}
             best = res["daunce-best"]
@@ -952,6 +975,9 @@ def _findings(root: Path) -> list[str]:
             trak = paired.get("trak (M = 1)") or paired.get("trak")  # one trained model where the run has that row
             ekfac = max((p for p in m["paired"] if p["method"] in _BASELINE_FAMILIES and "ekfac" in p["method"]
                          and "stock" not in p["method"]), key=lambda p: p["other_lds"], default=None)
+            # per model, the claim holds where Daunce is ahead of TRAK and not behind EK-FAC ("approaches")
+            holds.append("ahead" if trak and trak["verdict"] == "ahead" and ekfac and ekfac["verdict"] != "behind" else
+                         "behind" if any(p and p["verdict"] == "behind" for p in (trak, ekfac)) else "tied")
             said = [f"vs {p['method']}{lab} {_f(p['other_lds'])}: {p['verdict']} "
                     f"({_f(p['diff'], sign=True)} {_ci(p['lo'], p['hi'], sign=True)})"
                     for lab, p in (("", trak), (" (the best EK-FAC)", ekfac)) if p]
@@ -963,7 +989,10 @@ def _findings(root: Path) -> list[str]:
                     for x in m["blackbox_paired"]))
             parts.append(f"{_MODEL_NAMES.get(name, name)}: Daunce {_f(best['lds'])} {_ci(best['lo'], best['hi'])}, "
                          + ", ".join(said))
+        word = _claim_verdict(holds)
         return ["02 · vision LDS", "Daunce's LDS beats TRAK and approaches EK-FAC influence functions",
+                f"{word} (the claim fails on {holds.count('behind')} of {len(holds)} models)"
+                if word == "not reproduced" else word,
                 "; ".join(parts) + " (tuned Daunce against the paper's two named baselines, paired intervals; "
                 "*tied* where the interval includes 0)", "[02](papermill_runs/02_vision_lds.ipynb)"]
 
@@ -988,8 +1017,9 @@ def _findings(root: Path) -> list[str]:
                 f"{s} {_f(b['methods']['daunce']['lds'])} vs {_f(b['methods']['metagradient']['lds'])}"
                 for s, b in j["lds"].items())
         return ["03 · LLM subset removal", "removing Daunce's top-k raises the query loss more than LoGra and random "
-                "removal", f"Daunce vs random: {count(v)}; vs LoGra (dattri): {count(lib)}; vs the loss and "
-                f"gradient-norm controls: {count(ctrl)}; tied otherwise ({len(j['sizes'])} sets × "
+                "removal", _claim_verdict(v + lib),
+                f"Daunce vs random: {count(v)}; vs LoGra (dattri): {count(lib)}; vs the loss and gradient-norm "
+                f"controls: {count(ctrl)}; tied otherwise ({len(j['sizes'])} sets × "
                 f"{len(v) // len(j['sizes'])} removal sizes, {len(j['seeds'])} retraining seeds, two-level intervals)"
                 + extra, "[03](papermill_runs/03_llm_subset_removal.ipynb)"]
 
@@ -1013,11 +1043,10 @@ def _findings(root: Path) -> list[str]:
             f"{k}: {' = '.join(w['lowest'])} ({_f(w['with_trigger'], 2)})" for k, w in b.items()))
         pr_b = j["paired"]["carries the backdoor"]["black-box Daunce"]
         text_b = [pr_b[m]["verdict"] for m in ("TF-IDF", "BM25", "MiniLM embedding") if m in pr_b]
-        word = ("reproduced" if text_b and all(w == "ahead" for w in text_b) else
-                "partly reproduced" if any(w == "ahead" for w in text_b) else "not reproduced")
+        word = _claim_verdict(text_b)   # on (b), against the text baselines
         bd_ = v["backdoor"]
         return ["04 · black-box backdoor", "black-box Daunce ranks the poisoned examples first",
-                f"**{word}** on (b), which examples carry the backdoor: " + "; ".join(parts)
+                f"{word} on (b), which examples carry the backdoor", "; ".join(parts)
                 + f" ({len(j['seeds'])} seeds, paired per-seed differences; the backdoor: attack success "
                 f"{_f(bd_['with_trigger']['mean'], 2)} with the trigger, {_f(bd_['without_trigger']['mean'], 2)} "
                 "without)", "[04](papermill_runs/04_blackbox_backdoor.ipynb)"]
@@ -1026,7 +1055,7 @@ def _findings(root: Path) -> list[str]:
         row = _optional(build)
         if row:
             rows.append(row)
-    return _table(["experiment", "the paper's claim", "measured here", "notebook"], rows)
+    return _table(["experiment", "the paper's claim", "verdict", "measured here", "notebook"], rows)
 
 
 #: baselines the findings table compares tuned Daunce with (the best of them per model)
