@@ -4,17 +4,11 @@ the fine-tune with respect to the training examples' weights, checked against ce
 
 import pytest
 import torch
+from test_llm import EXAMPLES
 
 from daunce import llm
 
-TRAIN = [
-    {"prompt": "What is 2+2?", "response": "It is 4."},
-    {"prompt": "Name a colour, please.", "response": "Blue is a colour that many people like."},
-    {"prompt": "Say hello in French.", "response": "Bonjour!"},
-    {"prompt": "Count to three.", "response": "One, two, three."},
-    {"prompt": "What is the capital of Italy?", "response": "Rome is the capital of Italy."},
-    {"prompt": "Give a synonym of big.", "response": "Large."},
-]
+TRAIN = EXAMPLES   # tests/test_llm.py's toy instruction set
 QUERIES = [{"prompt": "What is 3+3?", "response": "It is 6."},
            {"prompt": "Say hello in Spanish.", "response": "Hola!"}]
 

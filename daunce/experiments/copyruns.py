@@ -68,6 +68,11 @@ def _converged_fraction(flags: list) -> Optional[float]:
     return sum(bool(c) for c in tested) / len(tested) if tested else None
 
 
+def _eligible(diverged: bool, stopped_at: Optional[int], fraction: Optional[float]) -> bool:
+    """The eligibility rule of a set (``CopyRun.eligible``) from what it recorded."""
+    return not diverged and stopped_at is None and (fraction is None or fraction >= MIN_CONVERGED)
+
+
 @dataclass
 class CopyJob:
     """One set of copies. ``config.n_models`` is the K the set reports; ``stages`` the K values it grows
@@ -156,8 +161,7 @@ class CopyRun:
     def eligible(self) -> bool:
         """Whether the set counts in a tuning rule: it neither diverged nor stopped early, and at least
         ``MIN_CONVERGED`` of its copies passed their stopping test (every fixed-step set passes this check)."""
-        frac = self.converged_fraction
-        return not self.diverged and self.stopped_at is None and (frac is None or frac >= MIN_CONVERGED)
+        return _eligible(bool(self.diverged), self.stopped_at, self.converged_fraction)
 
     def seconds_for(self, k: int) -> float:
         """Seconds of the first ``k`` copies (training and recording, as measured when they were trained) plus the
@@ -337,9 +341,7 @@ class EnsembleRun:
     def eligible(self) -> bool:
         """``CopyRun.eligible`` over the members' used copies together: no member diverged or stopped early, and at
         least ``MIN_CONVERGED`` of all the used copies passed their stopping test."""
-        frac = self.converged_fraction
-        return (not any(r.diverged for r in self.members) and self.stopped_at is None
-                and (frac is None or frac >= MIN_CONVERGED))
+        return _eligible(any(r.diverged for r in self.members), self.stopped_at, self.converged_fraction)
 
     @property
     def stopped_at(self) -> Optional[int]:
