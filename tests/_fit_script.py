@@ -2,7 +2,8 @@
 
 Usage: python _fit_script.py WORKDIR OUT.pt EXECUTOR [RAY_ADDRESS]
 While the file WORKDIR/../slow exists and some copy is finished, every forward pass sleeps, so the
-test can kill the process after the first copies and before the last."""
+test can kill the process after the first copies and before the last. The fit runs the vmap trainer:
+the shared-input trainer traces the forward once with torch.fx, which would drop the sleep."""
 
 import os
 import sys
@@ -39,7 +40,7 @@ if __name__ == "__main__":
     opts = {}
     if executor == "ray":
         opts = dict(ray_options={"copies_per_task": 1, "init": {"address": sys.argv[4]}})
-    d = Daunce(SlowAfterFirstCopy(), ClassificationTask(), CONFIG, workdir, progress=False, vmap_block=2,
+    d = Daunce(SlowAfterFirstCopy(), ClassificationTask(), CONFIG, workdir, progress=False, trainer="vmap", vmap_block=2,
                executor=executor, **opts)
     d.fit(train, query)
     torch.save({"scores": d.attribute(train, query), "trained": d.trained_copies}, out)
