@@ -454,16 +454,9 @@ RETIRED = {r"\$F\b|\(F\s*\+|\\hat F|empirical Fisher\s+`?F\b": "F for the empiri
            r"[A-Za-z]_S\b|[A-Za-z]_\{S\}|\|S\||∈\s*S\b|\\in S\b|\\mid S\b|halves \$?S\b":
                "S for a subset (D_k a copy's, T a retraining subset; S is a score)",
            r"\bS seeds|\$S\$ seeds": "S for a number of seeds (in words; S is a score)"}
-# the retirements a notebook's prose has not caught up with yet: notebook 02's prose is rewritten after the issues
-# that change its experiments (issue #32); it still writes A_S, m(C − 1) and "S seeds"
-NOT_YET = {"02_vision_lds": ("S for a subset (D_k a copy's, T a retraining subset; S is a score)",
-                             "C for the number of classes (n_c; C is a curvature)",
-                             "S for a number of seeds (in words; S is a score)")}
-
-
-def retired_symbols(text: str, exempt=()) -> list[str]:
-    """What each retired symbol in ``text`` should have been (``RETIRED``'s explanations), except ``exempt``."""
-    return [why for pat, why in RETIRED.items() if why not in exempt and re.search(pat, text)]
+def retired_symbols(text: str) -> list[str]:
+    """What each retired symbol in ``text`` should have been (``RETIRED``'s explanations)."""
+    return [why for pat, why in RETIRED.items() if re.search(pat, text)]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -473,7 +466,7 @@ def test_notebooks_share_one_notation(notebook):
     cells = json.loads(notebook.read_text())["cells"]
     assert "docs/method.md" in "".join(cells[0]["source"]), f"{notebook.name}: no pointer to the notation table"
     prose = {i: "".join(c["source"]) for i, c in enumerate(cells) if c["cell_type"] == "markdown"}
-    found = [(i, why) for i, text in prose.items() for why in retired_symbols(text, NOT_YET.get(notebook.stem, ()))]
+    found = [(i, why) for i, text in prose.items() for why in retired_symbols(text)]
     assert not found, f"{notebook.name}: retired symbols in markdown cells {found}"
 
 
