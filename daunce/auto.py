@@ -24,12 +24,12 @@ here reads only theta0, the task and (a subsample of) the training set. In the t
   halves, of predicted and actual changes) is computed for lambda = c_max x 10^-6 ... 1 in half decades and for
   both kernels; the largest lambda within ``PROXY_TIE`` of each kernel's best is kept. Retraining from theta0
   rather than from scratch leaves out the seed's randomness; on ``benchmarks/auto_settings.py`` the proxy's
-  choice landed within a factor of 10 of the grid's best damping. The proxy's own LDS is not a forecast of the
-  real one where retraining does something fine-tuning from theta0 does not: in notebook 02 (``auto_proxy`` against
-  the ``daunce-auto`` row of ``papermill_runs/02_vision_lds.json``) it was 0.527 against a measured 0.521 on the
-  convex logistic regression and 0.281 against 0.334 on the CNN, but 0.496 against 0.310 on the tanh MLP (Adam from
-  scratch) and 0.283 against 0.128 on the BatchNorm ResNet trained from scratch by SGD, where the damping it picked
-  was far from the ground truth's best. (b) Monte-Carlo noise: the score is a
+  choice landed within a factor of 10 of the grid's best damping. The proxy's own LDS is not a forecast of the real one
+  where retraining does something fine-tuning from theta0 does not: in an earlier run of notebook 02 (each run records
+  ``auto_proxy`` beside its ``daunce-auto`` row in ``papermill_runs/02_vision_lds.json``) it was 0.527 against a
+  measured 0.521 on the convex logistic regression and 0.281 against 0.334 on the CNN, but 0.496 against 0.310 on the
+  tanh MLP (Adam from scratch) and 0.283 against 0.128 on the BatchNorm ResNet trained from scratch by SGD, where the
+  damping it picked was far from the ground truth's best. (b) Monte-Carlo noise: the score is a
   Monte-Carlo estimate of a quadratic form whose kernel has effective rank ``d_lambda = tr(C (C + lambda I)^-1)``,
   and its relative noise falls like ``sqrt(d_lambda / K)``; ``lambda`` is kept at least the value where
   ``d_lambda = DIRECTIONS_PER_COPY * K`` (relative noise about 1), which matters for small K.
@@ -75,10 +75,11 @@ from .engines.sequential import signals_now, theta0_values, train_copy
 from .objectives import perturbed_objective
 from .plans import make_plan
 
-#: The noise bound of the damping rule, ``d_lambda <= DIRECTIONS_PER_COPY * K``: a relative Monte-Carlo noise
-#: of about sqrt(d_lambda / K) <= 1 per score (the rule of thumb of docs/method.md). On notebook 02's MLP (K = 64,
-#: converged heavy-ball copies, report LDS) the proxy's damping 0.128 gave 0.356, heavier dampings less (0.4:
-#: 0.326; 1.05, where d_lambda = K / 4: 0.288), lighter ones too (0.04: 0.324, 0.01: 0.245): K / 4 was too strict.
+#: The noise bound of the damping rule, ``d_lambda <= DIRECTIONS_PER_COPY * K``: a relative Monte-Carlo noise of about
+#: sqrt(d_lambda / K) <= 1 per score (the rule of thumb of docs/method.md). Measured once when the rule was written, on
+#: an earlier run of notebook 02's MLP (K = 64, converged heavy-ball copies, report LDS): the proxy's damping 0.128 gave
+#: 0.356, heavier dampings less (0.4: 0.326; 1.05, where d_lambda = K / 4: 0.288), lighter ones too (0.04: 0.324, 0.01:
+#: 0.245): K / 4 was too strict.
 DIRECTIONS_PER_COPY = 1.0
 #: the version of this rule, kept in the manifest of every work folder whose settings it resolved: a folder resolved
 #: by another version (its copies were trained with that version's values) is refused. 1: the damping floor

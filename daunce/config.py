@@ -40,10 +40,11 @@ class DaunceConfig:
 
     Attributes:
         variant: the perturbed objective (``daunce.objectives``; derived in ``notebooks/01_theory.ipynb``):
-            ``"if"`` (Hessian form; this package's default, the form notebook 02 tunes), ``"efim"`` (Fisher form;
-            the default of the authors' public code), ``"trak"`` (Fisher form with the task's output function inside
-            the square), ``"bootstrap"`` (plain fine-tuning on the subset: the black-box variant). The paper states
-            all four; ``docs/method.md`` compares the paper, its authors' code and this package.
+            ``"if"`` (Hessian form; this package's default), ``"efim"`` (Fisher form; the default of the authors' public
+            code; notebook 02's tuning chooses between the two per model), ``"trak"`` (Fisher form with the task's
+            output function inside the square), ``"bootstrap"`` (plain fine-tuning on the subset: the black-box
+            variant). The paper states all four; ``docs/method.md`` compares the paper, its authors' code and this
+            package.
         n_models: K, the number of perturbed copies (at least 2).
         subset_ratio: r, the fraction of the training set each copy trains on, in (0, 1].
             The reference code uses 0.3; in ``01_theory``'s sweep r = 0.3, 0.5 and 1 agreed about equally
@@ -75,12 +76,12 @@ class DaunceConfig:
         optimizer, lr, epochs, batch_size: the inner optimisation of each copy. ``batch_size=None``
             means full batch. With minibatches a copy takes ``epochs`` passes over its subset. Full batch
             without ``steps`` trains each copy until its stopping test passes (``tol``) or ``max_steps``.
-            ``steps`` (if set) fixes the number of steps of every copy (no stopping test). Each copy must
-            reach the minimum of its objective for the covariance to mean an influence function: on
-            ``02_vision_lds``'s logistic regression, 50 full-batch Adam steps at lr 1e-2 left copies
-            whose change agreed with the exact linear response at r = 0.36-0.80 (0.17-0.53 at rho = 0.03),
-            200 steps at r = 0.99; with converged copies (and the damping and noise term chosen for them)
-            the LDS at K = 512 rose from 0.21 to 0.51. On the MLP 100 steps did as well as 200.
+            ``steps`` (if set) fixes the number of steps of every copy (no stopping test). Each copy must reach the
+            minimum of its objective for the covariance to mean an influence function: on an earlier version of
+            ``02_vision_lds``'s logistic regression (measured once, not rerun), 50 full-batch Adam steps at lr 1e-2 left
+            copies whose change agreed with the exact linear response at r = 0.36-0.80 (0.17-0.53 at rho = 0.03), 200
+            steps at r = 0.99; with converged copies (and the damping and noise term chosen for them) the LDS at K = 512
+            rose from 0.21 to 0.51. On the MLP 100 steps did as well as 200.
         tol: stopping test of full-batch copies (``steps=None``, ``batch_size=None``): a copy stops at the
             first step where the gradient norm of its whole perturbed objective (loss terms, linear term,
             proximal and isotropic terms) has fallen to ``tol`` times the norm at theta0 of its gradient without
@@ -104,11 +105,12 @@ class DaunceConfig:
             the stopping test get heavy-ball SGD with the step and momentum that are optimal for a quadratic whose
             curvature lies in ``[lambda, 6 c_max + lambda]`` (c_max: the top curvature the rule measures), so
             a copy's displacement scales with its perturbation as the linear theory needs; Adam's steps do not
-            (they have the size lr whatever the gradient). On ``02_vision_lds``'s MLP (K = 64, damping 0.128)
-            Adam at lr 1e-2 left 23 of 64 copies at the cap after 61 s and an LDS of 0.18; heavy-ball copies (with
-            a curvature bound of 1.5 c_max) all converged in 4 s, LDS 0.36. Minibatch copies, and copies with
-            fixed ``steps``, get Adam at lr 1e-2 (the former defaults); SGD with a given ``lr`` gets momentum 0
-            unless one is given.
+            (they have the size lr whatever the gradient). The measurement behind the choice, made once when the
+            rule was written (an earlier version of ``02_vision_lds``'s MLP, K = 64, damping 0.128; not rerun with
+            the notebook): Adam at lr 1e-2 left 23 of 64 copies at the cap after 61 s and an LDS of 0.18, heavy-ball
+            copies (with a curvature bound of 1.5 c_max) all converged in 4 s, LDS 0.36. Minibatch copies, and
+            copies with fixed ``steps``, get Adam at lr 1e-2 (the former defaults); SGD with a given ``lr`` gets
+            momentum 0 unless one is given.
         lr_schedule: ``"constant"`` or ``"cosine"`` (the learning rate falls as ``lr * (1 + cos(pi t / T)) / 2``
             over the copy's T steps, the cap ``max_steps`` when the stopping test is on: the authors' recipe).
         score: ``"cov"`` (the paper) or ``"corr"`` (Pearson correlation across the copies).
