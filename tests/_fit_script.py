@@ -40,7 +40,7 @@ if __name__ == "__main__":
     opts = {}
     if executor == "ray":
         opts = dict(ray_options={"copies_per_task": 1, "init": {"address": sys.argv[4]}})
-    d = Daunce(SlowAfterFirstCopy(), ClassificationTask(), CONFIG, workdir, progress=False, trainer="vmap", vmap_block=2,
-               executor=executor, **opts)
+    d = Daunce(SlowAfterFirstCopy(), ClassificationTask(), CONFIG, workdir, progress=False, trainer="vmap",
+               vmap_block=2, executor=executor, **opts)
     d.fit(train, query)
     torch.save({"scores": d.attribute(train, query), "trained": d.trained_copies}, out)
