@@ -78,6 +78,9 @@ def test_grid_extension_goes_past_an_end_and_stops_inside_or_at_a_failure():
     st = tuning.grid_status([1e-5, *grid], 1e-4, grid, failed={1e-5: "did not converge"})
     assert not st["interior"] and "did not converge" in st["why"]
     assert tuning.grid_status(grid, 1e-3, grid)["interior"]
+    assert tuning.extension([1e-2], 1e-2, [1e-2]) is None   # one value: no end to step past, and the record says so
+    assert tuning.grid_status([1e-2], 1e-2, [1e-2])["why"] == ("the only value tried: a grid of one value is "
+                                                               "not extended")
     rows = [dict(d=1, s=0.2, ok=True), dict(d=2, s=0.5, ok=False), dict(d=3, s=None, ok=True),
             dict(d=4, s=0.3, ok=True)]
     assert tuning.choose(rows, key="s", eligible=lambda r: r["ok"])["d"] == 4

@@ -218,6 +218,22 @@ def test_instruction_following_responses_pass_and_violations_fail():
     assert not ({e["topic"] for e in train} & {e["topic"] for e in query})
 
 
+def test_split_by_topic_spreads_the_queries_over_held_out_topics():
+    exs = [{"topic": f"t{t:02d}", "i": i} for t in range(32) for i in range(12)]
+    train, query = textdata.split(exs, 40, 40, seed=1, group_key="topic", min_query_groups=16)
+    q_topics = [e["topic"] for e in query]
+    assert len(train) == len(query) == 40 and len(set(q_topics)) == 16
+    assert sorted({q_topics.count(t) for t in set(q_topics)}) == [2, 3]   # dealt in turn: 40 = 8 x 3 + 8 x 2
+    assert not {e["topic"] for e in train} & set(q_topics)
+    train1, query1 = textdata.split(exs, 40, 40, seed=1, group_key="topic")   # no minimum: as few topics as hold 40
+    assert len({e["topic"] for e in query1}) == 4 and not {e["topic"] for e in train1} & {e["topic"] for e in query1}
+    assert len({e["topic"] for e in textdata.split(exs, 8, 3, group_key="topic", min_query_groups=16)[1]}) == 3
+    with pytest.raises(ValueError, match="at least 32 groups .* only 32 groups"):
+        textdata.split(exs, 8, 40, group_key="topic", min_query_groups=32)
+    with pytest.raises(ValueError, match="example 2 has no 'topic' field"):
+        textdata.split(exs[:2] + [{"i": 0}], 1, 1, group_key="topic")
+
+
 def test_math_loaders_on_files(tmp_path):
     rec = [{"problem": "What is $1+1$?", "solution": "We add: $1+1=\\boxed{2}$.", "level": "Level 1",
             "type": "Algebra"},

@@ -24,6 +24,35 @@ def test_query_split_with_one_topic_deals_the_queries_and_refuses_one_query():
         llm_lds.query_split(["x"])
 
 
+def test_query_split_gives_each_half_its_share_of_the_topics_and_says_when_a_set_has_too_few(capsys):
+    """One large topic beside 16 small ones: dealing by query count alone would give the large topic a half of its
+    own; dealt by topic count, each half holds at least MIN_TOPICS topics."""
+    groups = ["big"] * 20 + [f"t{i}" for i in range(16) for _ in range(2)]
+    for seed in range(5):
+        tune, report = llm_lds.query_split(groups, seed=seed)
+        topics = [{groups[i] for i in half} for half in (tune, report)]
+        assert min(len(t) for t in topics) >= llm_lds.MIN_TOPICS, (seed, [len(t) for t in topics])
+        assert not topics[0] & topics[1]
+    assert capsys.readouterr().out == ""   # enough topics: nothing to say
+    llm_lds.query_split(["a", "b", "c", "d", "e"] * 2, name="math")   # five categories: 2 and 3 per half
+    out = capsys.readouterr().out
+    assert "math: 5 topics in all" in out and f"fewer than the {llm_lds.MIN_TOPICS} each half should hold" in out
+    llm_lds.query_split(["all"] * 4, name="instr")
+    assert "instr: one topic ('all')" in capsys.readouterr().out
+
+
+def test_settings_key_names_the_settings_not_their_order():
+    recipe = dict(epochs=3, lr=5e-3, batch_size=8, eps=1e-4)
+    key = llm_lds.settings_key(dict(recipe=recipe, n_train=40))
+    assert len(key) == 8 and int(key, 16) >= 0
+    assert llm_lds.settings_key(dict(n_train=40, recipe=dict(reversed(list(recipe.items()))))) == key
+    assert llm_lds.settings_key(dict(recipe=dict(recipe, eps=1e-8), n_train=40)) != key   # AdamW's eps decides
+    assert llm_lds.settings_key(dict(recipe=recipe, n_train=41)) != key
+    assert llm_lds.settings_key(dict(recipe=recipe, n_train=np.int64(40))) == key
+    with pytest.raises(TypeError, match=r"settings.model is a object"):
+        llm_lds.settings_key(dict(model=object()))
+
+
 def test_grouped_bootstrap_resamples_whole_topics():
     """Two topics of ten identical values: resampling topics gives means 0, 0.5 or 1, so the interval is [0, 1];
     resampling the twenty queries as if independent gives a narrow one around 0.5."""

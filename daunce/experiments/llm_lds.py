@@ -1,6 +1,6 @@
 """Notebook 03's LLM LDS as functions: tuning and report queries split by topic, an LDS row with an interval that
-resamples topics, a knob chosen by the LDS on the tuning queries, and each removal's effect as a share of the whole
-fine-tune's effect.
+resamples topics, a knob chosen by the LDS on the tuning queries, each removal's effect as a share of the whole
+fine-tune's effect, and the key that names each cached file by the settings that decide it (``settings_key``).
 
 Conventions: scores are ``(n_train, n_query)``, positive = helpful (removing the example raises the query's NLL);
 the ground truth is ``daunce.experiments.removal.lds_ground_truth``'s dict (``outputs`` ``(M, Q)`` goodness,
@@ -23,28 +23,77 @@ from ..store import atomic_save
 from . import tuning
 from .costs import CostLog
 
-__all__ = ["cached", "effect_share", "group_means", "grouped_bootstrap_ci", "lds_row", "query_split", "tune_by_lds"]
+__all__ = ["MIN_TOPICS", "cached", "effect_share", "group_means", "grouped_bootstrap_ci", "lds_row", "query_split",
+           "settings_key", "tune_by_lds"]
 
 
-def query_split(groups: Sequence, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(tuning, report)`` query indices, disjoint, covering every query: the distinct groups shuffled from
-    ``seed`` and dealt, largest first, to the half with fewer queries, so no group is in both halves. With a single
-    group the queries themselves are dealt alternately. Raises ValueError for fewer than two queries."""
+#: each half of a set's queries (tuning, report) should hold at least this many topics: the LDS's interval resamples
+#: topics, and a half of two or three topics gives it next to nothing to resample
+MIN_TOPICS = 8
+
+
+def query_split(groups: Sequence, seed: int = 0, *, min_groups: int = MIN_TOPICS,
+                name: str = "queries") -> tuple[np.ndarray, np.ndarray]:
+    """``(tuning, report)`` query indices, disjoint, covering every query; whole groups (topics) go to one side, so no
+    group is in both halves. The distinct groups, shuffled from ``seed``, are dealt largest first to the half with
+    fewer groups (ties: the one with fewer queries, then the tuning half), so of ``n`` groups the halves hold
+    ``n // 2`` and ``n - n // 2``, with about as many queries each. Where a half holds fewer than ``min_groups`` groups
+    (the set has fewer than ``2 * min_groups`` topics) it prints so, naming the set ``name`` and the counts. With a
+    single group the queries themselves are dealt alternately (printed too: the interval then resamples queries).
+    Raises ValueError for fewer than two queries."""
     labels = list(groups)
     if len(labels) < 2:
         raise ValueError(f"query_split needs at least 2 queries to split into tuning and report, got {len(labels)}")
     uniq = sorted({str(g) for g in labels})
     if len(uniq) < 2:
+        print(f"{name}: one topic ({uniq[0]!r}) for all {len(labels)} queries: the queries are dealt alternately to "
+              "the tuning and report halves, and the interval resamples queries, not topics")
         idx = np.arange(len(labels))
         return idx[0::2], idx[1::2]
     random.Random(seed).shuffle(uniq)
     size = {g: sum(str(x) == g for x in labels) for g in uniq}
     halves: list[list[str]] = [[], []]
     for g in sorted(uniq, key=lambda g: -size[g]):   # stable: ties keep the shuffled order
-        halves[int(sum(size[h] for h in halves[1]) < sum(size[h] for h in halves[0]))].append(g)
+        halves[min((0, 1), key=lambda h: (len(halves[h]), sum(size[x] for x in halves[h]), h))].append(g)
+    if min(len(h) for h in halves) < min_groups:
+        print(f"{name}: {len(uniq)} topics in all, so the tuning half holds {len(halves[0])} and the report half "
+              f"{len(halves[1])}, fewer than the {min_groups} each half should hold: the set has no more")
     tune = np.array([i for i, x in enumerate(labels) if str(x) in halves[0]])
     report = np.array([i for i, x in enumerate(labels) if str(x) in halves[1]])
     return tune, report
+
+
+def _plain(value, field: str):
+    """``value`` as JSON types for ``settings_key`` (TypeError naming ``field`` for a value without a stable form)."""
+    import dataclasses
+
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{field}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{field}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"__dataclass__": type(value).__name__, **_plain(dataclasses.asdict(value), field)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"settings_key: {field} is a {type(value).__name__} ({value!r}); give it as JSON types, a tuple, "
+                    "a path or a dataclass, so that the key is the same in every run")
+
+
+def settings_key(settings: dict) -> str:
+    """Eight hex digits that name a cached artefact by the settings that decide it (a fine-tuning recipe, a profile's
+    sizes, a grid), for a file or folder name: the SHA-1 of ``settings`` as JSON with sorted keys, so the same
+    settings in any order give the same key and a change of any value (e.g. AdamW's eps from 1e-8 to 1e-4) another
+    one, and a file made under other settings is never read. Values: JSON types, tuples (as lists), paths, dataclasses
+    (their fields), numpy scalars and arrays. Raises TypeError naming the field of any other value."""
+    import hashlib
+    import json
+
+    text = json.dumps(_plain(dict(settings), "settings"), sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def grouped_bootstrap_ci(values, groups: Sequence, *, n_boot: int = 2000, level: float = 0.95,

@@ -1,6 +1,9 @@
 """Notebook 03's removal test as functions: theta0 per retraining seed, the check of its recipe, the settings of
 converged Daunce copies, the controls' scores and the retrains, each cached in the work folder with the seconds it
-took (a resumed run reads them back and reports the same costs).
+took (a resumed run reads them back and reports the same costs). The files are named by set and seed only (the LDS
+retrains alone check a manifest), so the work folder must be keyed to what decides them: notebook 03 names it by a
+hash of the model, the data and theta0's recipe (``daunce.experiments.llm_lds.settings_key``), so that another recipe
+never reads them.
 
 The LLM LDS's ground truth (``lds_ground_truth``): theta0's recipe on random half-subsets of the training set, each
 query's response NLL after each, one small file per (subset, seed) in the work folder.

@@ -30,9 +30,14 @@ IF_FILE = DATA_FILES / "if_synthetic.jsonl"
 
 # ---------------------------------------------------------------------------------------- split
 def split(examples: Sequence[dict], n_train: int, n_query: int, seed: int = 0,
-          group_key: Optional[str] = None) -> tuple[list, list]:
-    """A random train/query split. With ``group_key``, queries come from groups (e.g. topics) that
-    do not occur in the training set, so a query never has a near-copy in training."""
+          group_key: Optional[str] = None, min_query_groups: int = 1) -> tuple[list, list]:
+    """A random ``(train, query)`` split of ``n_train`` and ``n_query`` examples. With ``group_key``, queries come
+    from groups (e.g. topics) that do not occur in the training set, so a query never has a near-copy in training:
+    the groups, shuffled from ``seed``, are taken for the queries until they hold ``n_query`` examples and number at
+    least ``min(min_query_groups, n_query)``, and the queries are dealt from them in turn (one group's after
+    another's, each group's in a random order), so they spread evenly over those groups (their other examples are
+    used nowhere); the training examples are drawn from the other groups. Raises ValueError when the examples are too
+    few, or the groups too few to leave a training group beside ``min_query_groups`` query groups."""
     rng = random.Random(seed)
     ex = list(examples)
     if group_key is None:
@@ -40,17 +45,33 @@ def split(examples: Sequence[dict], n_train: int, n_query: int, seed: int = 0,
         if n_train + n_query > len(ex):
             raise ValueError(f"asked for {n_train}+{n_query} examples, only {len(ex)} exist")
         return ex[:n_train], ex[n_train : n_train + n_query]
+    missing = [i for i, e in enumerate(ex) if group_key not in e]
+    if missing:
+        raise ValueError(f"split by {group_key!r}: example {missing[0]} has no {group_key!r} field")
     groups = sorted({e[group_key] for e in ex})
     rng.shuffle(groups)
-    query, train = [], []
-    for g in groups:
-        members = [e for e in ex if e[group_key] == g]
-        (query if len(query) < n_query else train).extend(members)
+    need = min(min_query_groups, n_query)
+    if need >= len(groups):
+        raise ValueError(f"split by {group_key!r}: the queries should come from at least {need} groups and the "
+                         f"training set from others, but the examples hold only {len(groups)} groups")
+    members = {g: [e for e in ex if e[group_key] == g] for g in groups}
+    chosen, held = [], 0
+    for g in groups[:-1]:                        # the last group is always left to the training set
+        if held >= n_query and len(chosen) >= need:
+            break
+        chosen.append(g)
+        held += len(members[g])
+    for g in chosen:
+        rng.shuffle(members[g])
+    query = [members[g][i] for i in range(max((len(members[g]) for g in chosen), default=0)) for g in chosen
+             if i < len(members[g])][:n_query]   # round by round: one example of each query group
+    train = [e for g in groups if g not in chosen for e in members[g]]
     rng.shuffle(query)
     rng.shuffle(train)
     if len(query) < n_query or len(train) < n_train:
-        raise ValueError(f"not enough examples for {n_train} train + {n_query} query")
-    return train[:n_train], query[:n_query]
+        raise ValueError(f"not enough examples for {n_train} train + {n_query} query: the {len(chosen)} query "
+                         f"groups hold {held}, the other {len(groups) - len(chosen)} groups {len(train)}")
+    return train[:n_train], query
 
 
 # ----------------------------------------------------------------------------------------- math

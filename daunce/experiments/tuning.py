@@ -59,6 +59,8 @@ def grid_status(tried: list, chosen: Optional[float], grid: list, failed: Option
     out = {"grid": list(grid), "tried": vals, "extended": extended, "chosen": chosen}
     if chosen is None:
         return {**out, "interior": False, "why": "no eligible value"}
+    if len(vals) < 2:   # ``extension`` needs two values to step a decade past an end
+        return {**out, "interior": False, "why": "the only value tried: a grid of one value is not extended"}
     inside = vals[0] < chosen < vals[-1] if len(vals) > 2 else False
     out["interior"] = bool(inside)
     if inside:
