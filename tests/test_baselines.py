@@ -163,6 +163,30 @@ def test_run_cached_reads_back_scores_and_seconds(digits_lr, tmp_path, monkeypat
                              cache_dir=tmp_path, grid=(1e-3,), timeout=300)
 
 
+def test_a_grid_cut_short_runs_only_its_missing_values_on_the_next_call(digits_lr, tmp_path, monkeypatch):
+    """A grid the time cap cut short keeps its finished values; the next call runs the values it lacks (not the whole
+    grid again) and stores the grid complete, in the grid's order."""
+    model, train, query = digits_lr
+    grid, calls = (1e-4, 1e-3, 1e-2), []
+
+    def fake(method, model, train, query, *, grid, **kw):
+        calls.append(list(grid))
+        cut = len(calls) == 1   # the first call runs out of time after its first two values
+        vals = grid[:2] if cut else grid
+        return [{"damping": d, "seconds": 1.0, "scores": torch.full((2, 2), d), "grid_complete": not cut,
+                 "grid_error": "no complete grid within 1 s" if cut else None} for d in vals]
+
+    monkeypatch.setattr(baselines, "run_isolated", fake)
+    first = baselines.run_cached("grad-dot", model, train, query, cache_dir=tmp_path, grid=grid, timeout=1)
+    assert [r["damping"] for r in first] == [1e-4, 1e-3] and not any(r["grid_complete"] for r in first)
+    second = baselines.run_cached("grad-dot", model, train, query, cache_dir=tmp_path, grid=grid, timeout=1)
+    assert calls == [list(grid), [1e-2]]
+    assert [r["damping"] for r in second] == list(grid) and all(r["grid_complete"] and r["grid_error"] is None
+                                                               for r in second)
+    third = baselines.run_cached("grad-dot", model, train, query, cache_dir=tmp_path, grid=grid)
+    assert len(calls) == 2 and all(torch.equal(a["scores"], b["scores"]) for a, b in zip(third, second))  # read back
+
+
 def test_kronfluence_covers_the_cnns_convolutions():
     """dattri's EK-FAC sees nn.Linear only; kronfluence's EK-FAC, the CNN's curvature baseline, tracks the
     convolutions as well."""

@@ -54,6 +54,34 @@ def test_a_set_whose_copies_fail_the_stopping_test_stops_at_that_stage(small_lr,
     assert run.steps_per_copy()["max"] == 2
 
 
+def test_a_first_round_grows_into_the_full_set_in_the_same_folder(small_lr, tmp_path):
+    """Successive halving: a first round of 4 copies in the full set's folder, then the full set, gives the copies of
+    the full set trained at once (copy k does not depend on K) and trains only the copies the first round lacked."""
+    model, train, query = small_lr
+    cfg = DaunceConfig(n_models=8, damping=0.1, isotropic_noise=False, perturbation="orthogonal")
+    first = copyruns.run_jobs([_job("r", model, train, query, tmp_path, cfg.replace(n_models=4), straggler_k=8)],
+                              workers=1)["r"]
+    full = copyruns.run_jobs([_job("r", model, train, query, tmp_path, cfg, stages=[4, 8])], workers=1)["r"]
+    once = copyruns.run_jobs([_job("r", model, train, query, tmp_path / "once", cfg)], workers=1)["r"]
+    torch.testing.assert_close(full.train["loss"], once.train["loss"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(full.train["loss"][:4], first.train["loss"])
+    assert full.seconds[:4] == first.seconds  # the first round's copies read back, not trained again
+
+
+def test_straggler_allowance_of_a_first_round(small_lr, tmp_path):
+    """A first round stops on the allowance of the K it is ranked for, not its own: 4 copies at the step cap stop a
+    set of 4 (allowance 0) and not a first round for K = 200 (allowance 6)."""
+    model, train, query = small_lr
+    cfg = DaunceConfig(n_models=4, damping=1e-3, isotropic_noise=False, max_steps=2, tol=1e-6)
+    own = copyruns.run_jobs([_job("own", model, train, query, tmp_path, cfg, stop_unconverged=True)], workers=1)["own"]
+    big = copyruns.run_jobs([_job("big", model, train, query, tmp_path, cfg, stop_unconverged=True, straggler_k=200)],
+                            workers=1)["big"]
+    assert own.stopped_at == 4 and len(own.stragglers) == 4
+    assert big.stopped_at is None and len(big.stragglers) == 4 and copyruns.allowed_stragglers(200) == 6
+    with pytest.raises(ValueError, match="straggler_k"):
+        _job("x", model, train, query, tmp_path, cfg, straggler_k=2)
+
+
 def test_job_validation(small_lr, tmp_path):
     model, train, query = small_lr
     with pytest.raises(ValueError, match="stages"):

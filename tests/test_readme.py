@@ -139,6 +139,16 @@ def test_run_times_say_cold_or_resumed(tmp_path):
     rows = {line.split("|")[1].strip(" `"): line for line in report.blocks(tmp_path)["runtimes"].splitlines()
             if line.startswith("| `")}
     assert "resumed" in rows["01_theory"] and "31 s (2030-01-02)" in rows["01_theory"]
+    # a cold run stopped and resumed: its parts' sum, said to be in parts
+    _executed(tmp_path, "02_vision_lds", "2030-01-07T00:00:00", 600.0)
+    report.record_timing(tmp_path, "02_vision_lds", profile="default", wall_seconds=600, cache_existed=True,
+                         cold_parts=[1200, 1800])
+    rows = {line.split("|")[1].strip(" `"): line for line in report.blocks(tmp_path)["runtimes"].splitlines()
+            if line.startswith("| `")}
+    assert "resumed" in rows["02_vision_lds"] and "60.0 min (2030-01-02, in 3 parts)" in rows["02_vision_lds"]
+    with pytest.raises(ValueError, match="cold_parts"):
+        report.record_timing(tmp_path, "02_vision_lds", profile="default", wall_seconds=1, cache_existed=True,
+                             cold_parts=[-5])
 
 
 def test_render_keeps_text_outside_the_markers_and_needs_every_block(tmp_path):

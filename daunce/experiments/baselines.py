@@ -529,24 +529,30 @@ def run_cached(method: str, model, train, query, *, cache_dir, grid=DAMPING_GRID
                **kw) -> list[dict]:
     """``run_isolated`` with its rows kept in ``cache_dir`` (one file per method and settings): a rerun reads
     the scores and the seconds measured when they were computed; a complete grid is not run again. An
-    incomplete one (time cap) is kept and run again in full on the next call, so a rerun on a quieter
-    machine can complete it. ``device`` is where the grid runs (``run_isolated``); the cache of a CUDA run is kept
-    apart from the CPU one (``settings_key``)."""
+    incomplete one (time cap) is kept, and the next call runs only the values it lacks (under the same time
+    cap), so a rerun costs the missing values alone and can complete it. ``device`` is where the grid runs
+    (``run_isolated``); the cache of a CUDA run is kept apart from the CPU one (``settings_key``)."""
     from pathlib import Path
 
     from ..store import atomic_save
 
     key = settings_key(method, model, train, query, grid, device, kw.get("train_signal", "loss"))
     path = Path(cache_dir) / f"{method}_{key}.pt"
-    if path.exists():
-        rows = torch.load(path, weights_only=False)
-        if all(r["grid_complete"] for r in rows):
-            return rows
+    old = torch.load(path, weights_only=False) if path.exists() else []
+    if old and all(r["grid_complete"] for r in old):
+        return old
+    done = {r["damping"] for r in old}
+    todo = [d for d in grid if d not in done]
     try:
-        rows = run_isolated(method, model, train, query, grid=grid, device=device, **kw)
+        new = run_isolated(method, model, train, query, grid=todo or list(grid), device=device, **kw)
     except RuntimeError:
-        if path.exists():  # an earlier partial grid is better than none
-            return torch.load(path, weights_only=False)
+        if old:  # an earlier partial grid is better than none
+            return old
         raise
+    error = next((r["grid_error"] for r in new if not r["grid_complete"]), None)
+    order = {d: i for i, d in enumerate(grid)}
+    rows = sorted([r for r in old if r["damping"] not in {x["damping"] for x in new}] + new,
+                  key=lambda r: order.get(r["damping"], len(order)))
+    rows = [{**r, "grid_complete": error is None, "grid_error": error} for r in rows]
     atomic_save(rows, path)
     return rows

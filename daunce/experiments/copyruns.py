@@ -78,7 +78,8 @@ class CopyJob:
     """One set of copies. ``config.n_models`` is the K the set reports; ``stages`` the K values it grows
     through (the last must be K; default: K alone); ``signal`` what the copies record while training
     ("loss" or "margin": both are read afterwards); ``orthogonal_block`` the orthogonal design's block
-    (part of what copy k is)."""
+    (part of what copy k is); ``straggler_k`` the K whose straggler allowance the stopping test applies (default:
+    the last stage; a first round of successive halving at a small K keeps the reported K's allowance)."""
 
     tag: str
     model: torch.nn.Module
@@ -90,12 +91,15 @@ class CopyJob:
     stages: Optional[list] = None
     stop_unconverged: bool = False
     orthogonal_block: Optional[int] = None
+    straggler_k: Optional[int] = None
 
     def __post_init__(self):
         K = self.config.n_models
         self.stages = sorted(set(self.stages or [K]))
         if self.stages[-1] != K or self.stages[0] < 2:
             raise ValueError(f"{self.tag}: stages must lie in [2, K] and end at K = {K}, got {self.stages}")
+        if self.straggler_k is not None and self.straggler_k < K:
+            raise ValueError(f"{self.tag}: straggler_k must be at least K = {K}, got {self.straggler_k}")
         if self.signal not in SIGNALS:
             raise ValueError(f"{self.tag}: signal must be one of {SIGNALS}, got {self.signal!r}")
         self.workdir = Path(self.workdir)
@@ -201,7 +205,7 @@ def _fit(job: CopyJob) -> dict:
                 d = make_daunce(job.model, job.config.replace(n_models=done), job.workdir, signal=job.signal,
                                 orthogonal_block=job.orthogonal_block)
             break
-        if job.stop_unconverged and d.n_unconverged > allowed_stragglers(job.stages[-1]):
+        if job.stop_unconverged and d.n_unconverged > allowed_stragglers(job.straggler_k or job.stages[-1]):
             stopped_at = K
             break
     K = 0 if diverged and done < 2 else d.config.n_models

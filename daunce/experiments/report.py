@@ -217,7 +217,8 @@ def _runtimes(root: Path) -> list[str]:
         cold = (rec or {}).get("last_cold") if state != "not recorded" else None
         colds.append(cold)
         rows.append([f"`{nb}`", f"`{profile}`", _duration(duration), state, str(pm.get("end_time", ""))[:10],
-                     f"{_duration(cold['wall_seconds'])} ({cold['finished']})" if cold else "–"])
+                     f"{_duration(cold['wall_seconds'])} ({cold['finished']}"
+                     + (f", in {len(cold['parts'])} parts" if cold.get("parts") else "") + ")" if cold else "–"])
     out = ["Run times of the executed notebooks in `papermill_runs/`, as papermill measured them; *cold* means the",
            "notebook's cache folder `runs/<notebook>/<profile>/` was empty or absent when `make reproduce` started it,",
            "*resumed* that it reused trained copies and retrains from there."]
@@ -225,7 +226,8 @@ def _runtimes(root: Path) -> list[str]:
     if cpus:
         out[-1] += f" The machine had {cpus} CPU cores."
     out[-1] += (" *Last cold run*: the wall time of the last run of the same profile that started from an empty cache "
-                "folder (recorded by `make reproduce`).")
+                "folder (recorded by `make reproduce`; *in parts*: a cold run stopped and resumed, the sum of its "
+                "parts' wall times).")
     out += [""] + _table(["notebook", "profile", "run time", "caches", "finished", "last cold run"], rows) + [""]
     words = {"cold": "cold", "resumed": "resumed", "not recorded": "with the cache state not recorded"}
     parts = [f"{_duration(total[key])} {words[key]}" for key in words if total[key] > 0]
@@ -268,10 +270,14 @@ def _cores_prediction(root: Path, cold_total: float, cpus) -> list[str]:
             "faster than their sum."]
 
 
-def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: float, cache_existed: bool) -> dict:
+def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: float, cache_existed: bool,
+                  cold_parts: list | None = None) -> dict:
     """Add one notebook's run to ``papermill_runs/timings.json`` (called by ``make reproduce`` right after
     papermill has executed it): the wall time, whether its cache folder existed before it started, and
-    papermill's start time of the executed notebook, which ties this entry to that execution."""
+    papermill's start time of the executed notebook, which ties this entry to that execution.
+
+    ``cold_parts``: the wall seconds of the earlier runs of a cold run that was stopped and resumed (its cache folder
+    empty before the first of them); this run finishes it, and the last cold run is recorded as their sum, in parts."""
     path = Path(root) / "papermill_runs" / TIMINGS
     timings = _load_json(path) or {}
     pm = _papermill(Path(root), notebook) or {}
@@ -284,7 +290,12 @@ def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: floa
                  cache_dir=f"runs/{notebook}/{profile}", papermill_start_time=pm.get("start_time"),
                  papermill_duration=pm.get("duration"))
     # the last cold run of this profile survives the resumed runs after it (a resumed run's time is not a cold one)
-    if not cache_existed:
+    if cold_parts:
+        if any(float(x) <= 0 for x in cold_parts):
+            raise ValueError(f"cold_parts must be positive wall seconds, got {cold_parts}")
+        parts = [float(x) for x in cold_parts] + [float(wall_seconds)]
+        entry["last_cold"] = dict(wall_seconds=sum(parts), finished=str(pm.get("end_time", ""))[:10], parts=parts)
+    elif not cache_existed:
         entry["last_cold"] = dict(wall_seconds=float(wall_seconds), finished=str(pm.get("end_time", ""))[:10])
     elif previous.get("last_cold") and previous.get("profile") == profile:
         entry["last_cold"] = previous["last_cold"]
@@ -522,19 +533,19 @@ def _matched_02(models: dict) -> list[str]:
 
 
 def _halving_02(models: dict) -> list[str]:
-    """The successive-halving check (runs that record it): would choosing at a small K and keeping the best third of
-    the candidates have kept the finally chosen one?"""
+    """The successive halving (runs that record it): the candidates ranked at a small K0, the ones grown to the reported
+    K, whether the chosen one is among them, and the copy-seconds spent against the full grid's."""
     rows = [[_MODEL_NAMES.get(name, name), _k(h["k0"]), f"{h['entered']} of {h['candidates']}",
              "yes" if h["kept_chosen"] else "**no**",
              f"{_secs(h['seconds_halving'])} / {_secs(h['seconds_full_grid'])}"]
             for name, M in models.items() if (h := M.get("successive_halving"))]
     if not rows:
         return []
-    return ["**Successive halving, checked on the run's own sets**: the candidates ranked by their tuning LDS at a "
-            "small K0, the best third kept; does it keep the candidate the full grid chose, and at what cost in "
-            "copy-seconds?",
-            "", *_table(["model", "K0", "candidates eligible at K0", "chosen one kept", "seconds: halving / full grid"],
-                        rows), ""]
+    return ["**Successive halving**: every candidate ranked by its tuning LDS at a small K0, the best third (and any "
+            "later candidate that beats the worst of them) grown to the reported K; the full grid's copy-seconds count "
+            "each candidate left at K0 as if grown:",
+            "", *_table(["model", "K0", "candidates ranked at K0", "chosen one among the grown",
+                         "seconds: halving / full grid"], rows), ""]
 
 
 def _notes_02(j: dict) -> list[str]:
@@ -1168,11 +1179,13 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--wall-seconds", type=float, required=True)
     rec.add_argument("--cache-existed", type=int, choices=(0, 1), required=True,
                      help="1 if runs/<notebook>/<profile>/ held something before the run started")
+    rec.add_argument("--cold-parts", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                     help="comma-separated wall seconds of the earlier parts of a cold run this run finishes")
     args = parser.parse_args(argv)
     root = args.root.resolve()
     if args.command == "record":
         record_timing(root, args.notebook, profile=args.profile, wall_seconds=args.wall_seconds,
-                      cache_existed=bool(args.cache_existed))
+                      cache_existed=bool(args.cache_existed), cold_parts=args.cold_parts)
         return 0
     stale = 0
     for page, names in PAGES.items():
