@@ -62,9 +62,10 @@ def test_ground_truth_is_cached_and_resumable(tmp_path, digits_lr):
         calls.append(seed)
         return training.train_classifier(model, data, epochs=3, optimizer="lbfgs", weight_decay=1e-2)
 
-    a = groundtruth.retrain_outputs(make, fit, train, query, subsets, 1, workdir=tmp_path, progress=False)
-    b = groundtruth.retrain_outputs(make, fit, train, query, subsets, 1, workdir=tmp_path, progress=False)
-    assert len(calls) == 4 and b["trained"] == 0
+    # one worker: `calls` is seen only by retrains in this process (forked workers would append to their own copy)
+    a = groundtruth.retrain_outputs(make, fit, train, query, subsets, 1, workdir=tmp_path, progress=False, workers=1)
+    b = groundtruth.retrain_outputs(make, fit, train, query, subsets, 1, workdir=tmp_path, progress=False, workers=1)
+    assert len(calls) == 4 and a["trained"] == 4 and b["trained"] == 0
     assert torch.equal(a["outputs"], b["outputs"]) and a["outputs"].shape == (4, 1, len(query))
 
 

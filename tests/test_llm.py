@@ -588,3 +588,17 @@ def test_copy_settings_give_heavy_ball_copies_that_pass_their_stopping_test(tiny
     S4b, again = rm.daunce_scores(pm, llm.CausalLMTask(), d, base, K, st, workdir=tmp_path / "x4", batch=4,
                                   damping_factor=4)
     assert again["copies_trained"] == 0 and torch.allclose(S4, S4b)
+    assert rec["eligible"] and rec["stopped_at"] is None
+    # grown in stages with the stop on: the same copies and scores as the set trained at once
+    S4c, staged = rm.daunce_scores(pm, llm.CausalLMTask(), d, base, K, st, workdir=tmp_path / "x4s", batch=4,
+                                   damping_factor=4, stop_unconverged=True)
+    assert staged["copies_trained"] == K and staged["steps"] == rec["steps"] and torch.allclose(S4, S4c)
+    # copies that cannot pass their test (2 steps): the set stops at its first stage, untrained copies left out
+    capped = dict(base, max_steps=2)
+    S, cut = rm.daunce_scores(pm, llm.CausalLMTask(), d, capped, K, st, workdir=tmp_path / "cap", batch=4,
+                              damping_factor=4, stop_unconverged=True)
+    assert S is None and cut["stopped_at"] == 2 and cut["copies_trained"] == 2 and not cut["eligible"]
+    assert cut["converged"] == [False, False]
+    S, full = rm.daunce_scores(pm, llm.CausalLMTask(), d, capped, K, st, workdir=tmp_path / "cap", batch=4,
+                               damping_factor=4)   # without the stop: every copy, and not eligible
+    assert S is not None and full["copies_trained"] == K - 2 and not full["eligible"] and full["stopped_at"] is None

@@ -104,3 +104,24 @@ def test_random_shift_moves_whole_images():
         h, w = window.shape
         hits = [(a, b) for a in range(6 - h) for b in range(6 - w) if torch.equal(x[i, 0, a:a + h, b:b + w], window)]
         assert hits, (i, window)
+
+
+def test_theta0_is_saved_and_read_back_with_its_seconds(toy_resnet, tmp_path, monkeypatch):
+    """A resumed run reads theta0, its checkpoints and its extra trained models back, with the seconds the cold run
+    measured, and trains nothing; another setting gets another file."""
+    s, train, _, _ = toy_resnet
+    s = dataclasses.replace(s, n_ensemble=2, n_checkpoints=2)
+    work = tmp_path / "runs"   # not there yet: made on the first save
+    first = vision.train_target(s, train, workdir=work)
+    assert not first["cached"] and len(list(work.glob("theta0_*.pt"))) == 1
+    monkeypatch.setattr(vision, "fit", lambda *a, **k: pytest.fail("a cached theta0 was trained again"))
+    again = vision.train_target(s, train, workdir=work)
+    assert again["cached"] and again["seconds"] == first["seconds"]
+    assert again["ensemble_seconds"] == first["ensemble_seconds"]
+    for k, v in first["model"].state_dict().items():   # weights and BatchNorm buffers
+        assert torch.equal(again["model"].state_dict()[k], v), k
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(again["ensemble"], first["ensemble"]) for k in a)
+    assert [c["epoch"] for c in again["checkpoints"]] == [c["epoch"] for c in first["checkpoints"]]
+    monkeypatch.undo()
+    other = vision.train_target(dataclasses.replace(s, n_ensemble=1), train, workdir=work)
+    assert not other["cached"] and len(list(work.glob("theta0_*.pt"))) == 2

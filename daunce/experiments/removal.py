@@ -116,7 +116,7 @@ def copy_settings(model, task, train, daunce_cfg: dict, K: int, *, work: Path, c
 
 
 def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict, *, workdir: Path, batch: int,
-                  damping_factor: float = 1.0) -> tuple:
+                  damping_factor: float = 1.0, stop_unconverged: bool = False) -> tuple:
     """Daunce on one set from the model's current adapters (theta0): ``(scores (n_train, n_query), record)``.
 
     The damping is ``damping_factor`` times ``settings["damping"]`` (``copy_settings``' d_lambda = K floor for the
@@ -124,24 +124,42 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
     damping (``daunce.auto.heavy_ball``); the other fields (form, noise term, rho, ...) are ``daunce_cfg``'s. The
     copies are kept in ``workdir`` (a rerun resumes; a larger K trains only the new copies). ``record``: the
     damping, lr, momentum, each copy's steps and stopping test, the copies' seconds (``per_copy_s`` as recorded
-    when each was trained) and ``copies_trained`` in this call. Warnings of copies at the step cap are not raised:
-    ``converged`` records them."""
+    when each was trained), ``copies_trained`` in this call, and ``eligible``: at least
+    ``copyruns.MIN_CONVERGED`` of the K copies passed their stopping test (notebook 02's rule for a tuning candidate).
+    Warnings of copies at the step cap are not raised: ``converged`` records them.
+
+    ``stop_unconverged``: the copies grow in stages (2, 4, 8, ..., K; copy k does not depend on K) and the set stops
+    at the first stage with more copies at the step cap than K's allowance (``copyruns.allowed_stragglers``), as a
+    tuning candidate in notebook 02 does: such a set can no longer be eligible, so its remaining copies are not
+    trained. A stopped set returns ``None`` scores and records ``stopped_at`` (the stage)."""
     import warnings
+
+    from .copyruns import MIN_CONVERGED, allowed_stragglers
 
     lam = float(settings["damping"]) * damping_factor
     lr, momentum = auto.heavy_ball(settings["top_curvature"], lam)
     cfg = DaunceConfig(n_models=K, **{**daunce_cfg, "damping": lam, "lr": lr, "momentum": momentum})
-    dn = Daunce(model, task, cfg, workdir=workdir, eval_batch_size=batch, progress=False)
+    stages = [2 ** i for i in range(1, K.bit_length()) if 2 ** i < K] + [K] if stop_unconverged else [K]
+    stopped_at, trained, scores = None, 0, None
     with llm.Timer() as t, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Daunce: .* reached max_steps", category=RuntimeWarning)
-        dn.fit(d["train"], d["query"])
-        scores = dn.attribute(d["train"], d["query"])
-    steps = [int(dn.store.load(k)["steps"]) for k in range(K)]
-    converged = [bool(dn.store.load(k)["converged"]) for k in range(K)]
+        for k in stages:
+            dn = Daunce(model, task, cfg.replace(n_models=k), workdir=workdir, eval_batch_size=batch, progress=False)
+            dn.fit(d["train"], d["query"])
+            trained += len(dn.trained_copies)
+            if stop_unconverged and dn.n_unconverged > allowed_stragglers(K):
+                stopped_at = k
+                break
+        if stopped_at is None:
+            scores = dn.attribute(d["train"], d["query"])
+    n = dn.config.n_models
+    steps = [int(dn.store.load(j)["steps"]) for j in range(n)]
+    converged = [bool(dn.store.load(j)["converged"]) for j in range(n)]
+    eligible = stopped_at is None and sum(converged) >= MIN_CONVERGED * K
     return scores, dict(damping=lam, damping_factor=damping_factor, lr=lr, momentum=momentum, steps=steps,
                         converged=converged, n_converged=int(sum(converged)), this_run_s=t.seconds,
-                        copies_trained=len(dn.trained_copies), per_copy_s=dn.training_seconds() / K,
-                        total_s=dn.training_seconds())
+                        copies_trained=trained, per_copy_s=dn.training_seconds() / n,
+                        total_s=dn.training_seconds(), stopped_at=stopped_at, eligible=bool(eligible))
 
 
 def constant_scores(values, n_query: int) -> torch.Tensor:

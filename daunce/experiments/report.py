@@ -196,6 +196,14 @@ def _loglog_slope(ks: list[float], ys: list[float]) -> float:
 # run times
 
 
+def _cold_cell(cold: dict | None) -> str:
+    """The "last cold run" cell: its wall time and date, and how many parts a cold run stopped and resumed took."""
+    if not cold:
+        return "–"
+    parts = f", in {len(cold['parts'])} parts" if cold.get("parts") else ""
+    return f"{_duration(cold['wall_seconds'])} ({cold['finished']}{parts})"
+
+
 def _runtimes(root: Path) -> list[str]:
     timings = _load_json(root / "papermill_runs" / TIMINGS) or {}
     recorded = timings.get("notebooks", {})
@@ -217,8 +225,7 @@ def _runtimes(root: Path) -> list[str]:
         cold = (rec or {}).get("last_cold") if state != "not recorded" else None
         colds.append(cold)
         rows.append([f"`{nb}`", f"`{profile}`", _duration(duration), state, str(pm.get("end_time", ""))[:10],
-                     f"{_duration(cold['wall_seconds'])} ({cold['finished']}"
-                     + (f", in {len(cold['parts'])} parts" if cold.get("parts") else "") + ")" if cold else "–"])
+                     _cold_cell(cold)])
     out = ["Run times of the executed notebooks in `papermill_runs/`, as papermill measured them; *cold* means the",
            "notebook's cache folder `runs/<notebook>/<profile>/` was empty or absent when `make reproduce` started it,",
            "*resumed* that it reused trained copies and retrains from there."]
@@ -290,13 +297,14 @@ def record_timing(root: Path, notebook: str, *, profile: str, wall_seconds: floa
                  cache_dir=f"runs/{notebook}/{profile}", papermill_start_time=pm.get("start_time"),
                  papermill_duration=pm.get("duration"))
     # the last cold run of this profile survives the resumed runs after it (a resumed run's time is not a cold one)
+    finished = str(pm.get("end_time", ""))[:10]
     if cold_parts:
         if any(float(x) <= 0 for x in cold_parts):
             raise ValueError(f"cold_parts must be positive wall seconds, got {cold_parts}")
         parts = [float(x) for x in cold_parts] + [float(wall_seconds)]
-        entry["last_cold"] = dict(wall_seconds=sum(parts), finished=str(pm.get("end_time", ""))[:10], parts=parts)
+        entry["last_cold"] = dict(wall_seconds=sum(parts), finished=finished, parts=parts)
     elif not cache_existed:
-        entry["last_cold"] = dict(wall_seconds=float(wall_seconds), finished=str(pm.get("end_time", ""))[:10])
+        entry["last_cold"] = dict(wall_seconds=float(wall_seconds), finished=finished)
     elif previous.get("last_cold") and previous.get("profile") == profile:
         entry["last_cold"] = previous["last_cold"]
     timings["notebooks"][notebook] = entry

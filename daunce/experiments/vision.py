@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch.utils.data import TensorDataset
 
+from ..store import atomic_save
 from ..task import ClassificationTask
 from . import data as _data
 from . import groundtruth, models, training
@@ -191,11 +193,31 @@ def fit(model: torch.nn.Module, train: TensorDataset, recipe: Recipe, seed: int 
     return model, ckpts
 
 
-def train_target(s: ModelSetting, train: TensorDataset, seed: int = 0, *, device=None) -> dict:
+def train_target(s: ModelSetting, train: TensorDataset, seed: int = 0, *, device=None, workdir=None) -> dict:
     """theta0 (with its trajectory checkpoints) and ``n_ensemble - 1`` more independently trained models
     (TRAK's ensemble), all trained on ``device`` (``None``: the CPU, where ``make_model`` puts them); returns
-    ``{"model" (on that device), "checkpoints", "ensemble": [state dicts], "seconds", "ensemble_seconds"}``,
-    the checkpoints and the ensemble's state dicts on the CPU."""
+    ``{"model" (on that device), "checkpoints", "ensemble": [state dicts], "seconds", "ensemble_seconds",
+    "cached"}``, the checkpoints and the ensemble's state dicts on the CPU.
+
+    With ``workdir`` the trained models and the seconds their training took are saved there, in a file named by what
+    decides them (the architecture, recipe, data sizes, seed, M and checkpoints), and read back by a later call
+    (``cached``: True), so a resumed run trains nothing and still reports the seconds the training cost."""
+    path = None
+    if workdir is not None:
+        from .llm_lds import settings_key
+
+        # every field of the setting (the data draw depends on its sizes and seed), the recipe's deciding fields
+        key = dict({f.name: getattr(s, f.name) for f in fields(s) if f.name != "recipe"}, recipe=s.recipe.key(),
+                   seed=seed, n_train_seen=len(train))
+        path = Path(workdir) / f"theta0_{settings_key(key)}.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model = make_model(s, train, seed)
+            model.load_state_dict(saved["ensemble"][0])
+            if device is not None:
+                model = model.to(device)
+            return {"model": model, "checkpoints": saved["checkpoints"], "ensemble": saved["ensemble"],
+                    "seconds": saved["seconds"], "ensemble_seconds": saved["ensemble_seconds"], "cached": True}
     t0 = time.perf_counter()
     model, ckpts = fit(make_model(s, train, seed), train, s.recipe, seed, s.n_checkpoints, device=device)
     seconds = time.perf_counter() - t0
@@ -204,8 +226,12 @@ def train_target(s: ModelSetting, train: TensorDataset, seed: int = 0, *, device
     for j in range(1, s.n_ensemble):
         m, _ = fit(make_model(s, train, seed + 100 + j), train, s.recipe, seed + 100 + j, device=device)
         ens.append(training.cpu_state_dict(m))
-    return {"model": model, "checkpoints": ckpts, "ensemble": ens, "seconds": seconds,
-            "ensemble_seconds": time.perf_counter() - t1}
+    out = {"model": model, "checkpoints": ckpts, "ensemble": ens, "seconds": seconds,
+           "ensemble_seconds": time.perf_counter() - t1, "cached": False}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({k: v for k, v in out.items() if k not in ("model", "cached")}, path)
+    return out
 
 
 def ground_truth(s: ModelSetting, train: TensorDataset, query: TensorDataset, workdir=None,
