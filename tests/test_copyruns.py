@@ -158,3 +158,10 @@ def test_a_set_is_eligible_when_at_least_the_stated_share_of_its_copies_converge
     assert run([None] * 8).eligible and run([None] * 8).converged_fraction is None   # fixed steps: no test
     assert not run([True] * 8, diverged="inf at step 3").eligible
     assert not run([True] * 8, stopped_at=4).eligible
+
+
+def test_doubling_stages_end_at_K_and_double_below_it():
+    assert copyruns.doubling_stages(16) == [2, 4, 8, 16]
+    assert copyruns.doubling_stages(12) == [2, 4, 8, 12]
+    assert copyruns.doubling_stages(2) == [2]
+    assert copyruns.doubling_stages(128, first=4) == [4, 8, 16, 32, 64, 128]

@@ -574,6 +574,13 @@ def test_copy_settings_give_heavy_ball_copies_that_pass_their_stopping_test(tiny
     assert st["damping"] > 0 and 0 < st["momentum"] < 1 and st["lr"] > 0
     assert abs(st["d_lambda"] - K) < 1e-3 * K
     assert rm.copy_settings(pm, None, None, base, K, work=tmp_path / "curv.json", costs=None, name="s", batch=4) == st
+    assert not st["at_floor"]
+    # more copies than the curvature has directions (d_lambda < K at every damping): the damping stays at the
+    # smallest curvature the heavy-ball step resolves instead of going to zero
+    many = rm.copy_settings(pm, llm.CausalLMTask(), train, dict(base, variant="efim"), 10**6, work=tmp_path / "e.json",
+                            costs=CostLog(tmp_path / "costs.json"), name="e", batch=4)
+    floor = daunce.auto.MIN_CURVATURE_RATIO * daunce.auto.CURVATURE_SAFETY
+    assert many["at_floor"] and many["damping"] == pytest.approx(floor * many["top_curvature"], rel=1e-6)
     cfg = daunce.DaunceConfig(n_models=K, damping=st["damping"], lr=st["lr"], momentum=st["momentum"], **base)
     dn = daunce.Daunce(pm, llm.CausalLMTask(), cfg, eval_batch_size=4, progress=False).fit(train)
     assert dn.n_unconverged == 0 and max(dn.copy_steps.values()) < 300
@@ -602,3 +609,7 @@ def test_copy_settings_give_heavy_ball_copies_that_pass_their_stopping_test(tiny
     S, full = rm.daunce_scores(pm, llm.CausalLMTask(), d, capped, K, st, workdir=tmp_path / "cap", batch=4,
                                damping_factor=4)   # without the stop: every copy, and not eligible
     assert S is not None and full["copies_trained"] == K - 2 and not full["eligible"] and full["stopped_at"] is None
+    # a set whose only stage is K is scored, eligible or not (its copies are all trained)
+    S, last = rm.daunce_scores(pm, llm.CausalLMTask(), d, capped, 2, st, workdir=tmp_path / "cap2", batch=4,
+                               damping_factor=4, stop_unconverged=True)
+    assert S is not None and last["stopped_at"] is None and not last["eligible"] and last["copies_trained"] == 2

@@ -63,6 +63,16 @@ def allowed_stragglers(K: int) -> int:
     return int((1.0 - MIN_CONVERGED) * K + 1e-9)
 
 
+def doubling_stages(K: int, first: int = 2) -> list:
+    """The K values a set grows through: ``first``, twice that, ... below K, then K itself (copy k does not depend on
+    K, so each stage trains only its new copies)."""
+    stages, k = [], first
+    while k < K:
+        stages.append(k)
+        k *= 2
+    return stages + [K]
+
+
 def _converged_fraction(flags: list) -> Optional[float]:
     tested = [c for c in flags if c is not None]
     return sum(bool(c) for c in tested) / len(tested) if tested else None

@@ -93,7 +93,13 @@ def copy_settings(model, task, train, daunce_cfg: dict, K: int, *, work: Path, c
     ground truth: a short Lanczos run (``daunce.auto.curvature_spectrum`` on ``n_examples`` training examples),
     the damping at which ``d_lambda = K`` (``daunce.auto.damping_for``: K copies resolve at most K directions)
     and the heavy-ball ``lr`` / ``momentum`` for curvatures in ``[lambda, 6 c_max + lambda]``
-    (``daunce.auto.heavy_ball``). Cached in the JSON file ``work``; its seconds under ``curvature_<name>``."""
+    (``daunce.auto.heavy_ball``). The damping is at least the smallest curvature the heavy-ball step resolves
+    (``auto.MIN_CURVATURE_RATIO`` of its bound ``auto.CURVATURE_SAFETY * c_max``): where the curvature has fewer than
+    K directions (``d_lambda < K`` at every damping, as the ``efim`` form's on 40 instruction-following examples in
+    notebook 03), the d_lambda = K rule has no answer and a damping near zero leaves directions in which the copies
+    neither feel a restoring force nor converge (there, at 1e-12 c_max, they drifted to the uniform next-token
+    distribution: every loss ln V). ``at_floor`` records whether that bound set the damping. Cached in the JSON
+    file ``work``; its seconds under ``curvature_<name>``."""
     path = Path(work)
     cached = _cached_json(path)
     if cached is not None:
@@ -105,9 +111,10 @@ def copy_settings(model, task, train, daunce_cfg: dict, K: int, *, work: Path, c
         nodes, weights = auto.curvature_spectrum(dn.context, cfg, train, n_examples=n_examples,
                                                  steps=lanczos_steps, probes=1)
     top = float(nodes.max())
-    lam = auto.damping_for(nodes, weights, K)
+    floor = auto.MIN_CURVATURE_RATIO * auto.CURVATURE_SAFETY
+    lam = auto.damping_for(nodes, weights, K, floor=floor)
     lr, momentum = auto.heavy_ball(top, lam)
-    out = dict(damping=lam, lr=lr, momentum=momentum, top_curvature=top,
+    out = dict(damping=lam, at_floor=bool(lam <= floor * top * (1 + 1e-9)), lr=lr, momentum=momentum, top_curvature=top,
                d_lambda=auto.effective_dimension(nodes, weights, lam), lanczos_steps=lanczos_steps,
                curvature_examples=min(n_examples, len(train)), seconds=t.seconds)
     atomic_write_json(out, path)
@@ -129,17 +136,18 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
     Warnings of copies at the step cap are not raised: ``converged`` records them.
 
     ``stop_unconverged``: the copies grow in stages (2, 4, 8, ..., K; copy k does not depend on K) and the set stops
-    at the first stage with more copies at the step cap than K's allowance (``copyruns.allowed_stragglers``), as a
-    tuning candidate in notebook 02 does: such a set can no longer be eligible, so its remaining copies are not
-    trained. A stopped set returns ``None`` scores and records ``stopped_at`` (the stage)."""
+    at the first stage below K with more copies at the step cap than K's allowance (``copyruns.allowed_stragglers``), as
+    a tuning candidate in notebook 02 does: such a set can no longer be eligible, so its remaining copies are not
+    trained. A stopped set returns ``None`` scores and records ``stopped_at`` (the stage); a set that reaches K is
+    scored, eligible or not."""
     import warnings
 
-    from .copyruns import MIN_CONVERGED, allowed_stragglers
+    from .copyruns import MIN_CONVERGED, allowed_stragglers, doubling_stages
 
     lam = float(settings["damping"]) * damping_factor
     lr, momentum = auto.heavy_ball(settings["top_curvature"], lam)
     cfg = DaunceConfig(n_models=K, **{**daunce_cfg, "damping": lam, "lr": lr, "momentum": momentum})
-    stages = [2 ** i for i in range(1, K.bit_length()) if 2 ** i < K] + [K] if stop_unconverged else [K]
+    stages = doubling_stages(K) if stop_unconverged else [K]
     stopped_at, trained, scores = None, 0, None
     with llm.Timer() as t, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Daunce: .* reached max_steps", category=RuntimeWarning)
@@ -147,7 +155,7 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
             dn = Daunce(model, task, cfg.replace(n_models=k), workdir=workdir, eval_batch_size=batch, progress=False)
             dn.fit(d["train"], d["query"])
             trained += len(dn.trained_copies)
-            if stop_unconverged and dn.n_unconverged > allowed_stragglers(K):
+            if stop_unconverged and k < K and dn.n_unconverged > allowed_stragglers(K):
                 stopped_at = k
                 break
         if stopped_at is None:

@@ -84,7 +84,10 @@ CAPTIONS = {
     "02_daunce_tuning": "Daunce's candidates: a heat map of the tuning LDS at the reported K over damping, noise term "
                         "and signal",
     "02_paired_differences": "daunce-best minus every other method: paired differences with 95% intervals",
-    "03_llm_removal_curve": "the removal curve: query-loss increase against k, per method",
+    "03_llm_lds": "the LLM LDS: every row on the report queries with its topic-bootstrap interval, and the noise "
+                  "ceiling's bound",
+    "03_llm_removal_curve": "the removal test: Daunce's query-NLL increase minus each other method's, per k, with "
+                            "paired intervals",
     "03_llm_examples_table": "queries with the training examples Daunce scores highest and lowest",
     "04_auprc_methods": "AUPRC for the poisoned examples per method, one dot per seed",
     "04_auprc_vs_K": "AUPRC for the poisoned examples against K, with the spread over seeds",
@@ -1060,12 +1063,14 @@ def _findings(root: Path) -> list[str]:
         b = j["removal"]["winner"]
         parts.append("removal: lowest attack success after removing the top " + "; top ".join(
             f"{k}: {' = '.join(w['lowest'])} ({_f(w['with_trigger'], 2)})" for k, w in b.items()))
-        pr_b = j["paired"]["carries the backdoor"]["black-box Daunce"]
-        text_b = [pr_b[m]["verdict"] for m in ("TF-IDF", "BM25", "MiniLM embedding") if m in pr_b]
-        word = _claim_verdict(text_b)   # on (b), against the text baselines
+        word = {}   # per target, against the text baselines
+        for tg in ("says the spam", "carries the backdoor"):
+            pr_t = j["paired"][tg]["black-box Daunce"]
+            word[tg] = _claim_verdict([pr_t[m]["verdict"] for m in ("TF-IDF", "BM25", "MiniLM embedding") if m in pr_t])
         bd_ = v["backdoor"]
         return ["04 · black-box backdoor", "black-box Daunce ranks the poisoned examples first",
-                f"{word} on (b), which examples carry the backdoor", "; ".join(parts)
+                f"{word['carries the backdoor']} on (b), which examples carry the backdoor (on (a), which make it "
+                f"say the spam: {word['says the spam']})", "; ".join(parts)
                 + f" ({len(j['seeds'])} seeds, paired per-seed differences; the backdoor: attack success "
                 f"{_f(bd_['with_trigger']['mean'], 2)} with the trigger, {_f(bd_['without_trigger']['mean'], 2)} "
                 "without)", "[04](papermill_runs/04_blackbox_backdoor.ipynb)"]
