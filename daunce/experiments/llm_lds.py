@@ -1,6 +1,7 @@
 """Notebook 03's LLM LDS as functions: tuning and report queries split by topic, an LDS row with an interval that
 resamples topics, a knob chosen by the LDS on the tuning queries, each removal's effect as a share of the whole
-fine-tune's effect, and the key that names each cached file by the settings that decide it (``settings_key``).
+fine-tune's effect, and (from ``paths``) the key that names each cached file by the settings that decide it
+(``settings_key``).
 
 Conventions: scores are ``(n_train, n_query)``, positive = helpful (removing the example raises the query's NLL);
 the ground truth is ``daunce.experiments.removal.lds_ground_truth``'s dict (``outputs`` ``(M, Q)`` goodness,
@@ -22,6 +23,7 @@ from .. import metrics
 from ..store import atomic_save
 from . import tuning
 from .costs import CostLog
+from .paths import settings_key
 
 __all__ = ["MIN_TOPICS", "cached", "effect_share", "group_means", "grouped_bootstrap_ci", "lds_row", "query_split",
            "settings_key", "tune_by_lds"]
@@ -61,39 +63,6 @@ def query_split(groups: Sequence, seed: int = 0, *, min_groups: int = MIN_TOPICS
     tune = np.array([i for i, x in enumerate(labels) if str(x) in halves[0]])
     report = np.array([i for i, x in enumerate(labels) if str(x) in halves[1]])
     return tune, report
-
-
-def _plain(value, field: str):
-    """``value`` as JSON types for ``settings_key`` (TypeError naming ``field`` for a value without a stable form)."""
-    import dataclasses
-
-    if isinstance(value, dict):
-        return {str(k): _plain(v, f"{field}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{field}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"__dataclass__": type(value).__name__, **_plain(dataclasses.asdict(value), field)}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    raise TypeError(f"settings_key: {field} is a {type(value).__name__} ({value!r}); give it as JSON types, a tuple, "
-                    "a path or a dataclass, so that the key is the same in every run")
-
-
-def settings_key(settings: dict) -> str:
-    """Eight hex digits that name a cached artefact by the settings that decide it (a fine-tuning recipe, a profile's
-    sizes, a grid), for a file or folder name: the SHA-1 of ``settings`` as JSON with sorted keys, so the same
-    settings in any order give the same key and a change of any value (e.g. AdamW's eps from 1e-8 to 1e-4) another
-    one, and a file made under other settings is never read. Values: JSON types, tuples (as lists), paths, dataclasses
-    (their fields), numpy scalars and arrays. Raises TypeError naming the field of any other value."""
-    import hashlib
-    import json
-
-    text = json.dumps(_plain(dict(settings), "settings"), sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
 def grouped_bootstrap_ci(values, groups: Sequence, *, n_boot: int = 2000, level: float = 0.95,

@@ -2,7 +2,7 @@
 converged Daunce copies, the controls' scores and the retrains, each cached in the work folder with the seconds it
 took (a resumed run reads them back and reports the same costs). The files are named by set and seed only (the LDS
 retrains alone check a manifest), so the work folder must be keyed to what decides them: notebook 03 names it by a
-hash of the model, the data and theta0's recipe (``daunce.experiments.llm_lds.settings_key``), so that another recipe
+hash of the model, the data and theta0's recipe (``daunce.experiments.paths.settings_key``), so that another recipe
 never reads them.
 
 The LLM LDS's ground truth (``lds_ground_truth``): theta0's recipe on random half-subsets of the training set, each
@@ -142,7 +142,7 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
     scored, eligible or not."""
     import warnings
 
-    from .copyruns import MIN_CONVERGED, allowed_stragglers, doubling_stages
+    from .copyruns import _converged_fraction, _eligible, allowed_stragglers, doubling_stages
 
     lam = float(settings["damping"]) * damping_factor
     lr, momentum = auto.heavy_ball(settings["top_curvature"], lam)
@@ -163,7 +163,7 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
     n = dn.config.n_models
     steps = [int(dn.store.load(j)["steps"]) for j in range(n)]
     converged = [bool(dn.store.load(j)["converged"]) for j in range(n)]
-    eligible = stopped_at is None and sum(converged) >= MIN_CONVERGED * K
+    eligible = _eligible(False, stopped_at, _converged_fraction(converged))   # notebook 02's rule (CopyRun.eligible)
     return scores, dict(damping=lam, damping_factor=damping_factor, lr=lr, momentum=momentum, steps=steps,
                         converged=converged, n_converged=int(sum(converged)), this_run_s=t.seconds,
                         copies_trained=trained, per_copy_s=dn.training_seconds() / n,

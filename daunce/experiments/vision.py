@@ -24,6 +24,7 @@ from ..store import atomic_save
 from ..task import ClassificationTask
 from . import data as _data
 from . import groundtruth, models, training
+from .paths import settings_key
 
 #: Recipe fields that enter its cache key only where they differ from their defaults
 _SET_ONLY = ("momentum", "schedule", "warmup", "shift")
@@ -204,8 +205,6 @@ def train_target(s: ModelSetting, train: TensorDataset, seed: int = 0, *, device
     (``cached``: True), so a resumed run trains nothing and still reports the seconds the training cost."""
     path = None
     if workdir is not None:
-        from .llm_lds import settings_key
-
         # every field of the setting (the data draw depends on its sizes and seed), the recipe's deciding fields
         key = dict({f.name: getattr(s, f.name) for f in fields(s) if f.name != "recipe"}, recipe=s.recipe.key(),
                    seed=seed, n_train_seen=len(train))
