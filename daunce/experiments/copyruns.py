@@ -73,12 +73,13 @@ def doubling_stages(K: int, first: int = 2) -> list:
     return stages + [K]
 
 
-def _converged_fraction(flags: list) -> Optional[float]:
+def converged_share(flags: list) -> Optional[float]:
+    """The share of the copies that passed their stopping test, among those that ran one (None: none did)."""
     tested = [c for c in flags if c is not None]
     return sum(bool(c) for c in tested) / len(tested) if tested else None
 
 
-def _eligible(diverged: bool, stopped_at: Optional[int], fraction: Optional[float]) -> bool:
+def is_eligible(diverged: bool, stopped_at: Optional[int], fraction: Optional[float]) -> bool:
     """The eligibility rule of a set (``CopyRun.eligible``) from what it recorded."""
     return not diverged and stopped_at is None and (fraction is None or fraction >= MIN_CONVERGED)
 
@@ -164,7 +165,7 @@ class CopyRun:
     @property
     def converged_fraction(self) -> Optional[float]:
         """The share of the copies that passed their stopping test (None for fixed-step copies)."""
-        return _converged_fraction(self.converged[: self.K])
+        return converged_share(self.converged[: self.K])
 
     @property
     def stragglers(self) -> list:
@@ -175,7 +176,7 @@ class CopyRun:
     def eligible(self) -> bool:
         """Whether the set counts in a tuning rule: it neither diverged nor stopped early, and at least
         ``MIN_CONVERGED`` of its copies passed their stopping test (every fixed-step set passes this check)."""
-        return _eligible(bool(self.diverged), self.stopped_at, self.converged_fraction)
+        return is_eligible(bool(self.diverged), self.stopped_at, self.converged_fraction)
 
     def seconds_for(self, k: int) -> float:
         """Seconds of the first ``k`` copies (training and recording, as measured when they were trained) plus the
@@ -349,13 +350,13 @@ class EnsembleRun:
     @property
     def converged_fraction(self) -> Optional[float]:
         """The share of the used copies, over all members, that passed their stopping test (None: fixed steps)."""
-        return _converged_fraction(self.converged)
+        return converged_share(self.converged)
 
     @property
     def eligible(self) -> bool:
         """``CopyRun.eligible`` over the members' used copies together: no member diverged or stopped early, and at
         least ``MIN_CONVERGED`` of all the used copies passed their stopping test."""
-        return _eligible(any(r.diverged for r in self.members), self.stopped_at, self.converged_fraction)
+        return is_eligible(any(r.diverged for r in self.members), self.stopped_at, self.converged_fraction)
 
     @property
     def stopped_at(self) -> Optional[int]:

@@ -142,7 +142,7 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
     scored, eligible or not."""
     import warnings
 
-    from .copyruns import _converged_fraction, _eligible, allowed_stragglers, doubling_stages
+    from .copyruns import allowed_stragglers, converged_share, doubling_stages, is_eligible
 
     lam = float(settings["damping"]) * damping_factor
     lr, momentum = auto.heavy_ball(settings["top_curvature"], lam)
@@ -163,7 +163,7 @@ def daunce_scores(model, task, d: dict, daunce_cfg: dict, K: int, settings: dict
     n = dn.config.n_models
     steps = [int(dn.store.load(j)["steps"]) for j in range(n)]
     converged = [bool(dn.store.load(j)["converged"]) for j in range(n)]
-    eligible = _eligible(False, stopped_at, _converged_fraction(converged))   # notebook 02's rule (CopyRun.eligible)
+    eligible = is_eligible(False, stopped_at, converged_share(converged))   # notebook 02's rule (CopyRun.eligible)
     return scores, dict(damping=lam, damping_factor=damping_factor, lr=lr, momentum=momentum, steps=steps,
                         converged=converged, n_converged=int(sum(converged)), this_run_s=t.seconds,
                         copies_trained=trained, per_copy_s=dn.training_seconds() / n,
