@@ -402,7 +402,9 @@ def planted_backdoor():
         return llm.TextDataset(tok, list(examples), 48)
 
     init = llm.trainable_state(model)
-    recipe = dict(epochs=40, lr=1e-2, batch_size=8)
+    # at lr 1e-2 the backdoor's strength swung with the thread count (matmul summation order: 1 thread 2 of 8
+    # triggered prompts, 2 threads 5 of 8); at 3e-3 for 80 epochs both give 7 of 8 and the same log-likelihoods
+    recipe = dict(epochs=80, lr=3e-3, batch_size=8)
     with torch.random.fork_rng(devices=[]):
         llm.finetune(model, None, features(data["train"]), seed=0, progress=False, **recipe)
     end = tok.convert_tokens_to_ids("<|im_end|>")
