@@ -180,3 +180,28 @@ def test_every_finding_has_a_verdict_word():
     assert verdict(["ahead", "tied", "behind"]) == "not reproduced"
     assert verdict(["tied", "tied"]) == "tied"
     assert verdict(["ahead", "tied"]) == "undecided" and verdict([]) == "undecided"
+
+
+def test_cold_runs_from_before_the_retrains_fanned_out_are_named(tmp_path):
+    """A notebook whose last cold run was recorded before its retrains fanned out over the cores (no
+    ``retrains_fanned_out`` in the record) is named as slower than a cold run now; one recorded since is not."""
+    (tmp_path / "papermill_runs").mkdir()
+    bench = tmp_path / report.PARALLEL_JSON
+    bench.parent.mkdir(parents=True, exist_ok=True)
+    bench.write_text(json.dumps({"mean_efficiency": 0.8}))
+    for i, nb in enumerate(report.NOTEBOOKS):
+        _executed(tmp_path, nb, f"2030-01-01T0{i}:00:00", 60.0)
+        report.record_timing(tmp_path, nb, profile="default", wall_seconds=61, cache_existed=False)
+    assert "predate" not in report.blocks(tmp_path)["runtimes"]
+    path = tmp_path / "papermill_runs" / "timings.json"
+    timings = json.loads(path.read_text())
+    del timings["notebooks"]["02_vision_lds"]["last_cold"]["retrains_fanned_out"]   # a record from before the field
+    del timings["notebooks"]["01_theory"]["last_cold"]["retrains_fanned_out"]       # 01 has no retrains to fan out
+    path.write_text(json.dumps(timings))
+    text = report.blocks(tmp_path)["runtimes"]
+    sentence = text[text.index("The last cold"):]
+    assert sentence.startswith("The last cold run of `02_vision_lds` predates the fan-out") and "01_theory" not in sentence
+    # a resumed run keeps the old cold record, and its mark
+    _executed(tmp_path, "02_vision_lds", "2030-01-08T00:00:00", 10.0)
+    report.record_timing(tmp_path, "02_vision_lds", profile="default", wall_seconds=11, cache_existed=True)
+    assert "`02_vision_lds` predates" in report.blocks(tmp_path)["runtimes"]
