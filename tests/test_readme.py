@@ -200,7 +200,8 @@ def test_cold_runs_from_before_the_retrains_fanned_out_are_named(tmp_path):
     path.write_text(json.dumps(timings))
     text = report.blocks(tmp_path)["runtimes"]
     sentence = text[text.index("The last cold"):]
-    assert sentence.startswith("The last cold run of `02_vision_lds` predates the fan-out")
+    assert sentence.startswith("The last cold run of `02_vision_lds` predates the fan-out of its retrains")
+    assert "a cold run of it is now faster" in sentence
     assert "01_theory" not in sentence
     # a resumed run keeps the old cold record, and its mark
     _executed(tmp_path, "02_vision_lds", "2030-01-08T00:00:00", 10.0)

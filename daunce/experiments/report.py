@@ -256,9 +256,10 @@ def _runtimes(root: Path) -> list[str]:
         out += _cores_prediction(root, cold_total, cpus)
         older = [f"`{nb}`" for nb, c in zip(NOTEBOOKS, colds) if nb in FANNED_OUT and not c.get("retrains_fanned_out")]
         if older:
-            runs, verb = ("run", "predates") if len(older) == 1 else ("runs", "predate")
-            out[-1] += (f" The last cold {runs} of {' and '.join(older)} {verb} the fan-out of their retrains over "
-                        f"the cores, so on {cpus or 'these'} cores a cold run of them is now faster than recorded.")
+            one = len(older) == 1
+            runs, verb, its, them = ("run", "predates", "its", "it") if one else ("runs", "predate", "their", "them")
+            out[-1] += (f" The last cold {runs} of {' and '.join(older)} {verb} the fan-out of {its} retrains over "
+                        f"the cores, so on {cpus or 'these'} cores a cold run of {them} is now faster than recorded.")
     return out
 
 
